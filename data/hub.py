@@ -1,0 +1,69 @@
+"""Load models, tokenizers and datasets from a local path or the Hugging Face hub.
+
+Every loader accepts either a local path or a hub id. When neither works (no
+such path, and the hub cannot be reached or does not have it), the user gets a
+`UserError` that says to pass a local path, never a stack of network errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from data.errors import UserError
+
+
+def _unreachable(kind: str, name: str, err: Exception) -> UserError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"cannot load {kind} '{name}': it is not a local path and the hub did not provide it "
+        f"({reason[:200]}). Pass a local path (a directory saved with save_pretrained / a data file), "
+        f"or make the hub reachable."
+    )
+
+
+def is_local(name: str | os.PathLike) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+    except (OSError, ValueError) as err:
+        raise _unreachable("tokenizer", name, err) from None
+    if tokenizer.pad_token is None:
+        # Llama-style tokenizers ship without a pad token; padding is always masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype=None, device=None, attn_implementation: str | None = None):
+    """Load a causal LM for training or inference; `dtype` is a torch dtype or None (as saved)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
+    except (OSError, ValueError) as err:
+        raise _unreachable("model", name, err) from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_hub_dataset(dataset_id: str, split: str, **kwargs):
+    """`datasets.load_dataset` with one clear error when the hub cannot be reached."""
+    try:
+        import datasets
+    except ImportError as err:  # datasets is a dependency, but keep the message readable
+        raise UserError(f"the 'datasets' package is needed to load '{dataset_id}': pip install datasets") from err
+    try:
+        return datasets.load_dataset(dataset_id, split=split, **kwargs)
+    except Exception as err:  # datasets raises many types for "offline" and "no such dataset"
+        raise _unreachable("dataset", dataset_id, err) from None
