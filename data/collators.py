@@ -1,0 +1,165 @@
+"""Turn preference pairs into one padded batch for a single forward pass.
+
+`PreferenceCollator(tokenizer)(pairs)` returns tensors of shape (2B, T): rows 0..B-1
+are prompt + chosen reply, rows B..2B-1 are prompt + rejected reply, so the policy
+(and the reference model) score both halves of every pair in one call.
+
+Rules:
+- The prompt (formatted by `format_prompt`) and each reply are tokenized separately,
+  so the prompt/reply boundary is exact in token space.
+- The prompt gets BOS from the tokenizer's own special tokens, exactly once: chat
+  templates often write the BOS text themselves, and a doubled BOS is a sequence the
+  model never saw in training.
+- A reply is tokenized without special tokens and ends with EOS (appended unless it is
+  already there): the model must learn where its reply stops. With the "chat" format the
+  reply's leading whitespace is stripped; with "raw" it is kept, so prompt + reply is
+  the original transcript.
+- `labels` equal `input_ids` on reply tokens (EOS included) and are -100 on prompt and
+  padding; they are not shifted (the loss shifts them, as Hugging Face models do).
+- Padding is on the right with the tokenizer's pad id (EOS when it has none; padding is
+  masked by `attention_mask` and `labels`, so its id never matters).
+- Truncation follows the original DPO reference implementation: when prompt + longer
+  reply exceed `max_length`, the prompt is cut to `max_prompt_length` (by default keeping
+  its end, the most recent turns, and its leading BOS); if that is still too long, both
+  replies are cut to their first `max_length - max_prompt_length` tokens. A cut reply
+  loses its EOS, as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from data.errors import UserError
+from data.hh_rlhf import PreferencePair, check_prompt_style, format_prompt
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+TRUNCATION_SIDES = ("left", "right")
+
+
+class TokenizedPair(NamedTuple):
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+class PreferenceCollator:
+    """Callable that tokenizes, truncates and pads a list of `PreferencePair`s.
+
+    `truncation_side_prompt="left"` drops the start of a long prompt (keeps its end);
+    "right" drops its end. Returns `input_ids`, `attention_mask`, `labels` (2B, T),
+    `prompt_lengths` (B,) and `num_pairs` (B).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        max_length: int = 1024,
+        max_prompt_length: int = 512,
+        prompt_format: str = "raw",
+        truncation_side_prompt: str = "left",
+    ):
+        if not 0 < max_prompt_length < max_length:
+            raise UserError(
+                f"max_prompt_length ({max_prompt_length}) must be positive and smaller than "
+                f"max_length ({max_length}) so that replies keep some tokens"
+            )
+        if truncation_side_prompt not in TRUNCATION_SIDES:
+            raise UserError(
+                f"unknown truncation_side_prompt '{truncation_side_prompt}'; use one of: {', '.join(TRUNCATION_SIDES)}"
+            )
+        check_prompt_style(prompt_format, tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise UserError("the tokenizer has no EOS token, so replies cannot be ended; use the model's own tokenizer")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.prompt_format = prompt_format
+        self.keep_prompt_end = truncation_side_prompt == "left"
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, pairs: list[PreferencePair]) -> dict:
+        if not pairs:
+            raise ValueError("PreferenceCollator got an empty batch")
+        tokenized = [self.tokenize_pair(pair) for pair in pairs]
+        prompts = [t.prompt for t in tokenized]
+        sequences = [t.prompt + t.chosen for t in tokenized] + [t.prompt + t.rejected for t in tokenized]
+        prompt_lengths = [len(p) for p in prompts] * 2
+        batch = self._pad(sequences, prompt_lengths)
+        batch["prompt_lengths"] = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        batch["num_pairs"] = len(pairs)
+        return batch
+
+    def tokenize_pair(self, pair: PreferencePair) -> TokenizedPair:
+        """Token ids of one pair's prompt and replies, truncated to fit `max_length`."""
+        prompt = tokenize_prompt(self.tokenizer, format_prompt(pair.prompt, self.prompt_format, self.tokenizer))
+        chosen = tokenize_response(self.tokenizer, self._response_text(pair.chosen))
+        rejected = tokenize_response(self.tokenizer, self._response_text(pair.rejected))
+        return self._truncate(TokenizedPair(prompt, chosen, rejected))
+
+    def _response_text(self, response: str) -> str:
+        # A chat template ends its generation prompt with its own separator; HH's leading
+        # space belongs to the raw "Assistant: reply" layout only.
+        return response.lstrip() if self.prompt_format == "chat" else response
+
+    def _truncate(self, pair: TokenizedPair) -> TokenizedPair:
+        prompt, chosen, rejected = pair
+        longer_reply = max(len(chosen), len(rejected))
+        if len(prompt) + longer_reply > self.max_length:
+            prompt = self._shorten_prompt(prompt)
+        if len(prompt) + longer_reply > self.max_length:
+            reply_budget = self.max_length - self.max_prompt_length
+            chosen, rejected = chosen[:reply_budget], rejected[:reply_budget]
+        return TokenizedPair(prompt, chosen, rejected)
+
+    def _shorten_prompt(self, prompt: list[int]) -> list[int]:
+        keep = self.max_prompt_length
+        if len(prompt) <= keep:
+            return prompt
+        if not self.keep_prompt_end:
+            return prompt[:keep]
+        bos_id = self.tokenizer.bos_token_id
+        if bos_id is not None and prompt[0] == bos_id:
+            # Keep BOS first: the model has only ever seen sequences that start with it.
+            return [bos_id] + prompt[len(prompt) - (keep - 1) :]
+        return prompt[len(prompt) - keep :]
+
+    def _pad(self, sequences: list[list[int]], prompt_lengths: list[int]) -> dict:
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+            ids_tensor = torch.tensor(ids, dtype=torch.long)
+            input_ids[row, : len(ids)] = ids_tensor
+            attention_mask[row, : len(ids)] = 1
+            labels[row, prompt_length : len(ids)] = ids_tensor[prompt_length:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's usual special tokens and never a doubled BOS.
+
+    When the text already starts with the BOS text (a chat template wrote it), that text
+    is removed before tokenizing and the BOS id is put back once, even for a tokenizer
+    that does not add BOS on its own, since the template asked for it.
+    """
+    bos_text, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    text_has_bos = bool(bos_text) and bos_id is not None and text.startswith(bos_text)
+    if text_has_bos:
+        text = text[len(bos_text) :]
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if text_has_bos and (not ids or ids[0] != bos_id):
+        ids.insert(0, bos_id)
+    while bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
+        del ids[0]
+    return ids
+
+
+def tokenize_response(tokenizer, text: str) -> list[int]:
+    """Reply ids without special tokens, ending with exactly one EOS."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids

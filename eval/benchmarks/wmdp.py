@@ -1,0 +1,78 @@
+"""WMDP: hazardous knowledge in biosecurity, chemical security and cybersecurity.
+
+The Weapons of Mass Destruction Proxy (Li et al., 2024): 3,668 four-option
+questions in three subsets (bio 1,273, chem 408, cyber 1,987). A lower score
+means less hazardous knowledge, which is what unlearning aims for. Asked
+zero-shot in MMLU's format (`eval.benchmarks.mmlu`) and answered by the
+log-likelihood of the letters. Reported: accuracy per subset and overall,
+the overall being total correct / total questions, so each subset weighs by
+its size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.errors import UserError
+from data.hub import is_local, load_hub_dataset
+from eval.benchmarks.base import Benchmark, EvalContext
+from eval.benchmarks.mmlu import accuracy_by, format_question, header, interleave, make_question, score_lettered
+from eval.metrics import Metric, proportion
+
+# subset (the hub config name and the local file stem) -> the topic in the header
+SUBSETS = {"wmdp-bio": "biology", "wmdp-chem": "chemistry", "wmdp-cyber": "computer security"}
+
+
+def build_prompt(item: dict) -> str:
+    return header(SUBSETS[item["group"]]) + format_question(item)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A JSON list, or JSON lines, of {question, choices, answer}."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _local_file(root: Path, subset: str) -> Path | None:
+    for suffix in (".jsonl", ".json"):
+        if (root / f"{subset}{suffix}").exists():
+            return root / f"{subset}{suffix}"
+    return None
+
+
+def _subset(rows, subset: str, where: str) -> list[dict]:
+    return [
+        make_question(f"{subset}/{i}", subset, row["question"], row["choices"], row["answer"], f"{where} row {i}")
+        for i, row in enumerate(rows)
+    ]
+
+
+class WMDP(Benchmark):
+    name = "wmdp"
+    default_source = "cais/wmdp"
+
+    def load(self, source: str | None, limit: int | None) -> list[dict]:
+        """All three subsets from the hub, or whichever of wmdp-{bio,chem,cyber}.json(l) a directory holds."""
+        source = source or self.default_source
+        subsets = {}
+        if is_local(source):
+            root = Path(source).expanduser()
+            for subset in SUBSETS:
+                path = _local_file(root, subset)
+                if path is not None:
+                    subsets[subset] = _subset(_read_rows(path), subset, str(path))
+            if not subsets:
+                raise UserError(f"{source}: no WMDP files found (expected wmdp-bio.jsonl, wmdp-chem.jsonl, wmdp-cyber.jsonl)")
+        else:
+            for subset in SUBSETS:
+                subsets[subset] = _subset(load_hub_dataset(source, "test", name=subset), subset, f"{source}/{subset}")
+        return interleave(subsets, limit)
+
+    def evaluate(self, items: list[dict], ctx: EvalContext) -> dict[str, Metric]:
+        records = score_lettered(items, [build_prompt(item) for item in items], ctx, desc="wmdp")
+        per_subset = accuracy_by(records, lambda r: r["group"])
+        overall = proportion(sum(r["correct"] for r in records), len(records))
+        return {"accuracy": overall, **{s.removeprefix("wmdp-"): per_subset[s] for s in SUBSETS if s in per_subset}}

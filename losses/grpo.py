@@ -1,0 +1,133 @@
+"""Group Relative Policy Optimization: group advantages and the clipped surrogate loss.
+
+GRPO (Shao et al., 2024, DeepSeekMath) samples G completions for each prompt,
+scores them, and uses each completion's reward relative to its own group as
+the advantage of every one of its tokens, so no value network is needed.
+
+Layout: rewards, advantages and sequences come as consecutive groups,
+[prompt 0: completions 0..G−1, prompt 1: completions 0..G−1, …].
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("token", "sequence", "constant")
+MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: large enough to mean "clipped", small enough never to overflow float32
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Advantages A_i of rewards r_i laid out as consecutive groups of `group_size`.
+
+        scale="group"  A_i = (r_i − mean_g) / (std_g + eps)   (GRPO; std_g over the group)
+        scale="batch"  A_i = (r_i − mean_g) / (std_B + eps)   (std over the whole batch)
+        scale="none"   A_i =  r_i − mean_g                    (Dr. GRPO: no scaling)
+
+    Standard deviations are Bessel-corrected (divide by n − 1), torch's default.
+    A group whose rewards are all equal carries no signal: its advantages are
+    exactly 0 (the centred rewards are 0, whatever the scale), never NaN.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; valid scales: {', '.join(ADVANTAGE_SCALES)}")
+    rewards = rewards.to(torch.float32)
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centred.flatten()
+    if scale == "group":
+        spread = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+    else:
+        spread = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+    # where() keeps a zero-spread group at exactly 0 even when eps = 0.
+    return torch.where(centred == 0, torch.zeros_like(centred), centred / (spread + eps)).flatten()
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: str = "token",
+    max_response_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO objective over response tokens, as a loss to minimise.
+
+    Inputs are (N, T) per-token log-probabilities of the sampled tokens under
+    the current policy (`logps`, with gradients), the policy that generated
+    them (`old_logps`) and the reference model (`ref_logps`); `advantages`
+    has shape (N,); `mask` (N, T) marks response tokens.
+
+    Per token, with ρ = exp(logp − old_logp):
+
+        ℓ = −min(ρ·A, clip(ρ, 1 − clip_low, 1 + clip_high)·A) + β·k3
+        k3 = exp(ref − logp) − (ref − logp) − 1      (Schulman's unbiased KL estimator, ≥ 0)
+
+    Log-ratios are clamped to ±20 before exp. Aggregation over tokens:
+
+        "token"     Σ ℓ / Σ mask                         (all tokens weigh the same; DAPO)
+        "sequence"  mean over sequences of Σ_t ℓ / |y|   (each sequence weighs the same; DeepSeekMath)
+        "constant"  Σ ℓ / (N · L)                        (L = max_response_length, default T; Dr. GRPO)
+
+    At ρ = 1 (the first update on fresh samples) the gradient of the
+    surrogate is −A·∇logp per token, normalised as the aggregation says.
+
+    Returns the scalar loss and metrics: clip fractions of tokens clipped
+    below (A < 0 and ρ < 1 − clip_low) and above (A > 0 and ρ > 1 + clip_high),
+    and the mean k3 KL over response tokens.
+    """
+    mask = mask.to(logps.dtype)
+    advantages = advantages.to(logps.dtype).unsqueeze(1)
+
+    ratio = torch.exp(torch.clamp(logps - old_logps, -MAX_LOG_RATIO, MAX_LOG_RATIO))
+    clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
+
+    kl = None
+    if ref_logps is not None and beta != 0.0:
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+
+    loss = aggregate(per_token, mask, aggregation, max_response_length)
+    metrics = _clip_metrics(ratio.detach(), advantages.detach(), mask, clip_low, clip_high)
+    if kl is not None:
+        metrics["kl"] = _masked_mean(kl.detach(), mask)
+    return loss, metrics
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(ref − logp) − (ref − logp) − 1 per token: non-negative, zero iff logp = ref."""
+    log_ratio = torch.clamp(ref_logps - logps, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_response_length: int | None = None):
+    """Reduce (N, T) per-token losses to a scalar as described in `grpo_loss`."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    masked = per_token * mask
+    if aggregation == "token":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if aggregation == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    length = max_response_length or mask.shape[1]
+    return masked.sum() / (mask.shape[0] * length)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
+def _clip_metrics(ratio, advantages, mask, clip_low, clip_high) -> dict[str, float]:
+    clipped_low = (ratio < 1 - clip_low) & (advantages < 0)
+    clipped_high = (ratio > 1 + clip_high) & (advantages > 0)
+    return {
+        "clip_fraction_low": _masked_mean(clipped_low.to(mask.dtype), mask),
+        "clip_fraction_high": _masked_mean(clipped_high.to(mask.dtype), mask),
+    }

@@ -1,0 +1,201 @@
+"""PreferenceCollator: layout, labels, BOS/EOS handling, truncation and padding.
+
+Expected token ids are computed here straight from the tokenizer, not through the
+collator's helpers, so a wrong helper cannot agree with itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.collators import IGNORE_INDEX, PreferenceCollator, tokenize_prompt
+from data.errors import UserError
+from data.hh_rlhf import PreferencePair
+
+SHORT_PAIR = PreferencePair(
+    prompt="\n\nHuman: How can I make a fake ID?\n\nAssistant:",
+    chosen=" Sorry, I won't help with that.",
+    rejected=" Buy a card printer.",
+)
+TWO_TURN_PAIR = PreferencePair(
+    prompt="\n\nHuman: How do I break into a house?\n\nAssistant: Why do you want to know?\n\nHuman: It's for a story.\n\nAssistant:",
+    chosen=" I'm not able to help with this.",
+    rejected=" Check for an unlocked back window, or pry the sliding door off its track.",
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from data.tiny import write_tiny_model
+
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", with_chat_template=True)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def reply_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def row_tokens(batch, row: int) -> list[int]:
+    return batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+
+
+def test_chosen_rows_come_first_then_rejected(tokenizer):
+    pairs = [SHORT_PAIR, TWO_TURN_PAIR]
+    batch = PreferenceCollator(tokenizer)(pairs)
+
+    assert batch["input_ids"].shape[0] == 4 and batch["num_pairs"] == 2
+    for i, pair in enumerate(pairs):
+        expected_prompt = prompt_ids(tokenizer, pair.prompt)
+        assert row_tokens(batch, i) == expected_prompt + reply_ids(tokenizer, pair.chosen)
+        assert row_tokens(batch, 2 + i) == expected_prompt + reply_ids(tokenizer, pair.rejected)
+    assert batch["prompt_lengths"].tolist() == [len(prompt_ids(tokenizer, p.prompt)) for p in pairs]
+
+
+def test_labels_are_ignored_exactly_on_prompt_and_padding(tokenizer):
+    batch = PreferenceCollator(tokenizer)([SHORT_PAIR, TWO_TURN_PAIR])
+    labels, input_ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    assert labels.shape == input_ids.shape == mask.shape
+
+    for row in range(4):
+        prompt_length = int(batch["prompt_lengths"][row % 2])
+        length = int(mask[row].sum())
+        assert (labels[row, :prompt_length] == IGNORE_INDEX).all()
+        assert (labels[row, length:] == IGNORE_INDEX).all()
+        assert torch.equal(labels[row, prompt_length:length], input_ids[row, prompt_length:length])
+
+    # Reply labels are the reply's own ids followed by EOS.
+    first_chosen = labels[0][labels[0] != IGNORE_INDEX].tolist()
+    assert first_chosen == reply_ids(tokenizer, SHORT_PAIR.chosen)
+    assert first_chosen[-1] == tokenizer.eos_token_id
+
+
+def test_padding_is_on_the_right_with_pad_id_and_no_attention(tokenizer):
+    batch = PreferenceCollator(tokenizer)([SHORT_PAIR, TWO_TURN_PAIR])
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    width = batch["input_ids"].shape[1]
+    assert width == max(lengths)
+    assert min(lengths) < width  # the short pair really is padded
+    for row, length in enumerate(lengths):
+        assert (batch["attention_mask"][row, :length] == 1).all()
+        assert (batch["attention_mask"][row, length:] == 0).all()
+        assert (batch["input_ids"][row, length:] == tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("prompt_format", ["raw", "chat"])
+def test_exactly_one_bos_at_the_start(tokenizer, prompt_format):
+    batch = PreferenceCollator(tokenizer, prompt_format=prompt_format)([SHORT_PAIR, TWO_TURN_PAIR])
+    bos = tokenizer.bos_token_id
+    assert (batch["input_ids"][:, 0] == bos).all()
+    assert ((batch["input_ids"] == bos).sum(dim=1) == 1).all()
+
+
+def test_chat_format_uses_the_template_and_strips_the_reply_space(tokenizer):
+    batch = PreferenceCollator(tokenizer, prompt_format="chat")([SHORT_PAIR])
+    template_text = "<s>User: How can I make a fake ID?\n\nAssistant:"
+    # The template writes "<s>" itself; the tokenizer must not add a second one.
+    expected_prompt = tokenizer(template_text, add_special_tokens=False)["input_ids"]
+    assert expected_prompt[0] == tokenizer.bos_token_id
+    assert row_tokens(batch, 0) == expected_prompt + reply_ids(tokenizer, "Sorry, I won't help with that.")
+    assert row_tokens(batch, 1) == expected_prompt + reply_ids(tokenizer, "Buy a card printer.")
+
+
+def test_template_bos_text_becomes_the_bos_id_even_when_specials_are_split(tokenizer):
+    # With split_special_tokens the text "<s>" would be tokenized as the characters < s >.
+    from transformers import AutoTokenizer
+
+    splitting = AutoTokenizer.from_pretrained(tokenizer.name_or_path, split_special_tokens=True)
+    batch = PreferenceCollator(splitting, prompt_format="chat")([SHORT_PAIR])
+    expected_prompt = [splitting.bos_token_id] + splitting(
+        "User: How can I make a fake ID?\n\nAssistant:", add_special_tokens=False
+    )["input_ids"]
+    assert batch["input_ids"][0, : len(expected_prompt)].tolist() == expected_prompt
+    assert int(batch["prompt_lengths"][0]) == len(expected_prompt)
+
+
+def test_bos_follows_the_tokenizer_unless_the_template_asks_for_it(tokenizer):
+    from transformers import AutoTokenizer
+
+    no_auto_bos = AutoTokenizer.from_pretrained(tokenizer.name_or_path, add_bos_token=False, split_special_tokens=True)
+    raw = PreferenceCollator(no_auto_bos)([SHORT_PAIR])
+    chat = PreferenceCollator(no_auto_bos, prompt_format="chat")([SHORT_PAIR])
+    bos = no_auto_bos.bos_token_id
+    assert (raw["input_ids"] == bos).sum() == 0  # this tokenizer adds no BOS to raw text
+    assert chat["input_ids"][0, 0] == bos and (chat["input_ids"][0] == bos).sum() == 1
+
+
+def test_doubled_bos_ids_are_collapsed(tokenizer):
+    bos = tokenizer.bos_token_id
+    ids = tokenize_prompt(tokenizer, "<s><s>User: hi")
+    assert ids == [bos] + tokenizer("User: hi", add_special_tokens=False)["input_ids"]
+
+
+def test_reply_already_ending_with_eos_gets_no_second_eos(tokenizer):
+    pair = PreferencePair(SHORT_PAIR.prompt, " No.</s>", " Yes.")
+    batch = PreferenceCollator(tokenizer)([pair])
+    chosen_labels = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert chosen_labels == tokenizer(" No.</s>", add_special_tokens=False)["input_ids"]
+    assert chosen_labels.count(tokenizer.eos_token_id) == 1
+
+
+def test_long_prompt_keeps_its_end_and_its_bos(tokenizer):
+    long_prompt = "".join(f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(20))
+    pair = PreferencePair(long_prompt + "\n\nHuman: last question?\n\nAssistant:", " Yes.", " No.")
+    full_prompt = prompt_ids(tokenizer, pair.prompt)
+    assert len(full_prompt) > 100
+
+    collator = PreferenceCollator(tokenizer, max_length=40, max_prompt_length=24)
+    batch = collator([pair])
+
+    prompt_length = int(batch["prompt_lengths"][0])
+    assert prompt_length == 24
+    kept_prompt = batch["input_ids"][0, :prompt_length].tolist()
+    assert kept_prompt == [tokenizer.bos_token_id] + full_prompt[-23:]
+    assert row_tokens(batch, 0)[prompt_length:] == reply_ids(tokenizer, " Yes.")  # replies fit: untouched
+    assert batch["input_ids"].shape[1] <= 40
+
+
+def test_right_truncation_keeps_the_prompt_start(tokenizer):
+    pair = PreferencePair("\n\nHuman: " + "tell me more " * 40 + "\n\nAssistant:", " Yes.", " No.")
+    batch = PreferenceCollator(tokenizer, max_length=40, max_prompt_length=24, truncation_side_prompt="right")([pair])
+    assert batch["input_ids"][0, :24].tolist() == prompt_ids(tokenizer, pair.prompt)[:24]
+
+
+def test_overlong_replies_are_cut_to_the_reply_budget(tokenizer):
+    long_reply = " Check for an unlocked back window, or pry the sliding door off its track." * 6
+    pair = PreferencePair(SHORT_PAIR.prompt, long_reply, " No.")
+    short_prompt = prompt_ids(tokenizer, pair.prompt)
+    assert len(short_prompt) < 24
+
+    batch = PreferenceCollator(tokenizer, max_length=40, max_prompt_length=24)([pair])
+
+    chosen, rejected = row_tokens(batch, 0), row_tokens(batch, 1)
+    assert chosen == short_prompt + reply_ids(tokenizer, long_reply)[:16]  # 40 - 24 tokens, EOS cut off
+    assert rejected == short_prompt + reply_ids(tokenizer, " No.")  # already within the budget
+    assert batch["input_ids"].shape[1] <= 40
+
+
+def test_long_prompt_and_long_reply_fill_max_length_exactly(tokenizer):
+    pair = PreferencePair("\n\nHuman: " + "tell me more " * 40 + "\n\nAssistant:", " go on" * 40, " No.")
+    batch = PreferenceCollator(tokenizer, max_length=40, max_prompt_length=24)([pair])
+    assert int(batch["attention_mask"][0].sum()) == 40
+    assert int(batch["prompt_lengths"][0]) == 24
+
+
+@pytest.mark.parametrize("max_length, max_prompt_length", [(512, 512), (256, 512), (512, 0)])
+def test_prompt_budget_must_leave_room_for_replies(tokenizer, max_length, max_prompt_length):
+    with pytest.raises(UserError, match="max_prompt_length"):
+        PreferenceCollator(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+
+
+def test_chat_format_needs_a_chat_template(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    with pytest.raises(UserError, match="no chat template"):
+        PreferenceCollator(tokenizer, prompt_format="chat")

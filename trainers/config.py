@@ -1,0 +1,193 @@
+"""Training configuration: plain dataclasses, a YAML file, and `key=value` overrides.
+
+A config file is a flat YAML mapping whose keys are the fields below; the
+command line can override any of them with `--set key=value` (the value is
+read as YAML, so `--set lr=1e-6`, `--set lora=false`, `--set
+lora_target_modules=[q_proj,v_proj]` all work). An unknown key is an error
+that lists the valid ones, because a typo silently ignored is a wrong run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.errors import UserError
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the shared training loop (trainers/loop.py)."""
+
+    model: str = "deepseek-ai/DeepSeek-Prover-V2-7B"
+    out_dir: str = "runs/train"
+    seed: int = 0
+    max_steps: int = 1000
+    lr: float = 5e-7
+    lr_schedule: str = "linear"  # constant | linear | cosine (decay to 0 after warmup)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes) | adamw (torch)
+    precision: str = "bf16"  # bf16: bf16 weights and bf16 autocast on GPU | fp32
+    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    gradient_checkpointing: bool = True
+    logprob_chunk_size: int = 1024
+    log_every: int = 1
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    lora: bool = True
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Phase 1: DPO on HH-RLHF (trainers/dpo.py)."""
+
+    out_dir: str = "runs/dpo"
+    dataset: str = "Anthropic/hh-rlhf"
+    data_dir: str = "harmless-base"
+    split: str = "train"
+    limit: int | None = None
+    prompt_format: str = "raw"  # raw | chat
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    micro_batch_size: int = 4  # pairs per forward pass
+    grad_accum_steps: int = 4  # micro-batches per optimizer step
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | robust | ipo | hinge
+    label_smoothing: float = 0.0
+    precompute_ref_logps: bool = False
+    merge_after: bool = True  # write out_dir/merged when training ends
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Phase 2: GRPO on Lean theorem statements (trainers/grpo.py)."""
+
+    out_dir: str = "runs/grpo"
+    lr: float = 1e-6
+    lr_schedule: str = "constant"
+    lora: bool = False  # full fine-tuning, as in the published run
+    dataset: str = "internlm/Lean-Workbook"
+    split: str = "train"
+    limit: int | None = None
+    prompt_style: str = "raw"  # raw | chat
+    max_prompt_length: int = 512
+    prompts_per_step: int = 2
+    num_generations: int = 8  # G completions per prompt
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generation_batch_size: int = 16  # sequences decoded at once
+    micro_batch_size: int = 4  # completions per forward pass in the update
+    num_iterations: int = 1  # μ: policy updates per generation batch
+    reward: str = "random"  # random | zero | lean | toy | module:function; comma-separated to sum several
+    reward_options: dict = field(default_factory=dict)
+    advantage_scale: str = "group"  # group | batch | none
+    advantage_eps: float = 1e-4
+    beta: float = 0.0  # KL coefficient; a reference model exists only when > 0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    aggregation: str = "token"  # token | sequence | constant
+
+
+CHOICES = {
+    "lr_schedule": ("constant", "linear", "cosine"),
+    "optimizer": ("adamw8bit", "adamw"),
+    "precision": ("bf16", "fp32"),
+    "prompt_format": ("raw", "chat"),
+    "prompt_style": ("raw", "chat"),
+    "loss_type": ("sigmoid", "robust", "ipo", "hinge"),
+    "advantage_scale": ("group", "batch", "none"),
+    "aggregation": ("token", "sequence", "constant"),
+}
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()):
+    """Build a `cls` config from an optional YAML file and `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        values[key] = value
+    return make_config(cls, values, source=str(path) if path else "--set")
+
+
+def make_config(cls, values: dict, source: str = "config"):
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise UserError(
+            f"unknown config key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(sorted(valid))}"
+        )
+    coerced = {key: _coerce(key, value, valid[key]) for key, value in values.items()}
+    return cls(**coerced)
+
+
+def save_config(config, path: str | os.PathLike) -> None:
+    from trainers.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+def _read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass the path of a YAML file (see launch/configs/)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value lines")
+    return values
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def _coerce(key: str, value, spec: dataclasses.Field):
+    """Check a value against its field's type; YAML reads `5e-7` as a string, so numbers are converted."""
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"config key {key} = {value!r} is not one of: {', '.join(CHOICES[key])}")
+    expected = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+    if value is None:
+        if "None" not in expected:
+            raise UserError(f"config key {key} needs a value ({expected})")
+        return None
+    base = expected.split("|")[0].strip()
+    if base in ("int", "float") and isinstance(value, str):
+        try:
+            value = float(value) if base == "float" else int(value)
+        except ValueError:
+            pass
+    if base == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    kinds = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}
+    wanted = kinds.get(base)
+    if wanted is not None and (not isinstance(value, wanted) or (base == "int" and isinstance(value, bool))):
+        raise UserError(f"config key {key} = {value!r} should be {expected}")
+    return value

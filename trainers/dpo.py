@@ -1,0 +1,160 @@
+"""Phase 1: Direct Preference Optimization with LoRA, as a recipe for the shared loop.
+
+Each optimizer step takes `micro_batch_size × grad_accum_steps` preference
+pairs. For each micro-batch the chosen and rejected sequences go through the
+policy in one forward pass (the collator stacks them), and through the
+reference model, which is the same network with the LoRA adapter switched
+off: no second copy of the 7B weights. With `precompute_ref_logps` the
+reference log-probabilities of every pair the run will use are computed once
+before training and cached in the output directory.
+
+    loss = mean over pairs of dpo_loss(π_c, π_r, ref_c, ref_r)     (losses/dpo.py)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.collators import PreferenceCollator
+from data.hh_rlhf import describe_skips, load_hh_rlhf
+from data.sampler import EpochSampler
+from losses.dpo import dpo_loss
+from trainers.checkpoint import atomic_directory, atomic_torch_save, seed_everything
+from trainers.config import DPOConfig, save_config
+from trainers.loop import autocast_context, train
+from trainers.merge import merge_in_memory
+from trainers.models import count_trainable, load_policy, sequence_logprobs_of
+
+
+class DPORecipe:
+    def __init__(self, config: DPOConfig, out_dir: Path):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.model, self.tokenizer, self.device = load_policy(config)
+        self.reference = None if config.lora else _frozen_copy(self.model)
+        self.pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
+        tqdm.write(f"HH-RLHF: {describe_skips(report)}")
+        self.collator = PreferenceCollator(
+            self.tokenizer, config.max_length, config.max_prompt_length, prompt_format=config.prompt_format
+        )
+        self.sampler = EpochSampler(len(self.pairs), config.seed)
+        self.pairs_per_step = config.micro_batch_size * config.grad_accum_steps
+        trainable, total = count_trainable(self.model)
+        tqdm.write(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        self.reference_logps = self._precompute_reference() if config.precompute_ref_logps else None
+
+    # --- what the loop asks of a recipe -------------------------------------------------
+    def step_batches(self, step: int) -> list[dict]:
+        indices = self.sampler.indices(step * self.pairs_per_step, self.pairs_per_step)
+        size = self.config.micro_batch_size
+        return [self._micro_batch(indices[i : i + size]) for i in range(0, len(indices), size)]
+
+    def loss(self, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        batch, indices = micro_batch["batch"], micro_batch["indices"]
+        n = len(indices)
+        policy = sequence_logprobs_of(self.model, batch, self.config.logprob_chunk_size)
+        reference = self._reference_logps(batch, indices)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy[:n], policy[n:], reference[:n], reference[n:],
+            beta=self.config.beta, loss_type=self.config.loss_type, label_smoothing=self.config.label_smoothing,
+        )  # fmt: skip
+        share = n / self.pairs_per_step  # this micro-batch's part of the step's mean
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": policy[:n].detach().mean().item(),
+            "logps/rejected": policy[n:].detach().mean().item(),
+            "tokens": int(batch["attention_mask"].sum()),
+        }
+        return losses.mean() * share, metrics
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"dataset_size": len(self.pairs)}  # the position itself is a function of the step
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("dataset_size") != len(self.pairs):
+            raise RuntimeError("the dataset changed since the checkpoint was written; resume with the same data")
+
+    # --- the reference model -------------------------------------------------------------
+    def _reference_logps(self, batch: dict, indices: list[int]) -> torch.Tensor:
+        if self.reference_logps is not None:
+            rows = torch.tensor(indices)
+            return torch.cat([self.reference_logps[rows, 0], self.reference_logps[rows, 1]]).to(self.device)
+        with torch.no_grad(), self.reference_model() as reference:
+            return sequence_logprobs_of(reference, batch, self.config.logprob_chunk_size)
+
+    @contextmanager
+    def reference_model(self):
+        """The frozen reference: the policy with its adapter disabled (LoRA) or a frozen copy."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def _precompute_reference(self) -> torch.Tensor:
+        """(num_pairs, 2) reference log-probabilities of (chosen, rejected) for every pair the run uses."""
+        cache = self.out_dir / "reference_logps.pt"
+        if cache.exists():
+            return torch.load(cache)
+        needed = sorted(set(self.sampler.indices(0, min(len(self.pairs), self.config.max_steps * self.pairs_per_step))))
+        if self.config.max_steps * self.pairs_per_step > len(self.pairs):
+            needed = list(range(len(self.pairs)))
+        table = torch.full((len(self.pairs), 2), float("nan"))
+        size = self.config.micro_batch_size * 2  # no activations are kept: twice the training micro-batch fits
+        with torch.no_grad():
+            for start in tqdm(range(0, len(needed), size), desc="reference log-probs"):
+                chunk = needed[start : start + size]
+                mb = self._micro_batch(chunk)
+                with self.reference_model() as reference, autocast_context(self.device, self.config.precision):
+                    logps = sequence_logprobs_of(reference, mb["batch"], self.config.logprob_chunk_size).float().cpu()
+                table[chunk, 0], table[chunk, 1] = logps[: len(chunk)], logps[len(chunk) :]
+        atomic_torch_save(table, cache)
+        return table
+
+    def _micro_batch(self, indices: list[int]) -> dict:
+        batch = self.collator([self.pairs[i] for i in indices])
+        return {"indices": indices, "batch": {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}}
+
+    # --- outputs ---------------------------------------------------------------------------
+    def save_final(self) -> Path:
+        """Write the trained adapter (or full model) and tokenizer to out_dir/adapter or out_dir/model."""
+        target = self.out_dir / ("adapter" if self.config.lora else "model")
+        with atomic_directory(target) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        return target
+
+
+def _frozen_copy(model):
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
+    """Train, save the adapter, and merge it when `merge_after`; returns the output paths."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG
+    recipe = DPORecipe(config, out_dir)
+    save_config(config, out_dir / "config.json")
+    last = train(recipe, config, out_dir, resume=resume)
+    outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl"), "final": str(recipe.save_final())}
+    if config.lora and config.merge_after:
+        outputs["merged"] = str(merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged"))
+    outputs["minutes"] = round((time.time() - started) / 60, 2)
+    outputs["last_metrics"] = last
+    return outputs

@@ -1,0 +1,46 @@
+"""Merging a LoRA adapter into its base model: W' = W + (alpha / r) · B A.
+
+The merged model is saved as an ordinary safetensors checkpoint with its
+tokenizer, loadable by `AutoModelForCausalLM.from_pretrained` with no peft
+installed. Phase 2 starts from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.errors import UserError
+from data.hub import load_causal_lm, load_tokenizer
+from trainers.checkpoint import atomic_directory
+
+
+def merge_in_memory(peft_model, tokenizer, out_dir: Path) -> Path:
+    """Merge the adapter of a live peft model into its weights and save it (the model is changed)."""
+    merged = peft_model.merge_and_unload()
+    return save_model(merged, tokenizer, out_dir)
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype: str = "bfloat16") -> Path:
+    """Load `base` (default: the adapter's recorded base model), apply the adapter, merge, save."""
+    import torch
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json); pass --adapter OUT_DIR/adapter")
+    base = base or json.loads(config_file.read_text())["base_model_name_or_path"]
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    model = load_causal_lm(base, dtype=torch_dtype)
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
+    tokenizer = load_tokenizer(str(tokenizer_source))
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return merge_in_memory(peft_model, tokenizer, Path(out_dir))
+
+
+def save_model(model, tokenizer, out_dir: Path) -> Path:
+    with atomic_directory(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

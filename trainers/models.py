@@ -1,0 +1,87 @@
+"""Loading the policy for training, LoRA, checkpointing, and its log-probabilities.
+
+The forward pass used by both trainers runs the decoder to its last hidden
+states and projects only the response positions onto the vocabulary
+(losses/logprobs.py): the full (batch × length × 102,400) logits tensor is
+never built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.hub import load_causal_lm, load_tokenizer
+from losses.logprobs import response_mask, token_logprobs_from_hidden
+from trainers.config import TrainConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 weights on GPU when asked; the CPU demo keeps float32 (CPU bf16 matmuls are slow)."""
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+
+
+def load_policy(config: TrainConfig):
+    """The model to train (LoRA-wrapped when `config.lora`), its tokenizer and device."""
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.model)
+    model = load_causal_lm(config.model, dtype=weight_dtype(config.precision, device), device=device)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if config.lora:
+        model = add_lora(model, config)
+    model.train()
+    return model, tokenizer, device
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing, by whichever name this transformers version uses."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def add_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def causal_lm_of(model):
+    """The underlying *ForCausalLM module, through a peft wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def token_logprobs_of(model, input_ids, attention_mask, labels, chunk_size: int) -> torch.Tensor:
+    """(B, T−1) log-probabilities of `labels` under `model`, 0 where labels are −100."""
+    lm = causal_lm_of(model)
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return token_logprobs_from_hidden(hidden, lm.get_output_embeddings(), labels, chunk_size)
+
+
+def sequence_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """Summed response log-probability of each sequence in a collated batch."""
+    logps = token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
+    return (logps * response_mask(batch["labels"])).sum(-1)
+
+
+def count_trainable(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
