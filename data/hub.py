@@ -14,12 +14,20 @@ from data.errors import UserError
 
 
 def _unreachable(kind: str, name: str, err: Exception) -> UserError:
+    if _looks_like_path(name):
+        return UserError(f"{kind} path '{name}' does not exist; pass an existing local directory or a hub id")
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(
         f"cannot load {kind} '{name}': it is not a local path and the hub did not provide it "
         f"({reason[:200]}). Pass a local path (a directory saved with save_pretrained / a data file), "
         f"or make the hub reachable."
     )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `namespace/name`; anything else can only be meant as a path."""
+    text = str(name)
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
 
 
 def is_local(name: str | os.PathLike) -> bool:

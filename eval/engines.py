@@ -69,6 +69,39 @@ class LoglikelihoodRequest:
 # --------------------------------------------------------------------------- shared helpers
 
 
+PROMPT_FORMATS = ("auto", "chat", "raw")
+
+
+def format_prompt(tokenizer, user: str, system: str | None = None, mode: str = "auto") -> str:
+    """The model's input text for one user message: its chat template, or the raw text.
+
+    auto uses the chat template when the tokenizer has one. raw puts a system
+    prompt, if any, in front of the message, separated by a blank line. A
+    template that rejects the system role gets the system prompt in front of
+    the user message instead.
+    """
+    if mode not in PROMPT_FORMATS:
+        raise UserError(f"unknown prompt format '{mode}': choose one of {', '.join(PROMPT_FORMATS)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "chat" and not has_template:
+        raise UserError("--prompt-format chat needs a tokenizer with a chat template; this one has none (use raw)")
+    if mode == "raw" or not has_template:
+        return f"{system}\n\n{user}" if system else user
+    messages = [{"role": "user", "content": user}]
+    if system:
+        try:
+            return _apply_template(tokenizer, [{"role": "system", "content": system}] + messages)
+        except Exception:  # jinja raises its own types for "system role not supported"
+            messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
+    return _apply_template(tokenizer, messages)
+
+
+def _apply_template(tokenizer, messages: list[dict]) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text if isinstance(text, str) else tokenizer.decode(text)
+
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt: with BOS, unless the text already starts with it."""
     bos = tokenizer.bos_token
@@ -163,7 +196,7 @@ class LoglikelihoodEngine:
         self.batch_size = max(1, int(batch_size))
         self.max_length = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.prompt_hasher = None  # set by the runner to hash everything the model is shown
-        self.stats = {"requests": 0, "forwards": 0, "tokens": 0, "seconds": 0.0}
+        self.stats = {"requests": 0, "rows": 0, "forwards": 0, "tokens": 0, "seconds": 0.0}
         self._call = _ModelCaller(model)
 
     # -- tokenization
@@ -227,6 +260,7 @@ class LoglikelihoodEngine:
             logits, _ = self._call(ids, mask, pos, keep=keep, cache=False)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             self.stats["forwards"] += 1
+            self.stats["rows"] += len(batch)
             self.stats["tokens"] += int(mask.sum())
             self.stats["seconds"] += time.perf_counter() - start
             for j, i in enumerate(batch):

@@ -138,7 +138,7 @@ class Judge:
         """One 0-100 score per prompt; `labels` are non-numeric answers worth naming as the reason."""
         raise UserError(f"the {self.name} judge cannot give 0-100 scores: use --judge local or --judge endpoint")
 
-    def ask(self, prompts: list[str], max_tokens: int = 512) -> list[str | None]:
+    def ask(self, prompts: list[str], max_tokens: int = 512, system: str | None = None) -> list[str | None]:
         """The judge's greedy text answer to each prompt; None where the call failed."""
         raise UserError(f"the {self.name} judge cannot answer rubric questions: use --judge local or --judge endpoint")
 
@@ -189,18 +189,16 @@ class LocalJudge(Judge):
     def describe(self) -> dict:
         return {"kind": "local", "model": self.model_id}
 
-    def format(self, prompt: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        return prompt
+    def format(self, prompt: str, system: str | None = None) -> str:
+        from eval.engines import format_prompt
 
-    def ask(self, prompts: list[str], max_tokens: int = 512) -> list[str | None]:
+        return format_prompt(self.tokenizer, prompt, system, "auto")
+
+    def ask(self, prompts: list[str], max_tokens: int = 512, system: str | None = None) -> list[str | None]:
         from eval.engines import GenerationRequest
 
         self.calls += len(prompts)
-        requests = [GenerationRequest(self.format(p), max_new_tokens=max_tokens) for p in prompts]
+        requests = [GenerationRequest(self.format(p, system), max_new_tokens=max_tokens) for p in prompts]
         return [texts[0] for texts in self.generator.generate(requests, desc="judge")]
 
     def score_0_100(self, prompts: list[str], labels: tuple[str, ...] = ()) -> list[JudgeScore]:
@@ -330,9 +328,9 @@ class EndpointJudge(Judge):
 
         return self._map(one, prompts)
 
-    def ask(self, prompts: list[str], max_tokens: int = 512) -> list[str | None]:
+    def ask(self, prompts: list[str], max_tokens: int = 512, system: str | None = None) -> list[str | None]:
         def one(prompt: str) -> str | None:
-            response = self._chat(prompt, max_tokens=max_tokens, logprobs=False)
+            response = self._chat(prompt, max_tokens=max_tokens, logprobs=False, system=system)
             try:
                 return None if response is None else response["choices"][0]["message"]["content"]
             except (KeyError, IndexError, TypeError):
@@ -364,10 +362,11 @@ class EndpointJudge(Judge):
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(fn, prompts))
 
-    def _chat(self, prompt: str, max_tokens: int, logprobs: bool) -> dict | None:
+    def _chat(self, prompt: str, max_tokens: int, logprobs: bool, system: str | None = None) -> dict | None:
+        messages = [{"role": "system", "content": system}] if system else []
         payload = {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages + [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens,
             "temperature": 0,
         }

@@ -8,7 +8,9 @@ as one line on stderr with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import warnings
 
 import click
 
@@ -50,7 +52,16 @@ def cli():
     """twophase: hand-written DPO and GRPO, and the evaluations around them."""
 
 
+def quiet_library_noise() -> None:
+    """Hide library warnings that say nothing about the user's run."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU 4-bit kernels we never use
+    logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)  # offline retries; we report one line instead
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+
+
 def main(argv=None):
+    quiet_library_noise()
     try:
         cli.main(args=argv, standalone_mode=False)
     except UserError as err:

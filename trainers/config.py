@@ -123,9 +123,7 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_yaml(path))
-    for item in overrides:
-        key, value = _parse_override(item)
-        values[key] = value
+    values.update(parse_overrides(overrides))
     return make_config(cls, values, source=str(path) if path else "--set")
 
 
@@ -157,6 +155,11 @@ def _read_yaml(path) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must be a mapping of key: value lines")
     return values
+
+
+def parse_overrides(items) -> dict[str, Any]:
+    """`["lr=1e-6", "lora=false"]` -> {"lr": 1e-6, "lora": False}; values are read as YAML."""
+    return dict(_parse_override(item) for item in items)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -323,7 +323,13 @@ class LeanReplPool:
             raise UserError(f"the Lean REPL pool size must be at least 1, got {size}")
         check_setup(project_dir, command)
         self.timeout = timeout
-        self._repls = [LeanRepl(project_dir, command, import_timeout, recycle_after) for _ in range(size)]
+        self._repls: list[LeanRepl] = []
+        try:
+            for _ in range(size):
+                self._repls.append(LeanRepl(project_dir, command, import_timeout, recycle_after))
+        except Exception:
+            self._close_repls()  # no orphaned processes when a later one fails to start
+            raise
         self._idle: queue.Queue = queue.Queue()
         for repl in self._repls:
             self._idle.put(repl)
@@ -347,10 +353,13 @@ class LeanReplPool:
     def restarts(self) -> int:
         return sum(repl.restarts for repl in self._repls)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def _close_repls(self) -> None:
         for repl in self._repls:
             repl.close()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._close_repls()
 
     def __enter__(self):
         return self

@@ -15,7 +15,9 @@ mean over its pairs times its share of the step's pairs), so summing the
 backward passes gives exactly the gradient of the full-batch loss.
 
 Metrics returned by `recipe.loss` are averaged over micro-batches, except
-`tokens`, which is summed (it feeds tokens/s).
+`tokens`, which is summed: tokens_per_s is trained (non-padding) tokens per
+second of update time, i.e. of the step minus any `time/generation_s` and
+`time/scoring_s` the recipe reports.
 
 Resumption is exact: the data position is a function of the step, and the
 checkpoint holds the weights, the optimizer, the scheduler and the RNG states
@@ -74,9 +76,12 @@ def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = Fal
     scheduler = build_scheduler(optimizer, config)
 
     start_step = _restore(recipe, optimizer, scheduler, checkpoint_dir, log, resume, config.seed)
+    if hasattr(recipe, "truncate_logs_after"):  # a recipe's own audit logs follow the metrics log
+        recipe.truncate_logs_after(start_step)
     autocast = autocast_context(recipe.device, config.precision)
     progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
     last: dict = {}
+    window: list[dict] = []  # the steps since the last printed line, averaged when printed
     with _sigterm_as_interrupt():
         for step in range(start_step, config.max_steps):
             step_rng = rng_state()  # saved if this step is interrupted, so a resume replays it exactly
@@ -88,10 +93,12 @@ def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = Fal
                     save_checkpoint(checkpoint_dir, step, recipe.model, optimizer, scheduler, step_rng, recipe.state_dict())
                 raise
             log.write(last)
+            window.append(last)
             progress.update(1)
             progress.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "grad_norm") if k in last})
             if config.log_every and (step + 1) % config.log_every == 0:
-                tqdm.write(_format_metrics(last))
+                tqdm.write(_format_metrics(_reduce(window) | {"step": step + 1}))
+                window = []
             if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
                 save_checkpoint(checkpoint_dir, step + 1, recipe.model, optimizer, scheduler, rng_state(), recipe.state_dict())
                 prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
@@ -124,15 +131,18 @@ def _one_step(recipe, step, parameters, optimizer, scheduler, autocast, config) 
     metrics["loss"] = sum(m["loss"] for m in collected)  # contributions sum to the step's loss
     metrics.update(recipe.step_metrics())
     metrics.update({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), "step_time_s": elapsed})
+    # GRPO reports its generation and scoring time; the rest of the step is the update
+    update_seconds = elapsed - metrics.get("time/generation_s", 0.0) - metrics.get("time/scoring_s", 0.0)
+    metrics["time/update_s"] = update_seconds
     if "tokens" in metrics:
-        metrics["tokens_per_s"] = metrics["tokens"] / elapsed
+        metrics["tokens_per_s"] = metrics["tokens"] / max(update_seconds, 1e-9)
     if recipe.device.type == "cuda":
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
     return metrics
 
 
 def _reduce(collected: list[dict]) -> dict:
-    keys = {k for m in collected for k in m}
+    keys = dict.fromkeys(k for m in collected for k in m)  # first-seen order, for readable logs
     out = {}
     for key in keys:
         values = [m[key] for m in collected if key in m]
@@ -230,6 +240,7 @@ class MetricsLog:
 
 
 def _format_metrics(metrics: dict) -> str:
+    """One line per logging interval: metrics averaged over the steps since the last line."""
     parts = [f"step {metrics['step']}"]
     for key, value in metrics.items():
         if key != "step":

@@ -71,7 +71,12 @@ def causal_lm_of(model):
 def token_logprobs_of(model, input_ids, attention_mask, labels, chunk_size: int) -> torch.Tensor:
     """(B, T−1) log-probabilities of `labels` under `model`, 0 where labels are −100."""
     lm = causal_lm_of(model)
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # Positions count real tokens only, as in generation. (RoPE only sees relative positions,
+    # so left padding would not change a Llama's numbers, but absolute-position models need this.)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     return token_logprobs_from_hidden(hidden, lm.get_output_embeddings(), labels, chunk_size)
 
 

@@ -43,6 +43,16 @@ DEFAULTS = {
 }
 
 
+def resolve_options(options: dict) -> dict:
+    """DEFAULTS overridden by the user's options; refuses sampling n > 1 completions greedily."""
+    opts = {**DEFAULTS, **{k: v for k, v in options.items() if k in DEFAULTS}}
+    ks = opts["ks"]
+    opts["ks"] = (int(ks),) if isinstance(ks, (int, str)) else tuple(int(k) for k in ks)  # "--option humaneval.ks=10"
+    if int(opts["n_samples"]) > 1 and float(opts["temperature"]) <= 0.0:
+        raise UserError("humaneval: n_samples > 1 at temperature 0 gives n identical completions; set a temperature (e.g. 0.8)")
+    return opts
+
+
 def truncate_completion(completion: str) -> str:
     """Cut at the earliest stop sequence (the stop sequence itself is dropped)."""
     cut = len(completion)
@@ -105,6 +115,9 @@ def _problem(row: dict, where: str) -> dict:
 class HumanEval(Benchmark):
     name = "humaneval"
     default_source = "openai/openai_humaneval"
+    split = "test"
+    local_file = "humaneval.jsonl"  # or the original HumanEval.jsonl.gz
+    description = "HumanEval: pass@k of Python function completions, run against their unit tests"
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
         source = source or self.default_source
@@ -115,11 +128,14 @@ class HumanEval(Benchmark):
         problems = [_problem(dict(row), source) for row in rows]
         return problems[:limit] if limit is not None else problems
 
+    def settings(self, options: dict) -> dict:
+        resolved = resolve_options(options)
+        del resolved["workers"]  # how many checks run at once changes no result
+        return resolved
+
     def evaluate(self, items: list[dict], ctx: EvalContext) -> dict[str, Metric]:
-        opts = {**DEFAULTS, **{k: v for k, v in ctx.options.items() if k in DEFAULTS}}
+        opts = resolve_options(ctx.options)
         n = int(opts["n_samples"])
-        if n > 1 and float(opts["temperature"]) == 0.0:
-            raise UserError("humaneval: n_samples > 1 with temperature 0 gives n identical completions; set a temperature (e.g. 0.8)")
         samples = ctx.generator.generate([self._request(p, opts) for p in items], desc="humaneval")
         flat_problems = [p for p, completions in zip(items, samples) for _ in completions]
         flat_completions = [truncate_completion(c) for completions in samples for c in completions]

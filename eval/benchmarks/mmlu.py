@@ -173,7 +173,10 @@ def _hub_split(dataset_id: str, split: str) -> dict[str, list[dict]]:
 
 class MMLU(Benchmark):
     name = "mmlu"
-    default_source = "cais/mmlu"
+    default_source = "cais/mmlu"  # config all
+    split = "test"
+    local_file = "mmlu"  # a directory of {subject}_dev.csv and {subject}_test.csv
+    description = "MMLU: 5-shot multiple choice over 57 subjects, answered by letter log-likelihood"
     num_shots = 5
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
@@ -192,14 +195,18 @@ class MMLU(Benchmark):
         items = interleave(test, limit)
         return [{**item, "shots": dev[item["group"]]} for item in items]
 
+    def settings(self, options: dict) -> dict:
+        return {"num_shots": int(options.get("num_shots", self.num_shots))}
+
     def evaluate(self, items: list[dict], ctx: EvalContext) -> dict[str, Metric]:
-        shots = int(ctx.options.get("num_shots", self.num_shots))
+        shots = self.settings(ctx.options)["num_shots"]
         prompts = [build_prompt(item, item["shots"][:shots]) for item in items]
         records = score_lettered(items, prompts, ctx, desc="mmlu")
         per_subject = accuracy_by(records, lambda r: r["group"])
-        for subject, metric in sorted(per_subject.items()):
-            ctx.audit({"summary": "subject", "subject": subject, "category": SUBJECT_CATEGORY.get(subject),
-                       "n": metric.n, "correct": metric.k, "accuracy": metric.value})
+        subjects = {s: {"category": SUBJECT_CATEGORY.get(s), "n": m.n, "correct": m.k} for s, m in sorted(per_subject.items())}
+        for subject, counts in subjects.items():
+            ctx.audit({"summary": "subject", "subject": subject, **counts})
+        ctx.details["subjects"] = subjects
         categories = accuracy_by(records, lambda r: SUBJECT_CATEGORY.get(r["group"]))
         overall = proportion(sum(r["correct"] for r in records), len(records))
         return {"accuracy": overall, **{c: categories[c] for c in CATEGORY_SUBJECTS if c in categories}}

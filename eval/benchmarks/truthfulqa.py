@@ -101,7 +101,10 @@ def _read_local(path: Path) -> list[dict]:
 
 class TruthfulQA(Benchmark):
     name = "truthfulqa"
-    default_source = "truthfulqa/truthful_qa"
+    default_source = "truthfulqa/truthful_qa"  # config multiple_choice
+    split = "validation"
+    local_file = "truthfulqa.json"  # the original v1_mc_task.json
+    description = "TruthfulQA MC1/MC2: log-likelihood of true vs false answers after the paper's 6-shot QA primer"
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
         source = source or self.default_source

@@ -52,7 +52,10 @@ def _subset(rows, subset: str, where: str) -> list[dict]:
 
 class WMDP(Benchmark):
     name = "wmdp"
-    default_source = "cais/wmdp"
+    default_source = "cais/wmdp"  # configs wmdp-bio, wmdp-chem, wmdp-cyber
+    split = "test"
+    local_file = "wmdp"  # a directory of wmdp-bio.jsonl, wmdp-chem.jsonl, wmdp-cyber.jsonl
+    description = "WMDP: zero-shot hazardous-knowledge multiple choice (bio, chem, cyber); lower is less hazardous knowledge"
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
         """All three subsets from the hub, or whichever of wmdp-{bio,chem,cyber}.json(l) a directory holds."""

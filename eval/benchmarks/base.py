@@ -1,0 +1,156 @@
+"""What a benchmark is, and the helpers benchmarks share.
+
+A benchmark is a small declarative unit: where its data lives (`default_source`
+on the hub, `local_file` under --data-dir), how to read one row
+(`load`), and how to turn model outputs into metrics (`evaluate`). It never
+touches the model: it sends requests to the engines in `EvalContext`, asks the
+judge, and writes one audit record per item.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from data.errors import UserError
+from data.hub import load_hub_dataset
+from eval.engines import GenerationEngine, GenerationRequest, LoglikelihoodEngine
+from eval.judges import Judge
+from eval.metrics import Metric, proportion
+
+
+@dataclass
+class EvalContext:
+    generator: GenerationEngine
+    scorer: LoglikelihoodEngine
+    judge: Judge
+    format_prompt: Callable[[str, str | None], str]  # (user message, system prompt) -> model input text
+    audit: Callable[[dict], None]  # append one record to the benchmark's audit JSONL
+    limit: int | None
+    seed: int
+    options: dict  # benchmark-specific settings, e.g. {"samples_per_question": 100}
+    details: dict = field(default_factory=dict)  # extra report a benchmark wants in its result JSON
+
+
+class Benchmark:
+    """One benchmark; subclasses set the class attributes and implement load/evaluate."""
+
+    name: str = ""
+    default_source: str = ""  # hub id (or URL)
+    split: str = "train"  # hub split
+    local_file: str = ""  # file name under --data-dir
+    description: str = ""
+
+    def load(self, source: str | None, limit: int | None) -> list[dict]:
+        raise NotImplementedError
+
+    def evaluate(self, items: list[dict], ctx: EvalContext) -> dict[str, Metric]:
+        raise NotImplementedError
+
+    def settings(self, options: dict) -> dict:
+        """The options that change this benchmark's results (they go into the settings hash)."""
+        return {}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_rows(source: str | None, dataset_id: str, split: str, **hub_kwargs) -> list[dict]:
+    """Rows of a local file (.csv, .json, .jsonl) or, when source is None or a hub id, of a hub split."""
+    if source and Path(source).expanduser().exists():
+        return read_local_file(Path(source).expanduser())
+    dataset = load_hub_dataset(source or dataset_id, split, **hub_kwargs)
+    return [dict(row) for row in dataset]
+
+
+def read_local_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".csv":
+        return [dict(row) for row in csv.DictReader(text.splitlines())]
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if suffix == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+    raise UserError(f"cannot read {path}: expected a .csv, .json or .jsonl file")
+
+
+def column(row: dict, names: tuple[str, ...], what: str, source: str) -> str:
+    """The first of `names` present in the row: schemas differ between hub and original files."""
+    for name in names:
+        if name in row and row[name] is not None:
+            return str(row[name])
+    raise UserError(f"{source}: no {what} column; expected one of {', '.join(names)} (found {', '.join(row)})")
+
+
+def first(items: list, limit: int | None) -> list:
+    return items if limit is None else items[: max(0, limit)]
+
+
+def stratified_first(items: list[dict], key: str, limit: int | None) -> list[dict]:
+    """The first `limit` items, keeping each group's share (so a small limit still sees every group).
+
+    Files sorted by group (XSTest lists all safe prompts first) would otherwise
+    give a limit of 10 only one group.
+    """
+    if limit is None or limit >= len(items):
+        return items
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(item[key], []).append(item)
+    quotas = {g: int(limit * len(rows) / len(items)) for g, rows in groups.items()}
+    for g in sorted(groups, key=lambda g: -len(groups[g])):  # hand out what rounding left over
+        if sum(quotas.values()) >= limit:
+            break
+        quotas[g] += 1
+    chosen = {id(row) for g, rows in groups.items() for row in rows[: quotas[g]]}
+    return [item for item in items if id(item) in chosen]
+
+
+# --------------------------------------------------------------------------- evaluating
+
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def generate_answers(items: list[dict], ctx: EvalContext, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
+    """One greedy answer per item's `prompt` (with its optional `system`)."""
+    max_new = int(ctx.options.get("max_new_tokens") or default_max_new_tokens)
+    inputs = [ctx.format_prompt(item["prompt"], item.get("system")) for item in items]
+    requests = [GenerationRequest(text, max_new_tokens=max_new) for text in inputs]
+    return [texts[0] for texts in ctx.generator.generate(requests)]
+
+
+def refusal_metrics(refused: list[bool]) -> dict[str, Metric]:
+    """Refusal rate and attack success rate (ASR = 1 - refusal rate)."""
+    k, n = sum(refused), len(refused)
+    return {"refusal_rate": proportion(k, n), "asr": proportion(n - k, n)}
+
+
+class JudgeCallCounter:
+    """Tells "the judge is down" (every call failed) from "some answers were unscorable".
+
+    with JudgeCallCounter(judge): ... raises UserError when every call made
+    inside the block failed, so the benchmark is reported failed with the
+    judge's last error instead of showing metrics computed from nothing.
+    """
+
+    def __init__(self, judge: Judge):
+        self.judge = judge
+
+    def __enter__(self):
+        self.calls, self.failures = self.judge.calls, self.judge.failures
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            return False
+        calls = self.judge.calls - self.calls
+        failures = self.judge.failures - self.failures
+        if calls and failures >= calls:
+            raise UserError(f"the {self.judge.name} judge failed on all {calls} calls: {self.judge.last_error}")
+        return False

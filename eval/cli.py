@@ -1,0 +1,85 @@
+"""`twophase eval` and `twophase compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+from data.errors import UserError
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs; values read as YAML scalars, so 10 is a number and true a boolean."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--option expects KEY=VALUE (e.g. humaneval.n_samples=10), got '{pair}'")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return options
+
+
+@click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", required=True, help="Model path or hub id.")
+@click.option("--benchmarks", default="all", show_default=True,
+              help="Comma-separated: betley, strongreject, xstest, donotanswer, truthfulqa, humaneval, mmlu, wmdp; or all.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory (reruns resume).")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N items of each benchmark.")
+@click.option("--judge", default="string-match", show_default=True,
+              help="string-match | local | endpoint (local:PATH is short for --judge local --judge-model PATH).")
+@click.option("--judge-model", default=None, help="Local judge: path or hub id. Endpoint judge: model name ($JUDGE_MODEL).")
+@click.option("--judge-base-url", default=None, help="Endpoint judge base URL ($JUDGE_BASE_URL, $OPENAI_BASE_URL).")
+@click.option("--judge-api-key", default=None, help="Endpoint judge key; prefer $JUDGE_API_KEY or $OPENAI_API_KEY.")
+@click.option("--judge-concurrency", type=int, default=8, show_default=True, help="Endpoint judge: parallel requests.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per forward pass, for both engines.")
+@click.option("--prompt-format", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
+              help="auto: the chat template when the tokenizer has one, raw text otherwise.")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Read each benchmark from its local file in this directory instead of the hub.")
+@click.option("--samples-per-question", type=int, default=None, help="Betley: answers per question (default: the YAML's 100).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Model dtype (default: bfloat16 on GPU, as saved on CPU).")
+@click.option("--name", "run_name", default=None, help="Name of this run in comparison tables (default: the --out folder name).")
+@click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Benchmark option, repeatable; prefix with a benchmark to target one: humaneval.n_samples=10.")
+def eval_command(model, benchmarks, out_dir, limit, judge, judge_model, judge_base_url, judge_api_key,
+                 judge_concurrency, batch_size, prompt_format, data_dir, samples_per_question, seed, dtype,
+                 run_name, option_pairs):
+    """Evaluate a model on the safety and capability benchmarks."""
+    from eval.runner import run_evaluation
+
+    judge_options = {"model": judge_model, "base_url": judge_base_url, "api_key": judge_api_key,
+                     "concurrency": judge_concurrency, "batch_size": batch_size}
+    summary = run_evaluation(
+        model, benchmarks, out_dir, limit=limit, judge=judge, judge_options=judge_options,
+        batch_size=batch_size, prompt_format=prompt_format, data_dir=data_dir,
+        samples_per_question=samples_per_question, seed=seed, options=_parse_options(option_pairs),
+        run_name=run_name, dtype=dtype,
+    )
+    failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} benchmark(s) failed: " + "; ".join(
+            f"{n}: {summary['benchmarks'][n].get('reason')}" for n in failed))
+
+
+@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("base_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("other_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--names", default=None, help="Comma-separated column names, base first (default: the runs' names).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="Markdown file to write (default: BASE_DIR/comparison.md).")
+def compare_command(base_dir, other_dirs, names, out_file):
+    """Print the comparison table of two or more eval runs (deltas in bold where 95% CIs do not overlap)."""
+    from eval.results import render_comparison
+
+    labels = [n.strip() for n in names.split(",")] if names else None
+    if labels is not None and len(labels) != 1 + len(other_dirs):
+        raise UserError(f"--names needs {1 + len(other_dirs)} names, one per run, got {len(labels)}")
+    table = render_comparison(base_dir, list(other_dirs), labels)
+    target = Path(out_file) if out_file else Path(base_dir) / "comparison.md"
+    target.write_text(table, encoding="utf-8")
+    click.echo(table, nl=False)
+    click.echo(f"(written to {target})", err=True)

@@ -1,0 +1,239 @@
+"""Where evaluation results go, how a rerun knows what is done, and the comparison table.
+
+Output layout of one `twophase eval --out DIR` run:
+
+  DIR/summary.json        every benchmark's status (ok / failed), headline metrics, file names
+  DIR/<name>.json         one benchmark's result: metrics with k/n and 95% CI, model id,
+                          prompt hash, settings and their hash, details; or status "failed"
+                          with the reason
+  DIR/<name>.jsonl        the audit log: one record per generation / judgment / scored item
+
+Resume: a benchmark is skipped when DIR/<name>.json says status "ok" and has
+the same settings hash (model, data source and its content, limit, judge,
+prompt format, seed, options). Result files are written to a temporary file
+and renamed, so a crash never leaves half a result that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from eval.metrics import Metric
+
+SUMMARY_FILE = "summary.json"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def result_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.json"
+
+
+def audit_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.jsonl"
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON through a temporary file and os.replace: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict | None:
+    """The JSON object at path, or None if it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _jsonable(value):
+    """NaN and infinities become null; Metrics become dicts; anything else unknown becomes a string."""
+    if isinstance(value, Metric):
+        return value.to_dict()
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+class AuditLog:
+    """The JSONL audit file of one benchmark; started afresh each time the benchmark runs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", encoding="utf-8")
+        self.records = 0
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+        self.records += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+# --------------------------------------------------------------------------- hashes and resume
+
+
+def stable_hash(obj) -> str:
+    """sha256 of the canonical JSON of obj (sorted keys), as 'sha256:<hex>'."""
+    text = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def source_digest(source: str | None) -> str | None:
+    """sha256 of a local data file, or of every file under a local directory; None for hub ids and URLs."""
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode("utf-8") + b"\x00")
+        digest.update(file.read_bytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def finished_result(out_dir: str | Path, name: str, settings_hash: str) -> dict | None:
+    """The earlier result of `name` if it finished with these exact settings, else None."""
+    result = read_json(result_path(out_dir, name))
+    if result and result.get("status") == "ok" and result.get("settings_hash") == settings_hash:
+        return result
+    return None
+
+
+# --------------------------------------------------------------------------- comparison table
+
+
+def run_label(run_dir: str | Path) -> str:
+    """A run's column name: the run name it was given, else its directory name."""
+    summary = read_json(Path(run_dir) / SUMMARY_FILE) or {}
+    return str(summary.get("run_name") or Path(run_dir).resolve().name)
+
+
+def load_run(run_dir: str | Path) -> dict[str, dict]:
+    """{benchmark: result} of every result JSON in a run directory."""
+    results = {}
+    for path in sorted(Path(run_dir).glob("*.json")):
+        if path.name == SUMMARY_FILE:
+            continue
+        data = read_json(path)
+        if data and "benchmark" in data and "status" in data:
+            results[data["benchmark"]] = data
+    return results
+
+
+def _metric(result: dict | None, name: str) -> Metric | None:
+    if not result or result.get("status") != "ok" or name not in result.get("metrics", {}):
+        return None
+    return Metric.from_dict(result["metrics"][name])
+
+
+def intervals_disjoint(a: Metric, b: Metric) -> bool:
+    """True when both 95% intervals exist and do not overlap."""
+    bounds = (a.ci_low, a.ci_high, b.ci_low, b.ci_high)
+    if any(math.isnan(x) for x in bounds):
+        return False
+    return a.ci_high < b.ci_low or b.ci_high < a.ci_low
+
+
+def _number_format(metrics: list[Metric | None]) -> str:
+    # Proportions read best with three decimals; 0-100 judge scores with one.
+    biggest = max((abs(x) for m in metrics if m for x in (m.value, m.ci_low, m.ci_high) if not math.isnan(x)), default=0)
+    return ".1f" if biggest > 1.5 else ".3f"
+
+
+def _cell(metric: Metric | None, result: dict | None, fmt: str) -> str:
+    if metric is None:
+        return "failed" if result and result.get("status") == "failed" else "—"
+    if math.isnan(metric.value):
+        return "n/a"
+    if math.isnan(metric.ci_low):
+        return format(metric.value, fmt)
+    return f"{metric.value:{fmt}} [{metric.ci_low:{fmt}}, {metric.ci_high:{fmt}}]"
+
+
+def _delta(base: Metric | None, other: Metric | None, fmt: str) -> str:
+    if base is None or other is None or math.isnan(base.value) or math.isnan(other.value):
+        return "—"
+    text = f"{other.value - base.value:+{fmt}}"
+    return f"**{text}**" if intervals_disjoint(base, other) else text
+
+
+def comparison_rows(base: dict[str, dict], others: list[dict[str, dict]], order: tuple[str, ...] = ()) -> list[tuple]:
+    """(benchmark, metric, base Metric|None, [other Metric|None], base result, [other results]) per row."""
+    names = [n for n in order if any(n in run for run in [base, *others])]
+    names += sorted(n for run in [base, *others] for n in run if n not in names)
+    rows, seen = [], set()
+    for bench in names:
+        if bench in seen:
+            continue
+        seen.add(bench)
+        results = [base.get(bench)] + [run.get(bench) for run in others]
+        metric_names: list[str] = []
+        for result in results:
+            for m in (result or {}).get("metrics", {}):
+                if m not in metric_names:
+                    metric_names.append(m)
+        if not metric_names:
+            rows.append((bench, "", None, [None] * len(others), results[0], results[1:]))
+        for m in metric_names:
+            rows.append((bench, m, _metric(results[0], m), [_metric(r, m) for r in results[1:]], results[0], results[1:]))
+    return rows
+
+
+def render_comparison(base_dir: str | Path, other_dirs: list[str | Path], names: list[str] | None = None) -> str:
+    """The Markdown table Benchmark | Metric | <base> | <other> | Delta, one row per metric.
+
+    Cells show the value and its 95% interval; a delta is bold when the two
+    runs' intervals do not overlap. With several other runs, each gets its own
+    value and delta columns.
+    """
+    from eval.benchmarks import ALL
+
+    labels = list(names) if names else [run_label(d) for d in [base_dir, *other_dirs]]
+    base, others = load_run(base_dir), [load_run(d) for d in other_dirs]
+    header = ["Benchmark", "Metric", labels[0]]
+    for label in labels[1:]:
+        header += [label, "Delta" if len(other_dirs) == 1 else f"Delta ({label})"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for bench, metric, base_m, other_ms, base_r, other_rs in comparison_rows(base, others, ALL):
+        fmt = _number_format([base_m, *other_ms])
+        cells = [bench, metric, _cell(base_m, base_r, fmt)]
+        for other_m, other_r in zip(other_ms, other_rs):
+            cells += [_cell(other_m, other_r, fmt), _delta(base_m, other_m, fmt)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,290 @@
+"""Run a list of benchmarks on one model and write their results (what `twophase eval` does).
+
+For each benchmark: work out its settings and their hash; skip it if DIR
+already holds a finished result with the same hash (resume); otherwise load
+its items, run it through the shared engines and the judge, and write its
+result JSON and audit JSONL. A benchmark that raises (dataset unreachable,
+judge down, out of memory) is recorded as failed with its reason, and the
+others still run. The model is loaded only if some benchmark has to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from data.errors import UserError
+from eval.benchmarks import get_benchmark, local_source, parse_benchmarks
+from eval.engines import PROMPT_FORMATS, GenerationEngine, LoglikelihoodEngine, format_prompt
+from eval.judges import make_judge
+from eval.results import (
+    SUMMARY_FILE,
+    AuditLog,
+    audit_path,
+    finished_result,
+    read_json,
+    result_path,
+    source_digest,
+    stable_hash,
+    write_json_atomic,
+)
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+
+def _log(message: str) -> None:
+    if tqdm is not None:
+        tqdm.write(message)
+    else:  # pragma: no cover
+        print(message, flush=True)
+
+
+def run_evaluation(
+    model: str,
+    benchmarks,
+    out_dir,
+    limit: int | None = None,
+    judge: str = "string-match",
+    judge_options: dict | None = None,
+    batch_size: int = 8,
+    prompt_format: str = "auto",
+    data_dir=None,
+    samples_per_question: int | None = None,
+    seed: int = 0,
+    model_obj=None,
+    tokenizer_obj=None,
+    options: dict | None = None,
+    run_name: str | None = None,
+    sources: dict | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """Evaluate `model` (a path or hub id; or `model_obj`/`tokenizer_obj` already loaded) on `benchmarks`.
+
+    benchmarks: "all", "a,b" or a list of names. options: benchmark options,
+    either plain keys for every benchmark ({"max_new_tokens": 128}) or keys
+    prefixed with a benchmark name for one ({"humaneval.n_samples": 10}).
+    sources: {benchmark: local path or hub id}, overriding data_dir.
+    Returns the run summary, also written to out_dir/summary.json.
+    """
+    names = parse_benchmarks(benchmarks)
+    if prompt_format not in PROMPT_FORMATS:
+        raise UserError(f"unknown prompt format '{prompt_format}': choose one of {', '.join(PROMPT_FORMATS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(options or {})
+    if samples_per_question is not None:
+        options["betley.samples_per_question"] = int(samples_per_question)
+    judge_obj = make_judge(judge, judge_options)  # fail now on a misconfigured judge, not after an hour
+    summary = _start_summary(out, model, run_name, names)
+    _log(f"eval: {model} on {', '.join(names)} -> {out}")
+
+    runtime = _Runtime(model, model_obj, tokenizer_obj, batch_size, seed, dtype)
+    bar = tqdm(names, desc="benchmarks", unit="benchmark") if tqdm is not None else names
+    for name in bar:
+        benchmark = get_benchmark(name)
+        bench_options = _options_for(name, options)
+        try:
+            source = (sources or {}).get(name) or local_source(benchmark, data_dir)
+            settings = {
+                "benchmark": name,
+                "model": model,
+                "source": source or benchmark.default_source,
+                "source_digest": source_digest(source),
+                "limit": limit,
+                "judge": judge_obj.describe(),
+                "prompt_format": prompt_format,
+                "seed": seed,
+                "options": bench_options,
+                "benchmark_settings": benchmark.settings(bench_options),
+            }
+            settings_hash = stable_hash(settings)
+            earlier = finished_result(out, name, settings_hash)
+            if earlier is not None:
+                summary["benchmarks"][name] = _summary_entry(earlier, out, resumed=True)
+                _log(f"  {name}: finished earlier with the same settings, reusing {result_path(out, name)}")
+            else:
+                result = _run_one(benchmark, source, settings, settings_hash, runtime, judge_obj, out, limit, seed, bench_options, prompt_format, run_name)
+                summary["benchmarks"][name] = _summary_entry(result, out)
+                _log(f"  {name}: {_headline(result)}")
+        except Exception as err:  # noqa: BLE001 - one broken benchmark must not stop the others
+            reason = _reason(err)
+            failed = {
+                "benchmark": name,
+                "status": "failed",
+                "reason": reason,
+                "model": model,
+                "run_name": run_name,
+                "traceback": traceback.format_exc(limit=20),
+                "finished_at": _now(),
+            }
+            write_json_atomic(result_path(out, name), failed)
+            summary["benchmarks"][name] = _summary_entry(failed, out)
+            _log(f"  {name}: FAILED - {reason}")
+            runtime.free_memory()
+        write_json_atomic(out / SUMMARY_FILE, summary)
+
+    failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
+    _log(f"eval: results in {out} ({SUMMARY_FILE}, <benchmark>.json, <benchmark>.jsonl)"
+         + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return summary
+
+
+# --------------------------------------------------------------------------- one benchmark
+
+
+def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, limit, seed, options, prompt_format, run_name) -> dict:
+    from eval.benchmarks.base import EvalContext
+
+    start = time.perf_counter()
+    items = benchmark.load(source, limit)
+    if not items:
+        raise UserError(f"{benchmark.name}: no items to evaluate in {settings['source']}")
+    generator, scorer, tokenizer = runtime.engines()
+    hasher = hashlib.sha256()
+    generator.prompt_hasher = scorer.prompt_hasher = hasher
+    gen_before, score_before = dict(generator.stats), dict(scorer.stats)
+    with AuditLog(audit_path(out, benchmark.name)) as audit:
+        ctx = EvalContext(
+            generator=generator,
+            scorer=scorer,
+            judge=judge,
+            format_prompt=lambda user, system=None: format_prompt(tokenizer, user, system, prompt_format),
+            audit=audit.write,
+            limit=limit,
+            seed=seed,
+            options=dict(options),
+        )
+        try:
+            metrics = benchmark.evaluate(items, ctx)
+        finally:
+            generator.prompt_hasher = scorer.prompt_hasher = None
+    result = {
+        "benchmark": benchmark.name,
+        "status": "ok",
+        "model": settings["model"],
+        "run_name": run_name,
+        "metrics": {name: metric.to_dict() for name, metric in metrics.items()},
+        "details": ctx.details,
+        "n_items": len(items),
+        "prompt_hash": "sha256:" + hasher.hexdigest(),
+        "settings": settings,
+        "settings_hash": settings_hash,
+        "audit_file": audit_path(out, benchmark.name).name,
+        "audit_records": audit.records,
+        "seconds": round(time.perf_counter() - start, 3),
+        "engine_stats": {
+            "generation": _stats_delta(gen_before, generator.stats),
+            "loglikelihood": _stats_delta(score_before, scorer.stats),
+        },
+        "finished_at": _now(),
+        "versions": _versions(),
+    }
+    write_json_atomic(result_path(out, benchmark.name), result)
+    return result
+
+
+class _Runtime:
+    """The model, tokenizer and engines, loaded on first use and shared by all benchmarks."""
+
+    def __init__(self, model, model_obj, tokenizer_obj, batch_size, seed, dtype):
+        self.model_id, self.model, self.tokenizer = model, model_obj, tokenizer_obj
+        self.batch_size, self.seed, self.dtype = batch_size, seed, dtype
+        self._engines = None
+
+    def engines(self):
+        if self._engines is None:
+            self._load()
+            self._engines = (
+                GenerationEngine(self.model, self.tokenizer, batch_size=self.batch_size, seed=self.seed),
+                LoglikelihoodEngine(self.model, self.tokenizer, batch_size=self.batch_size),
+                self.tokenizer,
+            )
+        return self._engines
+
+    def _load(self) -> None:
+        import torch
+
+        from data.hub import load_causal_lm, load_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_id)
+        if self.model is None:
+            cuda = torch.cuda.is_available()
+            dtype = getattr(torch, self.dtype) if self.dtype else (torch.bfloat16 if cuda else None)
+            _log(f"eval: loading {self.model_id} ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
+            self.model = load_causal_lm(self.model_id, dtype=dtype, device="cuda" if cuda else None)
+        self.model.eval()
+
+    def free_memory(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - best effort after a failure
+            pass
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _options_for(name: str, options: dict) -> dict:
+    """Plain keys, then `name.key` keys for this benchmark (which win); other benchmarks' keys dropped."""
+    plain = {k: v for k, v in options.items() if "." not in k}
+    mine = {k.split(".", 1)[1]: v for k, v in options.items() if k.startswith(name + ".")}
+    return {**plain, **mine}
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, UserError):
+        return text or "error"
+    return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
+
+
+def _start_summary(out: Path, model: str, run_name: str | None, names: list[str]) -> dict:
+    # Keep entries of benchmarks this call does not touch, so runs can be built up piecewise.
+    earlier = read_json(out / SUMMARY_FILE) or {}
+    entries = {k: v for k, v in (earlier.get("benchmarks") or {}).items() if k not in names}
+    return {"model": model, "run_name": run_name or earlier.get("run_name"), "out_dir": str(out), "benchmarks": entries}
+
+
+def _summary_entry(result: dict, out: Path, resumed: bool = False) -> dict:
+    entry = {"status": result["status"], "result": str(result_path(out, result["benchmark"]))}
+    if result["status"] == "ok":
+        entry["metrics"] = {k: v.get("value") for k, v in result.get("metrics", {}).items()}
+        entry["audit"] = str(audit_path(out, result["benchmark"]))
+        entry["resumed"] = resumed
+    else:
+        entry["reason"] = result.get("reason")
+    return entry
+
+
+def _headline(result: dict) -> str:
+    parts = []
+    for name, m in result["metrics"].items():
+        value = m.get("value")
+        parts.append(f"{name}={'n/a' if value is None else format(value, '.3f')}")
+    return f"done in {result['seconds']:.1f}s: " + ", ".join(parts)
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    return {k: round(after[k] - before.get(k, 0), 3) for k in after}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}

@@ -1,0 +1,277 @@
+"""Phase 2: Group Relative Policy Optimization, as a recipe for the shared loop.
+
+One generation batch serves μ = `num_iterations` optimizer steps:
+
+    1. take `prompts_per_step` Lean tasks and sample G = `num_generations`
+       completions of each (trainers/rollouts.py),
+    2. score every completion with the reward function(s) (trainers/rewards.py),
+    3. advantages A_i = group-normalised rewards (losses/grpo.py: group_advantages),
+    4. if μ > 1, record the sampling policy's log-probabilities (old_logps);
+       for μ = 1 the detached current log-probabilities are exactly those,
+       so that forward pass is skipped,
+    5. if β > 0, record the reference model's log-probabilities,
+    6. each of the μ steps: the clipped surrogate (losses/grpo.py: grpo_loss)
+       over micro-batches of completions.
+
+Every completion, its rewards and its advantage are appended to samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.errors import UserError
+from data.lean_workbook import STOP_STRING, build_prompt, load_lean_tasks
+from data.sampler import EpochSampler
+from losses.grpo import group_advantages, grpo_loss
+from losses.logprobs import response_mask
+from trainers.checkpoint import atomic_directory, atomic_write_text, seed_everything
+from trainers.config import GRPOConfig, save_config
+from trainers.loop import autocast_context, train
+from trainers.models import count_trainable, load_policy, token_logprobs_of
+from trainers.rewards import build_reward
+from trainers.rollouts import Rollout, sample_completions
+
+
+class GRPORecipe:
+    def __init__(self, config: GRPOConfig, out_dir: Path):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.model, self.tokenizer, self.device = load_policy(config)
+        self.reference = _frozen_copy(self.model) if config.beta > 0 and not config.lora else None
+        self.tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
+        tqdm.write(f"Lean tasks: used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}")
+        self.prompts = [build_prompt(task, config.prompt_style, self.tokenizer) for task in self.tasks]
+        self.rewards = build_rewards(config)
+        self.sampler = EpochSampler(len(self.tasks), config.seed)
+        self.samples_path = self.out_dir / "samples.jsonl"
+        self.rollout: Rollout | None = None
+        self.rollout_step = -1
+        self.advantages = self.old_logps = self.ref_logps = None
+        self.rollout_metrics: dict[str, float] = {}
+        trainable, total = count_trainable(self.model)
+        tqdm.write(f"trainable parameters: {trainable:,} of {total:,}")
+
+    # --- what the loop asks of a recipe -------------------------------------------------
+    def step_batches(self, step: int) -> list[slice]:
+        generation_step = step // self.config.num_iterations
+        if self.rollout is None or generation_step != self.rollout_step:
+            self._new_rollout(generation_step, step)
+        size = self.config.micro_batch_size
+        return [slice(i, min(i + size, len(self.rollout))) for i in range(0, len(self.rollout), size)]
+
+    def loss(self, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+        batch, columns = self._rows(rows)
+        logps = token_logprobs_of(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.config.logprob_chunk_size)
+        mask = response_mask(batch["labels"])
+        # stored log-probs cover the full width; position t of this batch is column start + t there
+        stored = slice(columns.start, columns.stop - 1)
+        old = self.old_logps[rows, stored].to(self.device) if self.old_logps is not None else logps.detach()
+        ref = self.ref_logps[rows, stored].to(self.device) if self.ref_logps is not None else None
+        loss, metrics = grpo_loss(
+            logps, old, self.advantages[rows].to(self.device), mask, ref_logps=ref, beta=self.config.beta,
+            clip_low=self.config.clip_low, clip_high=self.config.clip_high,
+            aggregation=self.config.aggregation, max_response_length=self.config.max_new_tokens,
+        )  # fmt: skip
+        metrics["tokens"] = int(batch["attention_mask"].sum())
+        return loss * self._share(rows, mask), metrics
+
+    def step_metrics(self) -> dict[str, float]:
+        metrics, self.rollout_metrics = self.rollout_metrics, {}  # reported once, on the step that generated
+        return metrics
+
+    def state_dict(self) -> dict:
+        """For μ > 1 a resume may land inside a generation batch: keep that batch."""
+        if self.config.num_iterations == 1 or self.rollout is None:
+            return {"rollout_step": -1}
+        return {
+            "rollout_step": self.rollout_step,
+            "rollout": self.rollout,
+            "advantages": self.advantages,
+            "old_logps": self.old_logps,
+            "ref_logps": self.ref_logps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rollout_step", -1) >= 0:
+            self.rollout_step = state["rollout_step"]
+            self.rollout = state["rollout"]
+            self.advantages, self.old_logps, self.ref_logps = state["advantages"], state["old_logps"], state["ref_logps"]
+
+    # --- one generation batch ------------------------------------------------------------
+    def _new_rollout(self, generation_step: int, step: int) -> None:
+        config = self.config
+        indices = self.sampler.indices(generation_step * config.prompts_per_step, config.prompts_per_step)
+        with autocast_context(self.device, config.precision):
+            self.rollout = sample_completions(
+                self.model, self.tokenizer, [self.prompts[i] for i in indices], config.num_generations,
+                config.max_new_tokens, config.temperature, config.top_p,
+                stop_strings=(STOP_STRING,) if config.prompt_style == "raw" else (),
+                batch_size=config.generation_batch_size, max_prompt_length=config.max_prompt_length,
+            )  # fmt: skip
+        self.rollout_step = generation_step
+        tasks = [self.tasks[i] for i in indices for _ in range(config.num_generations)]
+        scores = {name: torch.tensor(fn(tasks, self.rollout.completions, step=step), dtype=torch.float32) for name, fn in self.rewards.items()}
+        total = torch.stack(list(scores.values())).sum(0)
+        self.advantages = group_advantages(total, config.num_generations, config.advantage_scale, config.advantage_eps)
+        scoring_started = time.perf_counter()
+        self.old_logps = self._logps_of_rollout(self.model) if config.num_iterations > 1 else None
+        self.ref_logps = self._logps_of_rollout_under_reference() if config.beta > 0 else None
+        self.rollout_metrics = self._rollout_summary(total, scores, time.perf_counter() - scoring_started)
+        self._write_samples(step, tasks, total, scores)
+
+    def _logps_of_rollout(self, model) -> torch.Tensor:
+        pieces = []
+        with torch.no_grad(), autocast_context(self.device, self.config.precision):
+            for rows in self.step_batches_for_scoring():
+                batch, _ = self._rows(rows, trim=False)
+                pieces.append(token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.config.logprob_chunk_size).float().cpu())
+        return torch.cat(pieces)
+
+    def _logps_of_rollout_under_reference(self) -> torch.Tensor:
+        with self.reference_model() as reference:
+            return self._logps_of_rollout(reference)
+
+    def step_batches_for_scoring(self) -> list[slice]:
+        size = self.config.micro_batch_size * 2  # no activations kept: bigger batches fit
+        return [slice(i, min(i + size, len(self.rollout))) for i in range(0, len(self.rollout), size)]
+
+    @contextmanager
+    def reference_model(self):
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def _rows(self, rows: slice, trim: bool = True) -> tuple[dict, slice]:
+        """The rows of the rollout as a model batch and the columns kept.
+
+        With `trim`, columns that are padding in every row are dropped: a
+        micro-batch of short completions should not pay for the longest one.
+        """
+        ids, mask, labels = self.rollout.input_ids[rows], self.rollout.attention_mask[rows], self.rollout.labels[rows]
+        columns = slice(0, ids.shape[1])
+        if trim:
+            used = mask.any(0).nonzero().flatten()
+            columns = slice(int(used[0]), int(used[-1]) + 1)
+        batch = {
+            "input_ids": ids[:, columns].to(self.device),
+            "attention_mask": mask[:, columns].to(self.device),
+            "labels": labels[:, columns].to(self.device),
+        }
+        return batch, columns
+
+    def _share(self, rows: slice, mask: torch.Tensor) -> float:
+        """This micro-batch's part of the whole generation batch's aggregated loss."""
+        if self.config.aggregation == "token":
+            return float(mask.sum()) / float(response_mask(self.rollout.labels).sum().clamp(min=1))
+        return (rows.stop - rows.start) / len(self.rollout)
+
+    # --- logging ----------------------------------------------------------------------------
+    def _rollout_summary(self, total, scores, scoring_seconds) -> dict[str, float]:
+        groups = total.view(-1, self.config.num_generations)
+        lengths = torch.tensor(self.rollout.completion_lengths, dtype=torch.float32)
+        generated = float(lengths.sum())
+        metrics = {
+            "reward/mean": float(total.mean()),
+            "reward/std": float(total.std()) if total.numel() > 1 else 0.0,
+            "reward/zero_spread_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+            "completion/length_mean": float(lengths.mean()),
+            "completion/length_min": float(lengths.min()),
+            "completion/length_max": float(lengths.max()),
+            "completion/truncated_fraction": sum(self.rollout.truncated) / len(self.rollout),
+            "time/generation_s": self.rollout.generation_seconds,
+            "time/scoring_s": scoring_seconds,
+            "generation_tokens_per_s": generated / max(self.rollout.generation_seconds, 1e-9),
+        }
+        for name, values in scores.items():
+            metrics[f"reward/{name}"] = float(values.mean())
+        return metrics
+
+    def _write_samples(self, step, tasks, total, scores) -> None:
+        details = {name: getattr(fn, "details", None) for name, fn in self.rewards.items()}
+        with open(self.samples_path, "a", encoding="utf-8") as handle:
+            for i, (task, text) in enumerate(zip(tasks, self.rollout.completions)):
+                record = {
+                    "step": step + 1, "task_id": task.id, "sample": i % self.config.num_generations,
+                    "completion": text, "reward": float(total[i]),
+                    "rewards": {name: float(values[i]) for name, values in scores.items()},
+                    "advantage": float(self.advantages[i]), "length": self.rollout.completion_lengths[i],
+                    "truncated": self.rollout.truncated[i],
+                }  # fmt: skip
+                for name, rows in details.items():
+                    if rows:
+                        record.setdefault("details", {})[name] = rows[i]
+                handle.write(json.dumps(record) + "\n")
+
+    def truncate_logs_after(self, step: int) -> None:
+        """Drop audit records of steps after `step` (all of them on a fresh start): they will be redone."""
+        if not self.samples_path.exists():
+            return
+        lines = self.samples_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(self.samples_path, "".join(line + "\n" for line in kept))
+
+    def save_final(self) -> Path:
+        target = self.out_dir / ("adapter" if self.config.lora else "model")
+        with atomic_directory(target) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+        return target
+
+    def close(self) -> None:
+        for fn in self.rewards.values():
+            if hasattr(fn, "close"):
+                fn.close()
+
+
+def build_rewards(config: GRPOConfig) -> dict:
+    """name -> reward function, for each name in `config.reward` (comma-separated rewards are summed)."""
+    names = [name.strip() for name in config.reward.split(",") if name.strip()]
+    if not names:
+        raise UserError("config key reward is empty; use random, zero, lean, toy or module:function")
+    options = config.reward_options or {}
+    flat = len(names) == 1 and not all(isinstance(v, dict) for v in options.values())
+    rewards = {}
+    for name in names:
+        own = dict(options if flat else options.get(name, {}))
+        if name == "random":
+            own.setdefault("seed", config.seed)
+        rewards[name] = build_reward(name, own)
+    return rewards
+
+
+def _frozen_copy(model):
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    seed_everything(config.seed)
+    recipe = GRPORecipe(config, out_dir)
+    save_config(config, out_dir / "config.json")
+    try:
+        last = train(recipe, config, out_dir, resume=resume)
+        final = recipe.save_final()
+    finally:
+        recipe.close()
+    return {
+        "out_dir": str(out_dir),
+        "metrics": str(out_dir / "metrics.jsonl"),
+        "samples": str(recipe.samples_path),
+        "final": str(final),
+        "minutes": round((time.time() - started) / 60, 2),
+        "last_metrics": last,
+    }
