@@ -93,6 +93,7 @@ class GRPOConfig(TrainConfig):
     max_new_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
+    stop_strings: list | None = None  # None: the closing fence for raw prompts, nothing for chat
     generation_batch_size: int = 16  # sequences decoded at once
     micro_batch_size: int = 4  # completions per forward pass in the update
     num_iterations: int = 1  # μ: policy updates per generation batch

@@ -33,13 +33,16 @@ from trainers.models import count_trainable, load_policy, sequence_logprobs_of
 
 
 class DPORecipe:
-    def __init__(self, config: DPOConfig, out_dir: Path):
+    def __init__(self, config: DPOConfig, out_dir: Path, policy=None, pairs=None):
+        """`policy` = (model, tokenizer, device) and `pairs` may be given (benchmarks); else they are loaded."""
         self.config = config
         self.out_dir = Path(out_dir)
-        self.model, self.tokenizer, self.device = load_policy(config)
+        self.model, self.tokenizer, self.device = policy or load_policy(config)
         self.reference = None if config.lora else _frozen_copy(self.model)
-        self.pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
-        tqdm.write(f"HH-RLHF: {describe_skips(report)}")
+        if pairs is None:
+            pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
+            tqdm.write(f"HH-RLHF: {describe_skips(report)}")
+        self.pairs = pairs
         self.collator = PreferenceCollator(
             self.tokenizer, config.max_length, config.max_prompt_length, prompt_format=config.prompt_format
         )

@@ -41,15 +41,20 @@ from trainers.rollouts import Rollout, sample_completions
 
 
 class GRPORecipe:
-    def __init__(self, config: GRPOConfig, out_dir: Path):
+    def __init__(self, config: GRPOConfig, out_dir: Path, policy=None, tasks=None):
+        """`policy` = (model, tokenizer, device) and `tasks` may be given (benchmarks); else they are loaded."""
         self.config = config
         self.out_dir = Path(out_dir)
-        self.model, self.tokenizer, self.device = load_policy(config)
+        self.model, self.tokenizer, self.device = policy or load_policy(config)
         self.reference = _frozen_copy(self.model) if config.beta > 0 and not config.lora else None
-        self.tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
-        tqdm.write(f"Lean tasks: used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}")
+        if tasks is None:
+            tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
+            tqdm.write(f"Lean tasks: used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}")
+        self.tasks = tasks
         self.prompts = [build_prompt(task, config.prompt_style, self.tokenizer) for task in self.tasks]
         self.rewards = build_rewards(config)
+        default_stops = [STOP_STRING] if config.prompt_style == "raw" else []
+        self.stop_strings = tuple(default_stops if config.stop_strings is None else config.stop_strings)
         self.sampler = EpochSampler(len(self.tasks), config.seed)
         self.samples_path = self.out_dir / "samples.jsonl"
         self.rollout: Rollout | None = None
@@ -113,7 +118,7 @@ class GRPORecipe:
             self.rollout = sample_completions(
                 self.model, self.tokenizer, [self.prompts[i] for i in indices], config.num_generations,
                 config.max_new_tokens, config.temperature, config.top_p,
-                stop_strings=(STOP_STRING,) if config.prompt_style == "raw" else (),
+                stop_strings=self.stop_strings,
                 batch_size=config.generation_batch_size, max_prompt_length=config.max_prompt_length,
             )  # fmt: skip
         self.rollout_step = generation_step

@@ -66,8 +66,11 @@ class Recipe(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = False) -> dict:
-    """Run `config.max_steps` optimizer steps of `recipe`; returns the last step's metrics."""
+def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = False, final_checkpoint: bool = True) -> dict:
+    """Run `config.max_steps` optimizer steps of `recipe`; returns the last step's metrics.
+
+    `final_checkpoint=False` skips the checkpoint at the end (benchmarks, which keep nothing).
+    """
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     log = MetricsLog(out_dir / "metrics.jsonl")
@@ -103,7 +106,7 @@ def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = Fal
                 save_checkpoint(checkpoint_dir, step + 1, recipe.model, optimizer, scheduler, rng_state(), recipe.state_dict())
                 prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
     progress.close()
-    if start_step < config.max_steps:
+    if final_checkpoint and start_step < config.max_steps:
         save_checkpoint(checkpoint_dir, config.max_steps, recipe.model, optimizer, scheduler, rng_state(), recipe.state_dict())
         prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
     return last

@@ -31,13 +31,18 @@ def load_policy(config: TrainConfig):
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(config.model, dtype=weight_dtype(config.precision, device), device=device)
+    return prepare_policy(model, config), tokenizer, device
+
+
+def prepare_policy(model, config: TrainConfig):
+    """Checkpointing, LoRA and training mode for a loaded model."""
     model.config.use_cache = False
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.lora:
         model = add_lora(model, config)
     model.train()
-    return model, tokenizer, device
+    return model
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -1,0 +1,253 @@
+"""`twophase bench`: speed and memory of the real training code on this machine.
+
+The model is built from an architecture config with random weights (no
+download needed): `deepseek-prover-v2-7b` is DeepSeek-Prover-V2-7B's layout
+(LlamaForCausalLM, hidden 4096, intermediate 11008, 30 layers, 32 heads,
+vocabulary 102,400); `tiny` runs anywhere, for testing this command.
+
+The step code is the real one: the DPO and GRPO recipes on the shared loop.
+Only the data is synthetic — random token ids of exactly the benchmark's
+lengths — because speed must not depend on what the tokens say.
+
+Definitions, printed with every result:
+    DPO tokens/s   non-padding tokens through the policy per second of step
+                   time: 2 × pairs × sequence length per step (chosen + rejected)
+    GRPO           generation tokens/s = completion tokens / generation time;
+                   update tokens/s = prompt + completion tokens / update time
+    peak memory    torch.cuda.max_memory_allocated over the run
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+ARCHITECTURES = {
+    "deepseek-prover-v2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=102400, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=2048, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
+}  # fmt: skip
+
+
+def random_model(architecture: str, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**ARCHITECTURES[architecture], bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the target dtype: no float32 copy of 7B weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose ids 0..V−1 are the words t0..t{V−1}: any id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    vocab["<pad>"], vocab["<s>"], vocab["</s>"] = 0, 1, 2
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(3, vocab, (rows, length), generator=generator)  # never pad, BOS or EOS
+
+
+def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
+              prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto") -> dict:  # fmt: skip
+    from data.hh_rlhf import PreferencePair
+    from trainers.config import DPOConfig, make_config
+    from trainers.loop import train
+    from trainers.models import prepare_policy, resolve_device, weight_dtype
+
+    device = resolve_device(device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = make_config(DPOConfig, dict(
+            model=architecture, out_dir=out_dir, max_steps=steps, micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps, lora_r=lora_r, lora_alpha=2 * lora_r, precision=precision,
+            device=str(device), optimizer=optimizer, save_every=0, log_every=1, merge_after=False,
+            max_length=seq_len, max_prompt_length=prompt_len, lr=5e-7,
+        ))  # fmt: skip
+        model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
+        tokenizer = synthetic_tokenizer(model.config.vocab_size)
+        pairs = [PreferencePair("p", " c", " r")] * (steps * micro_batch_size * grad_accum_steps)
+        recipe = _synthetic_dpo_class()(config, Path(out_dir), policy=(model, tokenizer, device), pairs=pairs)
+        recipe.seq_len, recipe.prompt_len = seq_len, prompt_len
+        if precompute:  # reference log-probs read from a table, as with precompute_ref_logps
+            recipe.reference_logps = torch.randn(len(pairs), 2) - 300
+        _reset_peak(device)
+        train(recipe, config, Path(out_dir), final_checkpoint=False)
+        records = _read_metrics(Path(out_dir))
+    measured = records[1:] or records  # the first step pays for warm-up (allocator, kernels)
+    step_time = statistics.median(r["step_time_s"] for r in measured)
+    tokens = 2 * micro_batch_size * grad_accum_steps * seq_len
+    return {
+        "benchmark": "dpo", "architecture": architecture, "device": _device_name(device),
+        "pairs_per_step": micro_batch_size * grad_accum_steps, "micro_batch_size": micro_batch_size,
+        "seq_len": seq_len, "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
+        "steps": steps, "median_step_s": round(step_time, 3), "tokens_per_s": round(tokens / step_time, 1),
+        "peak_memory_gib": round(_peak_gib(device), 2),
+    }  # fmt: skip
+
+
+def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=256,
+               prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto") -> dict:  # fmt: skip
+    from data.lean_workbook import LeanTask
+    from trainers.config import GRPOConfig, make_config
+    from trainers.grpo import GRPORecipe
+    from trainers.loop import train
+    from trainers.models import prepare_policy, resolve_device, weight_dtype
+
+    device = resolve_device(device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = make_config(GRPOConfig, dict(
+            model=architecture, out_dir=out_dir, max_steps=steps, prompts_per_step=prompts, num_generations=generations,
+            max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size, generation_batch_size=generation_batch_size,
+            precision=precision, device=str(device), optimizer=optimizer, save_every=0, log_every=1, lora=False,
+            reward="random", stop_strings=[], lr=1e-6, max_prompt_length=prompt_len,
+        ))  # fmt: skip
+        model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
+        tokenizer = synthetic_tokenizer(model.config.vocab_size)
+        tasks = [LeanTask(id=f"task{i}", statement="theorem t : True := by\n", header="", informal="") for i in range(prompts * steps)]
+        recipe = GRPORecipe(config, Path(out_dir), policy=(model, tokenizer, device), tasks=tasks)
+        generator = torch.Generator().manual_seed(0)
+        recipe.prompts = [" ".join(f"t{i}" for i in _random_ids(1, prompt_len - 1, 1000, generator)[0].tolist()) for _ in tasks]
+        _reset_peak(device)
+        train(recipe, config, Path(out_dir), final_checkpoint=False)
+        records = _read_metrics(Path(out_dir))
+    measured = records[1:] or records
+    median = lambda key: statistics.median(r[key] for r in measured)  # noqa: E731
+    return {
+        "benchmark": "grpo", "architecture": architecture, "device": _device_name(device),
+        "completions_per_step": prompts * generations, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
+        "mean_completion_len": round(median("completion/length_mean"), 1), "steps": steps,
+        "median_step_s": round(median("step_time_s"), 2), "generation_s": round(median("time/generation_s"), 2),
+        "update_s": round(median("time/update_s"), 2),
+        "generation_tokens_per_s": round(median("generation_tokens_per_s"), 1),
+        "update_tokens_per_s": round(median("tokens_per_s"), 1), "peak_memory_gib": round(_peak_gib(device), 2),
+    }  # fmt: skip
+
+
+def _synthetic_dpo_class():
+    """Defined on demand so that importing this module does not import the trainers."""
+    from trainers.dpo import DPORecipe
+
+    class SyntheticDPO(DPORecipe):
+        """DPORecipe whose micro-batches are random tokens of exactly seq_len, prompt_len of them prompt."""
+
+        def step_batches(self, step):
+            generator = torch.Generator().manual_seed(step)
+            size = self.config.micro_batch_size
+            batches = []
+            for first in range(0, self.pairs_per_step, size):
+                ids = _random_ids(2 * size, self.seq_len, self.model.config.vocab_size, generator)
+                labels = ids.clone()
+                labels[:, : self.prompt_len] = -100
+                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+                indices = list(range(step * self.pairs_per_step + first, step * self.pairs_per_step + first + size))
+                batches.append({"indices": indices, "batch": {k: v.to(self.device) for k, v in batch.items()}})
+            return batches
+
+    return SyntheticDPO
+
+
+def _read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _emit(result: dict, out: str | None) -> None:
+    click.echo(json.dumps(result))
+    if out:
+        with open(out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result | {"date": time.strftime("%Y-%m-%d")}) + "\n")
+
+
+ARCH = click.Choice(sorted(ARCHITECTURES))
+
+
+@click.group("bench")
+def bench_group():
+    """Measure speed and memory (random-weight model, synthetic tokens, the real step code)."""
+
+
+@bench_group.command("dpo")
+@click.option("--arch", type=ARCH, default="deepseek-prover-v2-7b", show_default=True)
+@click.option("--steps", default=5, show_default=True)
+@click.option("--micro-batch-size", default=4, show_default=True, help="Pairs per forward pass.")
+@click.option("--grad-accum-steps", default=4, show_default=True)
+@click.option("--seq-len", default=512, show_default=True)
+@click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
+@click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default=None, help="Append the result as a JSON line to this file.")
+def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, precompute, optimizer, device, out):
+    """Phase 1 setting: LoRA r=64, 16 pairs x 512 tokens a step, checkpointing, 8-bit AdamW."""
+    _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer, device=device), out)
+
+
+@bench_group.command("grpo")
+@click.option("--arch", type=ARCH, default="deepseek-prover-v2-7b", show_default=True)
+@click.option("--steps", default=3, show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--micro-batch-size", default=4, show_default=True)
+@click.option("--generation-batch-size", default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default=None, help="Append the result as a JSON line to this file.")
+def bench_grpo_command(arch, steps, max_new_tokens, micro_batch_size, generation_batch_size, device, out):
+    """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
+    _emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size,
+                     generation_batch_size=generation_batch_size, device=device), out)  # fmt: skip
+
+
+@bench_group.command("eval")
+@click.option("--arch", type=ARCH, default="deepseek-prover-v2-7b", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--loglik-batch-size", default=32, show_default=True)
+@click.option("--gen-batch-size", default=64, show_default=True)
+@click.option("--questions", default=256, show_default=True)
+@click.option("--out", default=None, help="Append the result as a JSON line to this file.")
+def bench_eval_command(arch, device, loglik_batch_size, gen_batch_size, questions, out):
+    """The eval engines: MMLU-shaped log-likelihood and StrongREJECT-shaped generation."""
+    from eval.bench import bench_engines
+    from trainers.models import resolve_device, weight_dtype
+
+    dev = resolve_device(device)
+    model = random_model(arch, dev, weight_dtype("bf16", dev)).eval()
+    tokenizer = synthetic_tokenizer(model.config.vocab_size)
+    result = bench_engines(model, tokenizer, loglik_batch_size=loglik_batch_size, gen_batch_size=gen_batch_size, n_questions=questions)
+    _emit({"benchmark": "eval", "architecture": arch, "device": _device_name(dev), **result}, out)

@@ -1,0 +1,145 @@
+"""Result files, resume, failed benchmarks, the comparison table, and the engine benchmark."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from data.tiny import write_tiny_model
+from eval.bench import bench_engines
+from eval.benchmarks import SAMPLES_DIR
+from eval.benchmarks.xstest import XSTest
+from eval.cli import compare_command
+from eval.metrics import Metric, proportion
+from eval.results import intervals_disjoint, read_json, render_comparison, stable_hash, write_json_atomic
+from eval.runner import run_evaluation
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", with_chat_template=True)
+
+
+def test_write_json_atomic_leaves_no_temp_file_and_writes_nan_as_null(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_json_atomic(path, {"m": proportion(0, 0), "x": float("nan"), "t": (1, 2)})
+    assert json.loads(path.read_text()) == {"m": {"value": None, "k": 0, "n": 0, "ci_low": None, "ci_high": None},
+                                            "x": None, "t": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1}) != stable_hash({"a": 1, "b": 3})
+
+
+def test_run_evaluation_results_resume_and_failures(tiny_path, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kwargs = dict(data_dir=SAMPLES_DIR, options={"max_new_tokens": 8}, batch_size=4, run_name="Original")
+    # betley cannot run with the string-match judge: recorded as failed, the others finish.
+    summary = run_evaluation(tiny_path, "xstest,betley,strongreject", out, **kwargs)
+    statuses = {name: entry["status"] for name, entry in summary["benchmarks"].items()}
+    assert statuses == {"xstest": "ok", "betley": "failed", "strongreject": "ok"}
+    assert "0-100 judge" in summary["benchmarks"]["betley"]["reason"]
+    assert read_json(out / "betley.json")["status"] == "failed"
+
+    result = read_json(out / "xstest.json")
+    assert result["model"] == tiny_path and result["n_items"] == 8
+    assert set(result["metrics"]) == {"accuracy", "fpr", "fnr"}
+    accuracy = result["metrics"]["accuracy"]
+    assert accuracy["n"] == 8 and accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"]
+    assert result["prompt_hash"].startswith("sha256:") and result["settings_hash"].startswith("sha256:")
+    assert result["settings"]["source"].endswith("xstest.csv") and result["settings"]["options"] == {"max_new_tokens": 8}
+    audit = [json.loads(line) for line in (out / "xstest.jsonl").read_text().splitlines()]
+    assert len(audit) == 8 and {"prompt", "response", "refused", "unsafe"} <= set(audit[0])
+    assert audit[0]["response"] and read_json(out / "summary.json")["run_name"] == "Original"
+
+    # Rerun with the same settings: nothing is evaluated again (evaluate would raise).
+    monkeypatch.setattr(XSTest, "evaluate", lambda self, items, ctx: 1 / 0)
+    again = run_evaluation(tiny_path, "xstest", out, **kwargs)
+    assert again["benchmarks"]["xstest"] == {**summary["benchmarks"]["xstest"], "resumed": True}
+    assert read_json(out / "xstest.json") == result
+    assert read_json(out / "summary.json")["benchmarks"]["strongreject"]["status"] == "ok"  # kept
+
+    # Different settings: it runs again (and here fails, with its reason recorded).
+    changed = run_evaluation(tiny_path, "xstest", out, **{**kwargs, "limit": 4})
+    assert changed["benchmarks"]["xstest"]["status"] == "failed"
+    assert changed["benchmarks"]["xstest"]["reason"] == "ZeroDivisionError: division by zero"
+
+
+def test_prompt_hash_follows_the_prompt_format(tiny_path, tmp_path):
+    common = dict(data_dir=SAMPLES_DIR, options={"max_new_tokens": 2}, limit=2)
+    run_evaluation(tiny_path, "xstest", tmp_path / "a", prompt_format="chat", **common)
+    run_evaluation(tiny_path, "xstest", tmp_path / "b", prompt_format="raw", **common)
+    run_evaluation(tiny_path, "xstest", tmp_path / "c", prompt_format="auto", **common)
+    hashes = [read_json(tmp_path / d / "xstest.json")["prompt_hash"] for d in "abc"]
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2]
+
+
+# --------------------------------------------------------------------------- comparison table
+
+
+def write_run(run_dir: Path, name: str, results: dict) -> Path:
+    run_dir.mkdir(parents=True)
+    write_json_atomic(run_dir / "summary.json", {"run_name": name, "benchmarks": {}})
+    for bench, metrics in results.items():
+        if metrics is None:
+            write_json_atomic(run_dir / f"{bench}.json", {"benchmark": bench, "status": "failed", "reason": "judge down"})
+        else:
+            write_json_atomic(run_dir / f"{bench}.json", {"benchmark": bench, "status": "ok", "metrics": metrics})
+    return run_dir
+
+
+def test_comparison_table_exact_markdown(tmp_path):
+    base = write_run(tmp_path / "base", "Original", {
+        "xstest": {"accuracy": proportion(251, 450), "fpr": proportion(0, 250)},
+        "betley": {"mean_alignment": Metric(80.0, None, 100, 77.5, 82.5)},
+        "mmlu": {"accuracy": proportion(50, 100)},
+    })
+    other = write_run(tmp_path / "dpo", "DPO-Aligned", {
+        "xstest": {"accuracy": proportion(400, 450), "fpr": proportion(2, 250)},
+        "betley": {"mean_alignment": Metric(81.25, None, 100, 79.0, 83.5)},
+        "mmlu": None,
+    })
+    expected = (
+        "| Benchmark | Metric | Original | DPO-Aligned | Delta |\n"
+        "|---|---|---|---|---|\n"
+        "| betley | mean_alignment | 80.0 [77.5, 82.5] | 81.2 [79.0, 83.5] | +1.2 |\n"
+        "| xstest | accuracy | 0.558 [0.512, 0.603] | 0.889 [0.856, 0.915] | **+0.331** |\n"
+        "| xstest | fpr | 0.000 [0.000, 0.015] | 0.008 [0.002, 0.029] | +0.008 |\n"
+        "| mmlu | accuracy | 0.500 [0.404, 0.596] | failed | — |\n"
+    )
+    assert render_comparison(base, [other]) == expected
+
+    result = CliRunner().invoke(compare_command, [str(base), str(other), "--out", str(tmp_path / "table.md")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "table.md").read_text() == expected and expected in result.output
+
+
+def test_comparison_with_two_other_runs_and_names(tmp_path):
+    base = write_run(tmp_path / "a", "A", {"xstest": {"fnr": proportion(10, 20)}})
+    b = write_run(tmp_path / "b", "B", {"xstest": {"fnr": proportion(0, 20)}})
+    c = write_run(tmp_path / "c", "C", {"xstest": {"fnr": proportion(11, 20)}})
+    table = render_comparison(base, [b, c], ["Original", "DPO", "GRPO"])
+    assert table.splitlines()[0] == "| Benchmark | Metric | Original | DPO | Delta (DPO) | GRPO | Delta (GRPO) |"
+    assert table.splitlines()[2].endswith("| **-0.500** | 0.550 [0.342, 0.742] | +0.050 |")
+
+
+def test_interval_overlap_rule():
+    a, b = Metric(0.1, 1, 10, 0.0, 0.2), Metric(0.5, 5, 10, 0.3, 0.7)
+    assert intervals_disjoint(a, b) and intervals_disjoint(b, a)
+    assert not intervals_disjoint(a, Metric(0.3, 3, 10, 0.2, 0.4))  # touching counts as overlapping
+    assert not intervals_disjoint(a, Metric(0.5, None, 1, math.nan, math.nan))
+
+
+# --------------------------------------------------------------------------- engine benchmark
+
+
+def test_bench_engines_runs_on_cpu(tiny_path):
+    from data.hub import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(tiny_path), load_tokenizer(tiny_path)
+    report = bench_engines(model, tok, loglik_batch_size=2, gen_batch_size=2, n_questions=3,
+                           context_tokens=64, max_new_tokens=5)
+    ll, gen = report["loglikelihood"], report["generation"]
+    assert report["device"] == "cpu" and ll["requests"] == 12 and not ll["oom"]
+    assert ll["questions_per_s"] > 0 and ll["tokens_per_s"] > 0 and ll["peak_memory_gib"] is None
+    assert gen["generated_tokens"] == 3 * 5 and gen["tokens_per_s"] > 0  # EOS ignored: every token generated
