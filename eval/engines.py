@@ -225,46 +225,63 @@ class LoglikelihoodEngine:
         self.stats["requests"] += len(requests)
 
         row_list = list(rows)
-        for row, logprobs in self._last_position_logprobs(row_list, [max(len(c) for _, c in rows[r]) for r in row_list], desc):
-            for i, cont in rows[row]:
-                m = len(cont)
-                picked = logprobs[-m:].gather(-1, torch.tensor(cont, device=logprobs.device).unsqueeze(-1))
-                results[i] = math.fsum(picked.double().flatten().tolist())
+        keeps = [max(len(c) for _, c in rows[r]) for r in row_list]
+        pieces: dict[int, list[float]] = {}
+        for batch, logprobs in self._batched_logprobs(row_list, keeps, desc):
+            # Gather every scored token of the batch at once: one copy off the device.
+            owners, b_idx, pos_idx, tok_idx = [], [], [], []
+            width = logprobs.shape[1]
+            for j, r in enumerate(batch):
+                for i, cont in rows[row_list[r]]:
+                    for t, token in enumerate(cont):
+                        owners.append(i)
+                        b_idx.append(j)
+                        pos_idx.append(width - len(cont) + t)
+                        tok_idx.append(token)
+            values = logprobs[b_idx, pos_idx, tok_idx].double().tolist()
+            for i, value in zip(owners, values):
+                pieces.setdefault(i, []).append(value)
+        for i, values in pieces.items():
+            results[i] = math.fsum(values)
         return results
 
     def next_token_logprobs(self, prefixes: list[list[int]], desc: str = "next-token") -> list[torch.Tensor]:
         """The log-softmax over the vocabulary after each token-id prefix (float32, on CPU)."""
         out: list[torch.Tensor | None] = [None] * len(prefixes)
-        index = {}
+        index: dict[tuple[int, ...], list[int]] = {}
         for i, prefix in enumerate(prefixes):
             index.setdefault(tuple(prefix), []).append(i)
         keys = list(index)
-        for row, logprobs in self._last_position_logprobs(keys, [1] * len(keys), desc):
-            for i in index[row]:
-                out[i] = logprobs[-1].cpu()
+        for batch, logprobs in self._batched_logprobs(keys, [1] * len(keys), desc):
+            last = logprobs[:, -1].cpu()
+            for j, r in enumerate(batch):
+                for i in index[keys[r]]:
+                    out[i] = last[j]
         return out
 
     # -- the batched forward
 
     @torch.inference_mode()
-    def _last_position_logprobs(self, rows: list[tuple[int, ...]], keeps: list[int], desc: str):
-        """Yield (row, float32 log-softmax of its last `keep` positions), batched by length."""
+    def _batched_logprobs(self, rows: list[tuple[int, ...]], keeps: list[int], desc: str):
+        """Yield (indices into rows, float32 log-softmax [batch, keep, vocab]) per batch.
+
+        Rows are left-padded, so row i's last keeps[i] positions are the last
+        columns of the batch's tensor.
+        """
         device = model_device(self.model)
         pad = pad_id_of(self.tokenizer)
         batches = length_sorted_batches([len(r) for r in rows], self.batch_size)
         for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
             start = time.perf_counter()
             seqs = [self._truncate(list(rows[i]), keeps[i]) for i in batch]
-            keep = max(keeps[i] for i in batch)
             ids, mask, pos = left_pad(seqs, pad, device)
-            logits, _ = self._call(ids, mask, pos, keep=keep, cache=False)
+            logits, _ = self._call(ids, mask, pos, keep=max(keeps[i] for i in batch), cache=False)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             self.stats["forwards"] += 1
             self.stats["rows"] += len(batch)
             self.stats["tokens"] += int(mask.sum())
             self.stats["seconds"] += time.perf_counter() - start
-            for j, i in enumerate(batch):
-                yield rows[i], logprobs[j, keep - keeps[i]:]
+            yield batch, logprobs
 
     def _truncate(self, row: list[int], keep: int) -> list[int]:
         # Too long for the model: drop the oldest context tokens, never the scored ones.
@@ -393,8 +410,8 @@ class GenerationEngine:
         longest = max(r.max_new for r in rows)
         for _ in range(longest):
             tokens = self._pick([rows[a] for a in active], logits[:, -1, :])
-            for b, a in enumerate(active):
-                self._append(rows[a], int(tokens[b]))
+            for a, token in zip(active, tokens.tolist()):  # one device-to-host copy per step
+                self._append(rows[a], token)
             keep = [b for b, a in enumerate(active) if not rows[a].done]
             if not keep:
                 break

@@ -457,8 +457,14 @@ def _make_endpoint(options: dict) -> EndpointJudge:
         model=model,
         base_url=base_url,
         api_key=api_key,
-        timeout=float(options.get("timeout", 60.0)),
-        max_retries=int(options.get("max_retries", 5)),
-        backoff=float(options.get("backoff", 1.0)),
-        concurrency=int(options.get("concurrency", 8)),
+        timeout=float(_given(options, "timeout", 60.0)),
+        max_retries=int(_given(options, "max_retries", 5)),
+        backoff=float(_given(options, "backoff", 1.0)),
+        concurrency=int(_given(options, "concurrency", 8)),
     )
+
+
+def _given(options: dict, key: str, default):
+    """options[key] unless it is missing or None (the CLI passes None for options not given)."""
+    value = options.get(key)
+    return default if value is None else value

@@ -73,7 +73,7 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 
 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
-              prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto") -> dict:  # fmt: skip
+              prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=1024) -> dict:  # fmt: skip
     from data.hh_rlhf import PreferencePair
     from trainers.config import DPOConfig, make_config
     from trainers.loop import train
@@ -86,7 +86,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
             model=architecture, out_dir=out_dir, max_steps=steps, micro_batch_size=micro_batch_size,
             grad_accum_steps=grad_accum_steps, lora_r=lora_r, lora_alpha=2 * lora_r, precision=precision,
             device=str(device), optimizer=optimizer, save_every=0, log_every=1, merge_after=False,
-            max_length=seq_len, max_prompt_length=prompt_len, lr=5e-7,
+            max_length=seq_len, max_prompt_length=prompt_len, lr=5e-7, logprob_chunk_size=logprob_chunk_size,
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
         tokenizer = synthetic_tokenizer(model.config.vocab_size)
@@ -105,13 +105,15 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
         "benchmark": "dpo", "architecture": architecture, "device": _device_name(device),
         "pairs_per_step": micro_batch_size * grad_accum_steps, "micro_batch_size": micro_batch_size,
         "seq_len": seq_len, "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
+        "logprob_chunk_size": logprob_chunk_size,
         "steps": steps, "median_step_s": round(step_time, 3), "tokens_per_s": round(tokens / step_time, 1),
         "peak_memory_gib": round(_peak_gib(device), 2),
     }  # fmt: skip
 
 
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=256,
-               prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto") -> dict:  # fmt: skip
+               prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
+               generation_cache="dynamic", logprob_chunk_size=1024) -> dict:  # fmt: skip
     from data.lean_workbook import LeanTask
     from trainers.config import GRPOConfig, make_config
     from trainers.grpo import GRPORecipe
@@ -126,6 +128,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
             max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size, generation_batch_size=generation_batch_size,
             precision=precision, device=str(device), optimizer=optimizer, save_every=0, log_every=1, lora=False,
             reward="random", stop_strings=[], lr=1e-6, max_prompt_length=prompt_len,
+            generation_cache=generation_cache, logprob_chunk_size=logprob_chunk_size,
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
         tokenizer = synthetic_tokenizer(model.config.vocab_size)
@@ -141,6 +144,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     return {
         "benchmark": "grpo", "architecture": architecture, "device": _device_name(device),
         "completions_per_step": prompts * generations, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
+        "generation_cache": generation_cache, "first_step_s": round(records[0]["step_time_s"], 2),
         "mean_completion_len": round(median("completion/length_mean"), 1), "steps": steps,
         "median_step_s": round(median("step_time_s"), 2), "generation_s": round(median("time/generation_s"), 2),
         "update_s": round(median("time/update_s"), 2),
@@ -213,11 +217,13 @@ def bench_group():
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
+@click.option("--logprob-chunk-size", default=1024, show_default=True, help="Rows projected onto the vocabulary at once.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, precompute, optimizer, device, out):
+def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, precompute, optimizer, logprob_chunk_size, device, out):
     """Phase 1 setting: LoRA r=64, 16 pairs x 512 tokens a step, checkpointing, 8-bit AdamW."""
-    _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer, device=device), out)
+    _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
+                    device=device, logprob_chunk_size=logprob_chunk_size), out)  # fmt: skip
 
 
 @bench_group.command("grpo")
@@ -226,12 +232,13 @@ def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, 
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--micro-batch-size", default=4, show_default=True)
 @click.option("--generation-batch-size", default=16, show_default=True)
+@click.option("--generation-cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_grpo_command(arch, steps, max_new_tokens, micro_batch_size, generation_batch_size, device, out):
+def bench_grpo_command(arch, steps, max_new_tokens, micro_batch_size, generation_batch_size, generation_cache, device, out):
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
     _emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size,
-                     generation_batch_size=generation_batch_size, device=device), out)  # fmt: skip
+                     generation_batch_size=generation_batch_size, device=device, generation_cache=generation_cache), out)  # fmt: skip
 
 
 @bench_group.command("eval")

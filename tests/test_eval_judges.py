@@ -11,7 +11,7 @@ from data.errors import UserError
 from data.hub import load_causal_lm, load_tokenizer
 from data.tiny import write_tiny_model
 from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest, encode_prompt
-from eval.judges import EndpointJudge, Judge, JudgeScore, LocalJudge, expected_score, is_refusal, make_judge, score_from_probs
+from eval.judges import EndpointJudge, JudgeScore, LocalJudge, expected_score, is_refusal, make_judge, score_from_probs
 
 # --------------------------------------------------------------------------- string match
 

@@ -95,6 +95,7 @@ class GRPOConfig(TrainConfig):
     top_p: float = 1.0
     stop_strings: list | None = None  # None: the closing fence for raw prompts, nothing for chat
     generation_batch_size: int = 16  # sequences decoded at once
+    generation_cache: str = "dynamic"  # dynamic | static (static: compiled CUDA-graph decoding on GPU)
     micro_batch_size: int = 4  # completions per forward pass in the update
     num_iterations: int = 1  # μ: policy updates per generation batch
     reward: str = "random"  # random | zero | lean | toy | module:function; comma-separated to sum several
@@ -116,6 +117,7 @@ CHOICES = {
     "loss_type": ("sigmoid", "robust", "ipo", "hinge"),
     "advantage_scale": ("group", "batch", "none"),
     "aggregation": ("token", "sequence", "constant"),
+    "generation_cache": ("dynamic", "static"),
 }
 
 

@@ -120,6 +120,7 @@ class GRPORecipe:
                 config.max_new_tokens, config.temperature, config.top_p,
                 stop_strings=self.stop_strings,
                 batch_size=config.generation_batch_size, max_prompt_length=config.max_prompt_length,
+                static_cache=config.generation_cache == "static",
             )  # fmt: skip
         self.rollout_step = generation_step
         tasks = [self.tasks[i] for i in indices for _ in range(config.num_generations)]
