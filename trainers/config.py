@@ -3,7 +3,8 @@
 A config file is a flat YAML mapping whose keys are the fields below; the
 command line can override any of them with `--set key=value` (the value is
 read as YAML, so `--set lr=1e-6`, `--set lora=false`, `--set
-lora_target_modules=[q_proj,v_proj]` all work). An unknown key is an error
+lora_target_modules=[q_proj,v_proj]` all work; a dotted key such as
+`reward_options.lean.project_dir=/x` sets one entry of a mapping). An unknown key is an error
 that lists the valid ones, because a typo silently ignored is a wrong run.
 """
 
@@ -126,7 +127,8 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_yaml(path))
-    values.update(parse_overrides(overrides))
+    for key, value in parse_overrides(overrides).items():
+        _set_nested(values, key.split("."), value)
     return make_config(cls, values, source=str(path) if path else "--set")
 
 
@@ -158,6 +160,15 @@ def _read_yaml(path) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must be a mapping of key: value lines")
     return values
+
+
+def _set_nested(values: dict, path: list[str], value) -> None:
+    """`reward_options.lean.project_dir=/x` sets values["reward_options"]["lean"]["project_dir"]."""
+    for key in path[:-1]:
+        if not isinstance(values.get(key), dict):
+            values[key] = {}
+        values = values[key]
+    values[path[-1]] = value
 
 
 def parse_overrides(items) -> dict[str, Any]:
