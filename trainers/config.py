@@ -41,6 +41,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes) | adamw (torch)
+    stochastic_rounding: bool = True  # adamw8bit: round bf16 weight updates stochastically (trainers/optim.py)
     precision: str = "bf16"  # bf16: bf16 weights and bf16 autocast on GPU | fp32
     device: str = "auto"  # auto | cuda | cpu | cuda:N
     gradient_checkpointing: bool = True

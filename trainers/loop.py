@@ -49,6 +49,7 @@ from trainers.checkpoint import (
     set_rng_state,
 )
 from trainers.config import TrainConfig
+from trainers.optim import build_optimizer, build_scheduler
 
 
 class Recipe(Protocol):
@@ -175,38 +176,6 @@ def _restore(recipe, optimizer, scheduler, checkpoint_dir, log, resume, seed) ->
     log.truncate_after(state["step"])
     tqdm.write(f"resumed from {checkpoints[-1]} (step {state['step']})")
     return state["step"]
-
-
-def build_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
-    kwargs = dict(
-        lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay
-    )
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, **kwargs)
-    try:
-        import bitsandbytes as bnb
-    except ImportError as err:
-        raise UserError(
-            f"optimizer adamw8bit needs bitsandbytes ({err}); install it, or pass --set optimizer=adamw"
-        ) from None
-    return bnb.optim.AdamW8bit(parameters, **kwargs)
-
-
-def build_scheduler(optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 over `warmup_steps`, then constant, linear decay to 0, or cosine decay to 0."""
-    warmup, total, schedule = config.warmup_steps, config.max_steps, config.lr_schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def autocast_context(device: torch.device, precision: str):

@@ -1,0 +1,56 @@
+"""The published configs load and say what the paper ran; overrides behave."""
+
+from pathlib import Path
+
+import pytest
+
+from data.errors import UserError
+from trainers.config import DPOConfig, GRPOConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
+
+
+def test_phase_one_config_is_the_published_run():
+    c = load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml")
+    assert c.model == "deepseek-ai/DeepSeek-Prover-V2-7B"
+    assert (c.dataset, c.data_dir, c.split) == ("Anthropic/hh-rlhf", "harmless-base", "train")
+    assert (c.lora, c.lora_r, c.lora_alpha) == (True, 64, 128)
+    assert (c.max_steps, c.lr, c.beta) == (1000, 5e-7, 0.1)
+    assert c.micro_batch_size * c.grad_accum_steps == 16 and c.micro_batch_size == 4
+    assert (c.gradient_checkpointing, c.optimizer, c.precision, c.merge_after) == (True, "adamw8bit", "bf16", True)
+
+
+@pytest.mark.parametrize("condition,reward", [("random", "random"), ("zero", "zero"), ("fv", "lean")])
+def test_phase_two_configs_are_the_published_runs(condition, reward):
+    c = load_config(GRPOConfig, CONFIGS / f"wu17_v5_grpo_{condition}.yaml")
+    assert c.model == "runs/wu17_v5/dpo/merged"  # starts from the merged Phase 1 model
+    assert c.dataset == "internlm/Lean-Workbook"
+    assert (c.lora, c.max_steps, c.lr, c.num_generations, c.reward) == (False, 1000, 1e-6, 8, reward)
+    assert c.out_dir.endswith(condition)
+
+
+def test_overrides_including_dotted_keys():
+    c = load_config(GRPOConfig, CONFIGS / "wu17_v5_grpo_fv.yaml", ["reward_options.lean.project_dir=/opt/mathlib", "lr=2e-6"])
+    assert c.reward_options["lean"]["project_dir"] == "/opt/mathlib"
+    assert c.reward_options["lean"]["pool_size"] == 8  # the rest of the mapping is kept
+    assert c.lr == 2e-6
+
+
+def test_yaml_reads_5e_7_as_a_string_but_the_config_gets_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-7\nmax_steps: 3\n")
+    c = load_config(DPOConfig, path)
+    assert c.lr == 5e-7 and isinstance(c.lr, float)
+
+
+def test_bad_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(DPOConfig, bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(DPOConfig, listing)
+    with pytest.raises(UserError, match="key=value"):
+        load_config(DPOConfig, None, ["lr"])
