@@ -59,6 +59,7 @@ class PreferenceCollator:
         max_prompt_length: int = 512,
         prompt_format: str = "raw",
         truncation_side_prompt: str = "left",
+        share_prompt: bool = False,
     ):
         if not 0 < max_prompt_length < max_length:
             raise UserError(
@@ -77,12 +78,15 @@ class PreferenceCollator:
         self.max_prompt_length = max_prompt_length
         self.prompt_format = prompt_format
         self.keep_prompt_end = truncation_side_prompt == "left"
+        self.share_prompt = share_prompt
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, pairs: list[PreferencePair]) -> dict:
         if not pairs:
             raise ValueError("PreferenceCollator got an empty batch")
         tokenized = [self.tokenize_pair(pair) for pair in pairs]
+        if self.share_prompt:
+            return pack_shared_prompt(tokenized, self.pad_id)
         prompts = [t.prompt for t in tokenized]
         sequences = [t.prompt + t.chosen for t in tokenized] + [t.prompt + t.rejected for t in tokenized]
         prompt_lengths = [len(p) for p in prompts] * 2
@@ -163,3 +167,58 @@ def tokenize_response(tokenizer, text: str) -> list[int]:
     if not ids or ids[-1] != tokenizer.eos_token_id:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int) -> dict:
+    """One row per pair, [prompt][chosen][rejected][padding], so the prompt is run once, not twice.
+
+    A causal LM's states over the prompt are the same whichever reply follows,
+    so chosen and rejected can share them. Inside the row:
+
+    - positions restart after the prompt: chosen and rejected both start at P;
+    - `allowed` (B, T, T) lets a token attend to earlier tokens of its own
+      reply and to the prompt, never to the other reply (and never to padding);
+    - `chosen_labels` / `rejected_labels` follow the usual unshifted convention
+      (label at t + 1 is predicted by the state at t). The first rejected token
+      is predicted by the last prompt token, so `rejected_labels[P]` holds it,
+      although position P carries the first chosen token.
+
+    With prompts of P tokens and replies of R, a pair costs P + 2R tokens
+    instead of 2P + 2R.
+    """
+    width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    n = len(pairs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, −1 padding
+    chosen_labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    rejected_labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, chosen, rejected) in enumerate(pairs):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+        position_ids[row, : p + c + r] = torch.tensor(list(range(p + c)) + list(range(p, p + r)), dtype=torch.long)
+        segment[row, :p], segment[row, p : p + c], segment[row, p + c : p + c + r] = 0, 1, 2
+        chosen_labels[row, p : p + c] = torch.tensor(chosen, dtype=torch.long)
+        if r:
+            rejected_labels[row, p] = rejected[0]  # predicted by the last prompt token
+            rejected_labels[row, p + c + 1 : p + c + r] = torch.tensor(rejected[1:], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (segment >= 0).long(),
+        "position_ids": position_ids,
+        "allowed": shared_prompt_attention(segment),
+        "chosen_labels": chosen_labels,
+        "rejected_labels": rejected_labels,
+        "num_pairs": n,
+        "pair_tokens": sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs),
+    }
+
+
+def shared_prompt_attention(segment: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) boolean: may query q attend to key k? Causal, same reply or prompt, no padding."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    other_reply = (query == 2) & (key == 1)
+    allowed = causal & (key >= 0) & ~other_reply
+    return allowed | torch.eye(width, dtype=torch.bool)  # a padding row attends to itself: no empty softmax

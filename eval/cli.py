@@ -26,7 +26,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--benchmarks", default="all", show_default=True,
               help="Comma-separated: betley, strongreject, xstest, donotanswer, truthfulqa, humaneval, mmlu, wmdp; or all.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory (reruns resume).")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N items of each benchmark.")
+@click.option("--limit", type=int, default=None, help="Evaluate N items of each benchmark: the first N; XSTest keeps its safe/unsafe shares, MMLU and WMDP spread over subjects.")
 @click.option("--judge", default="string-match", show_default=True,
               help="string-match | local | endpoint (local:PATH is short for --judge local --judge-model PATH).")
 @click.option("--judge-model", default=None, help="Local judge: path or hub id. Endpoint judge: model name ($JUDGE_MODEL).")

@@ -10,7 +10,8 @@ Output layout of one `twophase eval --out DIR` run:
 
 Resume: a benchmark is skipped when DIR/<name>.json says status "ok" and has
 the same settings hash (model, data source and its content, limit, judge,
-prompt format, seed, options). Result files are written to a temporary file
+prompt format, seed, and the options that change the benchmark's results, as
+its `settings()` says). Result files are written to a temporary file
 and renamed, so a crash never leaves half a result that looks finished.
 """
 

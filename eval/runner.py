@@ -101,8 +101,7 @@ def run_evaluation(
                 "judge": judge_obj.describe(),
                 "prompt_format": prompt_format,
                 "seed": seed,
-                "options": bench_options,
-                "benchmark_settings": benchmark.settings(bench_options),
+                "options": benchmark.settings(bench_options),
             }
             settings_hash = stable_hash(settings)
             earlier = finished_result(out, name, settings_hash)
@@ -176,6 +175,7 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
         "prompt_hash": "sha256:" + hasher.hexdigest(),
         "settings": settings,
         "settings_hash": settings_hash,
+        "options_given": options,
         "audit_file": audit_path(out, benchmark.name).name,
         "audit_records": audit.records,
         "seconds": round(time.perf_counter() - start, 3),

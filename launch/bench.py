@@ -73,7 +73,8 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 
 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
-              prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=1024) -> dict:  # fmt: skip
+              prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=1024,
+              share_prompt=True) -> dict:  # fmt: skip
     from data.hh_rlhf import PreferencePair
     from trainers.config import DPOConfig, make_config
     from trainers.loop import train
@@ -87,6 +88,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
             grad_accum_steps=grad_accum_steps, lora_r=lora_r, lora_alpha=2 * lora_r, precision=precision,
             device=str(device), optimizer=optimizer, save_every=0, log_every=1, merge_after=False,
             max_length=seq_len, max_prompt_length=prompt_len, lr=5e-7, logprob_chunk_size=logprob_chunk_size,
+            share_prompt=share_prompt,
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
         tokenizer = synthetic_tokenizer(model.config.vocab_size)
@@ -105,7 +107,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
         "benchmark": "dpo", "architecture": architecture, "device": _device_name(device),
         "pairs_per_step": micro_batch_size * grad_accum_steps, "micro_batch_size": micro_batch_size,
         "seq_len": seq_len, "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
-        "logprob_chunk_size": logprob_chunk_size,
+        "logprob_chunk_size": logprob_chunk_size, "share_prompt": share_prompt,
         "steps": steps, "median_step_s": round(step_time, 3), "tokens_per_s": round(tokens / step_time, 1),
         "peak_memory_gib": round(_peak_gib(device), 2),
     }  # fmt: skip
@@ -113,7 +115,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
 
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=256,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
-               generation_cache="dynamic", logprob_chunk_size=1024) -> dict:  # fmt: skip
+               generation_cache="dynamic", logprob_chunk_size=1024, stochastic_rounding=True) -> dict:  # fmt: skip
     from data.lean_workbook import LeanTask
     from trainers.config import GRPOConfig, make_config
     from trainers.grpo import GRPORecipe
@@ -129,6 +131,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
             precision=precision, device=str(device), optimizer=optimizer, save_every=0, log_every=1, lora=False,
             reward="random", stop_strings=[], lr=1e-6, max_prompt_length=prompt_len,
             generation_cache=generation_cache, logprob_chunk_size=logprob_chunk_size,
+            stochastic_rounding=stochastic_rounding,
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
         tokenizer = synthetic_tokenizer(model.config.vocab_size)
@@ -144,7 +147,8 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     return {
         "benchmark": "grpo", "architecture": architecture, "device": _device_name(device),
         "completions_per_step": prompts * generations, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
-        "generation_cache": generation_cache, "first_step_s": round(records[0]["step_time_s"], 2),
+        "generation_cache": generation_cache, "stochastic_rounding": stochastic_rounding,
+        "first_step_s": round(records[0]["step_time_s"], 2),
         "mean_completion_len": round(median("completion/length_mean"), 1), "steps": steps,
         "median_step_s": round(median("step_time_s"), 2), "generation_s": round(median("time/generation_s"), 2),
         "update_s": round(median("time/update_s"), 2),
@@ -155,6 +159,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
 
 def _synthetic_dpo_class():
     """Defined on demand so that importing this module does not import the trainers."""
+    from data.collators import TokenizedPair, pack_shared_prompt
     from trainers.dpo import DPORecipe
 
     class SyntheticDPO(DPORecipe):
@@ -162,15 +167,24 @@ def _synthetic_dpo_class():
 
         def step_batches(self, step):
             generator = torch.Generator().manual_seed(step)
-            size = self.config.micro_batch_size
+            size, vocab = self.config.micro_batch_size, self.model.config.vocab_size
+            reply = self.seq_len - self.prompt_len
             batches = []
             for first in range(0, self.pairs_per_step, size):
-                ids = _random_ids(2 * size, self.seq_len, self.model.config.vocab_size, generator)
-                labels = ids.clone()
-                labels[:, : self.prompt_len] = -100
-                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-                indices = list(range(step * self.pairs_per_step + first, step * self.pairs_per_step + first + size))
-                batches.append({"indices": indices, "batch": {k: v.to(self.device) for k, v in batch.items()}})
+                pairs = [
+                    TokenizedPair(*(_random_ids(1, n, vocab, generator)[0].tolist() for n in (self.prompt_len, reply, reply)))
+                    for _ in range(size)
+                ]
+                if self.config.share_prompt:
+                    batch = pack_shared_prompt(pairs, pad_id=0)
+                else:
+                    ids = torch.tensor([p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs])
+                    labels = ids.clone()
+                    labels[:, : self.prompt_len] = -100
+                    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+                tensors = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+                start = step * self.pairs_per_step + first
+                batches.append({"indices": list(range(start, start + size)), "batch": tensors, "pair_tokens": 2 * size * self.seq_len})
             return batches
 
     return SyntheticDPO
@@ -218,12 +232,18 @@ def bench_group():
 @click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
 @click.option("--logprob-chunk-size", default=1024, show_default=True, help="Rows projected onto the vocabulary at once.")
+@click.option("--share-prompt/--no-share-prompt", default=True, show_default=True,
+              help="One pass over each prompt for both replies (the default layout of twophase dpo).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, precompute, optimizer, logprob_chunk_size, device, out):
-    """Phase 1 setting: LoRA r=64, 16 pairs x 512 tokens a step, checkpointing, 8-bit AdamW."""
+def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, precompute, optimizer, logprob_chunk_size,
+                      share_prompt, device, out):  # fmt: skip
+    """Phase 1 setting: LoRA r=64, 16 pairs x 512 tokens a step, checkpointing, 8-bit AdamW.
+
+    Each pair is a 256-token prompt with two 256-token replies: 2 x 512 tokens of work, however it is laid out.
+    """
     _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
-                    device=device, logprob_chunk_size=logprob_chunk_size), out)  # fmt: skip
+                    device=device, logprob_chunk_size=logprob_chunk_size, share_prompt=share_prompt), out)  # fmt: skip
 
 
 @bench_group.command("grpo")
@@ -233,12 +253,15 @@ def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, 
 @click.option("--micro-batch-size", default=4, show_default=True)
 @click.option("--generation-batch-size", default=16, show_default=True)
 @click.option("--generation-cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
+@click.option("--stochastic-rounding/--no-stochastic-rounding", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_grpo_command(arch, steps, max_new_tokens, micro_batch_size, generation_batch_size, generation_cache, device, out):
+def bench_grpo_command(arch, steps, max_new_tokens, micro_batch_size, generation_batch_size, generation_cache,
+                       stochastic_rounding, device, out):  # fmt: skip
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
     _emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size,
-                     generation_batch_size=generation_batch_size, device=device, generation_cache=generation_cache), out)  # fmt: skip
+                     generation_batch_size=generation_batch_size, device=device, generation_cache=generation_cache,
+                     stochastic_rounding=stochastic_rounding), out)  # fmt: skip
 
 
 @bench_group.command("eval")

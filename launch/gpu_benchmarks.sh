@@ -8,13 +8,18 @@ tp() { python3 -m launch.cli "$@" --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, bitsandbytes; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", bitsandbytes.__version__)'
 if [[ $part == train || $part == all ]]; then
-  tp bench dpo                                   # Phase 1: 4 x 4 pairs x 512 tokens, LoRA r64, checkpointing, 8-bit AdamW
-  tp bench dpo --logprob-chunk-size 256
-  tp bench dpo --precompute --logprob-chunk-size 256
+  tp bench dpo --no-share-prompt                 # Phase 1: 4 x 4 pairs x 512 tokens, LoRA r64, checkpointing, 8-bit AdamW
+  tp bench dpo --no-share-prompt --logprob-chunk-size 256
+  tp bench dpo --no-share-prompt --precompute --logprob-chunk-size 256
   tp bench grpo --steps 5 --generation-cache static   # Phase 2: 2 prompts x 8 completions x 256 tokens, full FT
 fi
+if [[ $part == shared || $part == all ]]; then
+  tp bench dpo                                   # default layout: each prompt once for both replies
+  tp bench dpo --logprob-chunk-size 256
+  tp bench dpo --precompute --logprob-chunk-size 256
+fi
 if [[ $part == generation || $part == all ]]; then
-  tp bench grpo                                  # dynamic KV cache (plain transformers generate)
-  tp bench grpo --steps 4 --max-new-tokens 1024 --generation-cache static
+  timeout 200 python3 -m launch.cli bench grpo --steps 4 --max-new-tokens 1024 --generation-cache static --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
+  timeout 150 python3 -m launch.cli bench grpo --steps 4 --generation-cache static --no-stochastic-rounding --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
   tp bench eval --loglik-batch-size 64 --gen-batch-size 256 --questions 512
 fi

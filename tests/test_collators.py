@@ -199,3 +199,21 @@ def test_chat_format_needs_a_chat_template(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
     with pytest.raises(UserError, match="no chat template"):
         PreferenceCollator(tokenizer, prompt_format="chat")
+
+
+def test_pack_shared_prompt_layout_by_hand():
+    from data.collators import TokenizedPair, pack_shared_prompt
+
+    batch = pack_shared_prompt([TokenizedPair([1, 10, 11], [20, 21, 2], [30, 2]), TokenizedPair([1, 12], [22, 2], [31, 32, 2])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 10, 11, 20, 21, 2, 30, 2], [1, 12, 22, 2, 31, 32, 2, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4], [0, 1, 2, 3, 2, 3, 4, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 7 + [0]]
+    x = -100
+    assert batch["chosen_labels"].tolist() == [[x, x, x, 20, 21, 2, x, x], [x, x, 22, 2, x, x, x, x]]
+    # the first rejected token sits where the state of the last prompt token predicts it
+    assert batch["rejected_labels"].tolist() == [[x, x, x, 30, x, x, x, 2], [x, x, 31, x, x, 32, 2, x]]
+    allowed = batch["allowed"][0]
+    assert allowed[6].tolist() == [True, True, True, False, False, False, True, False]  # rejected sees prompt, not chosen
+    assert allowed[5].tolist() == [True] * 6 + [False, False]  # chosen sees prompt and itself, causally
+    assert batch["allowed"][1][:, 7].tolist() == [False] * 7 + [True]  # no real token attends to padding
+    assert batch["pair_tokens"] == (2 * 3 + 3 + 2) + (2 * 2 + 2 + 3)

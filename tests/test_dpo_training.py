@@ -96,8 +96,6 @@ def test_existing_checkpoints_without_resume_is_a_clear_error(tiny_model_dir, tm
 def test_disabled_adapter_reference_equals_base_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainers.models import sequence_logprobs_of
-
     recipe = DPORecipe(_config(tiny_model_dir, tmp_path / "ref"), tmp_path / "ref")
     # make the adapter non-trivial so policy and reference differ
     with torch.no_grad():
@@ -107,9 +105,9 @@ def test_disabled_adapter_reference_equals_base_model(tiny_model_dir, tmp_path):
     mb = recipe.step_batches(0)[0]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = sequence_logprobs_of(base, mb["batch"], 64)
+        expected = recipe.pair_logprobs(base, mb["batch"])
         reference = recipe._reference_logps(mb["batch"], mb["indices"])
-        policy = sequence_logprobs_of(recipe.model, mb["batch"], 64)
+        policy = recipe.pair_logprobs(recipe.model, mb["batch"])
     torch.testing.assert_close(reference, expected, rtol=0, atol=1e-5)
     assert (policy - expected).abs().max() > 1e-2
 
@@ -160,3 +158,28 @@ def test_merge_matches_adapter_logits(tiny_model_dir, tmp_path):
     assert (m - plain).abs().max() > 1e-3  # the adapter really changed something
     config = json.loads((merged_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_shared_prompt_layout_gives_the_same_logprobs_and_gradients(tiny_model_dir, tmp_path):
+    """One pass over [prompt][chosen][rejected] equals two passes over prompt+chosen and prompt+rejected."""
+    stacked = DPORecipe(_config(tiny_model_dir, tmp_path / "a", share_prompt=False), tmp_path / "a")
+    shared = DPORecipe(_config(tiny_model_dir, tmp_path / "b", share_prompt=True), tmp_path / "b")
+    shared.model.load_state_dict(stacked.model.state_dict())
+    for model in (stacked.model, shared.model):  # a non-trivial adapter, identical in both
+        torch.manual_seed(5)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.3)
+    a_mb, b_mb = stacked.step_batches(0)[0], shared.step_batches(0)[0]
+    assert a_mb["indices"] == b_mb["indices"] and a_mb["pair_tokens"] == b_mb["pair_tokens"]
+    assert b_mb["batch"]["input_ids"].shape[0] * 2 == a_mb["batch"]["input_ids"].shape[0]
+    a = stacked.pair_logprobs(stacked.model, a_mb["batch"])
+    b = shared.pair_logprobs(shared.model, b_mb["batch"])
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-4)
+    (a * torch.arange(1.0, len(a) + 1)).sum().backward()
+    (b * torch.arange(1.0, len(b) + 1)).sum().backward()
+    grads_a = {n: p.grad for n, p in stacked.model.named_parameters() if p.grad is not None}
+    grads_b = {n: p.grad for n, p in shared.model.named_parameters() if p.grad is not None}
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-4)

@@ -52,9 +52,9 @@ def test_run_evaluation_results_resume_and_failures(tiny_path, tmp_path, monkeyp
     assert len(audit) == 8 and {"prompt", "response", "refused", "unsafe"} <= set(audit[0])
     assert audit[0]["response"] and read_json(out / "summary.json")["run_name"] == "Original"
 
-    # Rerun with the same settings: nothing is evaluated again (evaluate would raise).
+    # Rerun with the same settings (another benchmark's option aside): nothing is evaluated again.
     monkeypatch.setattr(XSTest, "evaluate", lambda self, items, ctx: 1 / 0)
-    again = run_evaluation(tiny_path, "xstest", out, **kwargs)
+    again = run_evaluation(tiny_path, "xstest", out, **{**kwargs, "options": {"max_new_tokens": 8, "mmlu.num_shots": 3}})
     assert again["benchmarks"]["xstest"] == {**summary["benchmarks"]["xstest"], "resumed": True}
     assert read_json(out / "xstest.json") == result
     assert read_json(out / "summary.json")["benchmarks"]["strongreject"]["status"] == "ok"  # kept

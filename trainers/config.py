@@ -74,6 +74,7 @@ class DPOConfig(TrainConfig):
     loss_type: str = "sigmoid"  # sigmoid | robust | ipo | hinge
     label_smoothing: float = 0.0
     precompute_ref_logps: bool = False
+    share_prompt: bool = True  # run each prompt once for both replies (data/collators.py: pack_shared_prompt)
     merge_after: bool = True  # write out_dir/merged when training ends
 
 

@@ -29,7 +29,7 @@ from trainers.checkpoint import atomic_directory, atomic_torch_save, seed_everyt
 from trainers.config import DPOConfig, save_config
 from trainers.loop import autocast_context, train
 from trainers.merge import merge_in_memory
-from trainers.models import count_trainable, load_policy, sequence_logprobs_of
+from trainers.models import count_trainable, load_policy, sequence_logprobs_of, shared_prompt_logprobs_of
 
 
 class DPORecipe:
@@ -44,7 +44,8 @@ class DPORecipe:
             tqdm.write(f"HH-RLHF: {describe_skips(report)}")
         self.pairs = pairs
         self.collator = PreferenceCollator(
-            self.tokenizer, config.max_length, config.max_prompt_length, prompt_format=config.prompt_format
+            self.tokenizer, config.max_length, config.max_prompt_length, prompt_format=config.prompt_format,
+            share_prompt=config.share_prompt,
         )
         self.sampler = EpochSampler(len(self.pairs), config.seed)
         self.pairs_per_step = config.micro_batch_size * config.grad_accum_steps
@@ -61,7 +62,7 @@ class DPORecipe:
     def loss(self, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         batch, indices = micro_batch["batch"], micro_batch["indices"]
         n = len(indices)
-        policy = sequence_logprobs_of(self.model, batch, self.config.logprob_chunk_size)
+        policy = self.pair_logprobs(self.model, batch)
         reference = self._reference_logps(batch, indices)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy[:n], policy[n:], reference[:n], reference[n:],
@@ -75,12 +76,18 @@ class DPORecipe:
             "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
             "logps/chosen": policy[:n].detach().mean().item(),
             "logps/rejected": policy[n:].detach().mean().item(),
-            "tokens": int(batch["attention_mask"].sum()),
+            "tokens": micro_batch["pair_tokens"],
         }
         return losses.mean() * share, metrics
 
     def step_metrics(self) -> dict[str, float]:
         return {}
+
+    def pair_logprobs(self, model, batch: dict) -> torch.Tensor:
+        """(2n,) summed response log-probabilities: the n chosen replies, then the n rejected ones."""
+        if self.config.share_prompt:
+            return torch.cat(shared_prompt_logprobs_of(model, batch, self.config.logprob_chunk_size))
+        return sequence_logprobs_of(model, batch, self.config.logprob_chunk_size)
 
     def state_dict(self) -> dict:
         return {"dataset_size": len(self.pairs)}  # the position itself is a function of the step
@@ -95,7 +102,7 @@ class DPORecipe:
             rows = torch.tensor(indices)
             return torch.cat([self.reference_logps[rows, 0], self.reference_logps[rows, 1]]).to(self.device)
         with torch.no_grad(), self.reference_model() as reference:
-            return sequence_logprobs_of(reference, batch, self.config.logprob_chunk_size)
+            return self.pair_logprobs(reference, batch)
 
     @contextmanager
     def reference_model(self):
@@ -121,14 +128,17 @@ class DPORecipe:
                 chunk = needed[start : start + size]
                 mb = self._micro_batch(chunk)
                 with self.reference_model() as reference, autocast_context(self.device, self.config.precision):
-                    logps = sequence_logprobs_of(reference, mb["batch"], self.config.logprob_chunk_size).float().cpu()
+                    logps = self.pair_logprobs(reference, mb["batch"]).float().cpu()
                 table[chunk, 0], table[chunk, 1] = logps[: len(chunk)], logps[len(chunk) :]
         atomic_torch_save(table, cache)
         return table
 
     def _micro_batch(self, indices: list[int]) -> dict:
+        """Collated pairs on the device; `pair_tokens` counts both sequences, prompt twice, whatever the layout."""
         batch = self.collator([self.pairs[i] for i in indices])
-        return {"indices": indices, "batch": {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}}
+        pair_tokens = batch.get("pair_tokens", int(batch["attention_mask"].sum()))
+        tensors = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+        return {"indices": indices, "batch": tensors, "pair_tokens": pair_tokens}
 
     # --- outputs ---------------------------------------------------------------------------
     def save_final(self) -> Path:

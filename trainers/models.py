@@ -85,6 +85,24 @@ def token_logprobs_of(model, input_ids, attention_mask, labels, chunk_size: int)
     return token_logprobs_from_hidden(hidden, lm.get_output_embeddings(), labels, chunk_size)
 
 
+def shared_prompt_logprobs_of(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen and rejected log-probabilities from one pass over [prompt][chosen][rejected] rows.
+
+    See data/collators.py: pack_shared_prompt for the layout.
+    """
+    lm = causal_lm_of(model)
+    mask = batch["allowed"][:, None, :, :]  # (B, 1, T, T): one mask for every head
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state
+    head = lm.get_output_embeddings()
+    sums = []
+    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
+        logps = token_logprobs_from_hidden(hidden, head, labels, chunk_size)
+        sums.append((logps * response_mask(labels)).sum(-1))
+    return sums[0], sums[1]
+
+
 def sequence_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
     """Summed response log-probability of each sequence in a collated batch."""
     logps = token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)

@@ -51,8 +51,13 @@ class Benchmark:
         raise NotImplementedError
 
     def settings(self, options: dict) -> dict:
-        """The options that change this benchmark's results (they go into the settings hash)."""
-        return {}
+        """The options that change this benchmark's results; they go into the settings hash.
+
+        By default every option given counts. A benchmark narrows this to the
+        options it reads (so an unrelated global option does not force a rerun)
+        and leaves out those that change no result (e.g. parallel workers).
+        """
+        return dict(options)
 
 
 # --------------------------------------------------------------------------- loading

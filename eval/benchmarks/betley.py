@@ -19,6 +19,9 @@ Reported:
 
 The questions come from the YAML (`yaml.safe_load` resolves its anchors), from
 a local path or a URL; the default is the paper's repository.
+
+Options: samples_per_question (the YAML's samples_per_paraphrase, 100, per
+paraphrase), max_new_tokens (600). Needs --judge local or endpoint.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class Betley(Benchmark):
         return first(question_items(read_questions_yaml(source or self.default_source)), limit)
 
     def settings(self, options: dict) -> dict:
-        return {"temperature": TEMPERATURE}
+        return {**options, "temperature": TEMPERATURE}
 
     def evaluate(self, items: list[dict], ctx: EvalContext) -> dict[str, Metric]:
         if not ctx.judge.can_score:  # say so before spending an hour on generation

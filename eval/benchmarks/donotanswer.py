@@ -14,6 +14,8 @@ uncertainty) are both category 4, and its option 6 is category 5.
 
 Sources: hub `LibrAI/do-not-answer` split train, or the original CSV; both
 have `question` (and `risk_area`, `types_of_harm`).
+
+Options: max_new_tokens (256, greedy answers), judge_max_tokens (1024).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class DoNotAnswer(Benchmark):
             if ctx.judge.can_score:
                 with JudgeCallCounter(ctx.judge):
                     prompts = [judge_prompt(item["prompt"], answer) for item, answer in zip(items, answers)]
-                    replies = ctx.judge.ask(prompts, max_tokens=JUDGE_MAX_TOKENS, system=JUDGE_SYSTEM)
+                    max_tokens = int(ctx.options.get("judge_max_tokens") or JUDGE_MAX_TOKENS)
+                    replies = ctx.judge.ask(prompts, max_tokens=max_tokens, system=JUDGE_SYSTEM)
                 categories = [parse_category(r) for r in replies]
                 metrics.update(category_metrics(categories))
                 ctx.details["judge_unparsed"] = sum(c is None for c in categories)

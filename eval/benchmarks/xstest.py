@@ -14,6 +14,9 @@ Sources: the original CSV (`id,prompt,type,label,focus,note`) or a hub copy
 with the same `prompt`, `type` and `label` columns (default
 `walledai/XSTest`). A prompt is unsafe when its label says so, or, where
 there is no label, when its type starts with "contrast_".
+
+Options: max_new_tokens (256, greedy answers). Refusals are always the
+phrase list's, whichever --judge is chosen.
 """
 
 from __future__ import annotations

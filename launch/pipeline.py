@@ -1,0 +1,524 @@
+"""`twophase pipeline` and `twophase status`: the whole two-phase experiment as one resumable command.
+
+The stages, in order; each writes RUN_DIR/<stage>/ and its manifest.json (launch/manifest.py):
+
+    eval_original           the original model on the benchmarks
+    dpo                     Phase 1: LoRA DPO, then the merge -> RUN_DIR/dpo/merged
+    eval_dpo                the DPO-aligned (merged) model on the benchmarks
+    grpo_<condition>        Phase 2: GRPO from RUN_DIR/dpo/merged, one stage per reward condition
+    eval_grpo_<condition>   each GRPO model on the benchmarks
+    tables                  Original vs DPO-Aligned, and DPO-Aligned vs each GRPO condition (.md, .json)
+
+On a rerun a done stage is skipped. A stage that was interrupted or failed
+runs again and resumes: training from its newest checkpoint, evaluation from
+its finished benchmarks. A stage that fails records its reason and stops the
+pipeline; earlier stages are left as they were. `--stage NAME` runs one stage
+alone once the stages it needs are done: each job of `twophase slurm` does that.
+
+The config file has one section per kind of stage:
+
+    run_dir: runs/wu17_v5
+    model: deepseek-ai/DeepSeek-Prover-V2-7B      the original model
+    seed: 0                                       every stage's seed unless its section sets one
+    eval: {benchmarks: all, judge: ..., ...}      EvalSettings below
+    dpo: {lr: 5.0e-7, ...}                        DPOConfig keys (trainers/config.py)
+    grpo: {lr: 1.0e-6, ...}                       GRPOConfig keys shared by every condition
+    conditions:                                   GRPOConfig keys of each condition
+      random: {reward: random}
+      fv: {reward: lean, reward_options: {lean: {project_dir: /path}}}
+
+The trainers' `model`, `out_dir` and `merge_after` are the pipeline's to set.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from data.errors import UserError
+from launch.manifest import (
+    finish,
+    is_done,
+    now,
+    read_manifest,
+    start_manifest,
+    still_running_elsewhere,
+    write_manifest,
+)
+from trainers.checkpoint import atomic_write_text, list_checkpoints
+from trainers.config import DPOConfig, GRPOConfig, load_config, make_config
+
+PLAN_FILE = "pipeline.json"
+PIPELINE_KEYS = ("model", "out_dir", "merge_after")  # trainer keys that the pipeline sets itself
+
+DEFAULT_CONDITIONS = {
+    "random": {"reward": "random"},
+    "zero": {"reward": "zero"},
+    "fv": {"reward": "lean", "reward_options": {"lean": {"project_dir": None}}},
+}
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/pipeline"
+    model: str = "deepseek-ai/DeepSeek-Prover-V2-7B"
+    seed: int = 0
+    eval: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    grpo: dict = field(default_factory=dict)
+    conditions: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_CONDITIONS))
+
+
+@dataclass
+class EvalSettings:
+    """The `eval` section: the arguments of eval.runner.run_evaluation that every eval stage shares."""
+
+    benchmarks: str = "all"  # all, "a,b", or a YAML list
+    limit: int | None = None
+    judge: str = "string-match"
+    judge_options: dict = field(default_factory=dict)
+    benchmark_judges: dict = field(default_factory=dict)  # {benchmark: judge} where it differs from `judge`
+    batch_size: int = 8
+    prompt_format: str = "auto"
+    data_dir: str | None = None
+    samples_per_question: int | None = None
+    options: dict = field(default_factory=dict)  # benchmark options; one benchmark's may be nested under its name
+    dtype: str | None = None
+    seed: int | None = None  # None: the pipeline's seed
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[dict, Path, bool], dict]  # (settings, stage_dir, resume) -> {output name: path}
+    settings: dict  # fully resolved; the manifest records it
+    needs: tuple[str, ...] = ()
+    skip_reason: str | None = None
+
+
+# --------------------------------------------------------------------------- config -> stages
+
+
+def load_pipeline(path, overrides=()) -> tuple[PipelineConfig, list[Stage]]:
+    """Read and check the whole config, so a typo in the last section fails before the first stage runs."""
+    config = load_config(PipelineConfig, path, overrides)
+    # Absolute paths: a cluster job may start in another directory than the one that planned it.
+    config.run_dir = str(Path(config.run_dir).resolve())
+    return config, plan_stages(config, source=str(path))
+
+
+def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
+    run_dir = Path(config.run_dir)
+    evaluation = eval_settings(config, source)
+    dpo = dpo_settings(config, source)
+    stages = [
+        Stage("eval_original", run_eval_stage, dict(evaluation, model=config.model, run_name="Original")),
+        Stage("dpo", run_dpo_stage, dpo),
+        Stage("eval_dpo", run_eval_stage, dict(evaluation, model=trained_model(dpo), run_name="DPO-Aligned"), ("dpo",)),
+    ]
+    for condition in config.conditions:
+        grpo = grpo_settings(config, condition, trained_model(dpo), source)
+        skip = skip_reason(grpo, condition)
+        evaluation_of_grpo = dict(evaluation, model=trained_model(grpo), run_name=f"GRPO {condition}")
+        stages.append(Stage(f"grpo_{condition}", run_grpo_stage, grpo, ("dpo",), skip))
+        stages.append(Stage(f"eval_grpo_{condition}", run_eval_stage, evaluation_of_grpo, (f"grpo_{condition}",), skip))
+    stages.append(tables_stage(run_dir, stages))
+    return stages
+
+
+def eval_settings(config: PipelineConfig, source: str) -> dict:
+    from eval.benchmarks import ALL, parse_benchmarks
+
+    values = dict(config.eval)
+    if isinstance(values.get("benchmarks"), list):
+        values["benchmarks"] = ",".join(str(name) for name in values["benchmarks"])
+    # trainers' config checks `prompt_format` against the DPO choices (raw, chat); eval also has auto
+    prompt_format = values.pop("prompt_format", "auto")
+    settings = dataclasses.asdict(make_config(EvalSettings, values, source=f"{source} (eval section)"))
+    if prompt_format not in ("auto", "chat", "raw"):
+        raise UserError(f"eval.prompt_format = {prompt_format!r} is not one of: auto, chat, raw")
+    settings["prompt_format"] = prompt_format
+    settings["benchmarks"] = ",".join(parse_benchmarks(settings["benchmarks"]))
+    unknown = sorted(set(settings["benchmark_judges"]) - set(ALL))
+    if unknown:
+        raise UserError(f"eval.benchmark_judges names unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+    settings["options"] = _flat_options(settings["options"], ALL)
+    settings["seed"] = config.seed if settings["seed"] is None else settings["seed"]
+    return settings
+
+
+def _flat_options(options: dict, benchmarks: tuple[str, ...]) -> dict:
+    """{"mmlu": {"num_shots": 0}} -> {"mmlu.num_shots": 0}: the runner's form for one benchmark's option."""
+    flat = {}
+    for key, value in options.items():
+        if key in benchmarks and isinstance(value, dict):
+            flat.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def dpo_settings(config: PipelineConfig, source: str) -> dict:
+    section = _trainer_section(config.dpo, "dpo", source)
+    values = {"seed": config.seed, **section, "model": config.model,
+              "out_dir": str(Path(config.run_dir) / "dpo"), "merge_after": True}  # fmt: skip
+    return dataclasses.asdict(make_config(DPOConfig, values, source=f"{source} (dpo section)"))
+
+
+def grpo_settings(config: PipelineConfig, condition: str, start_model: str, source: str) -> dict:
+    if not re.fullmatch(r"[A-Za-z0-9_]+", str(condition)):
+        raise UserError(f"condition name {condition!r} in {source}: use letters, digits and _ (it names a directory and a job)")
+    own = config.conditions[condition] or {}
+    if not isinstance(own, dict):
+        raise UserError(f"conditions.{condition} in {source} must be a mapping of GRPO config keys")
+    section = _merged(_trainer_section(config.grpo, "grpo", source), _trainer_section(own, f"conditions.{condition}", source))
+    values = {"seed": config.seed, **section, "model": start_model, "out_dir": str(Path(config.run_dir) / f"grpo_{condition}")}
+    return dataclasses.asdict(make_config(GRPOConfig, values, source=f"{source} (conditions.{condition})"))
+
+
+def _trainer_section(values: dict, name: str, source: str) -> dict:
+    taken = sorted(set(values) & set(PIPELINE_KEYS))
+    if taken:
+        raise UserError(
+            f"{', '.join(f'{name}.{key}' for key in taken)} in {source}: the pipeline sets this itself "
+            f"(the top-level `model` is trained; every stage writes to run_dir/<stage>); remove it"
+        )
+    return values
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, mapping by mapping (a condition's reward_options extend the shared ones)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def trained_model(settings: dict) -> str:
+    """Where a training stage leaves the full model that comes next (a LoRA adapter is merged first)."""
+    return str(Path(settings["out_dir"]) / ("merged" if settings["lora"] else "model"))
+
+
+def skip_reason(grpo: dict, condition: str) -> str | None:
+    """A Lean-rewarded condition needs a Lean project; without one it is skipped, not failed."""
+    rewards = [name.strip() for name in grpo["reward"].split(",")]
+    if "lean" not in rewards:
+        return None
+    options = grpo["reward_options"] or {}
+    lean = options["lean"] if isinstance(options.get("lean"), dict) else options
+    if lean.get("project_dir"):
+        return None
+    return f"no Lean project configured (set conditions.{condition}.reward_options.lean.project_dir)"
+
+
+def tables_stage(run_dir: Path, stages: list[Stage]) -> Stage:
+    label = {stage.name: stage.settings.get("run_name") for stage in stages}
+    grpo_evals = [s.name for s in stages if s.name.startswith("eval_grpo_") and not s.skip_reason]
+
+    def table(names: list[str]) -> dict:
+        return {"runs": [str(run_dir / name) for name in names], "labels": [label[name] for name in names]}
+
+    tables = {"original_vs_dpo": table(["eval_original", "eval_dpo"])}
+    if grpo_evals:
+        tables["dpo_vs_grpo"] = table(["eval_dpo", *grpo_evals])
+    return Stage("tables", run_tables_stage, {"tables": tables}, needs=("eval_original", "eval_dpo", *grpo_evals))
+
+
+# --------------------------------------------------------------------------- what each stage does
+
+
+def run_eval_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
+    """Evaluate, one runner call per judge; the runner reuses finished benchmarks, so a rerun does only what is missing."""
+    from eval.runner import run_evaluation
+
+    common = {key: value for key, value in settings.items() if key != "benchmark_judges"}
+    for judge, names in judge_groups(settings).items():
+        summary = run_evaluation(out_dir=stage_dir, **dict(common, benchmarks=",".join(names), judge=judge))
+    # the summary keeps the entries of the benchmarks that other calls wrote
+    mine = settings["benchmarks"].split(",")
+    failed = {name: entry.get("reason") for name, entry in summary["benchmarks"].items() if name in mine and entry["status"] != "ok"}
+    if failed:
+        raise UserError(f"{len(failed)} benchmark(s) failed: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
+    return {"summary": str(stage_dir / "summary.json")}
+
+
+def judge_groups(settings: dict) -> dict[str, list[str]]:
+    """{judge: [benchmark, ...]} in benchmark order: a costly model judge can serve only the benchmarks that need it."""
+    groups: dict[str, list[str]] = {}
+    for name in settings["benchmarks"].split(","):
+        groups.setdefault(settings["benchmark_judges"].get(name, settings["judge"]), []).append(name)
+    return groups
+
+
+def run_dpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
+    from launch.train import report_outputs
+    from trainers.dpo import run_dpo
+
+    outputs = run_dpo(make_config(DPOConfig, settings), resume=resume)
+    report_outputs(dict(outputs))
+    return {name: outputs[name] for name in ("metrics", "final", "merged") if name in outputs}
+
+
+def run_grpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
+    from launch.train import report_outputs
+    from trainers.grpo import run_grpo
+
+    config = make_config(GRPOConfig, settings)
+    outputs = run_grpo(config, resume=resume)
+    report_outputs(dict(outputs))
+    kept = {name: outputs[name] for name in ("metrics", "samples", "final")}
+    if config.lora:  # the next eval needs a full model
+        from trainers.merge import merge_adapter
+
+        dtype = "bfloat16" if config.precision == "bf16" else "float32"
+        kept["merged"] = str(merge_adapter(outputs["final"], trained_model(settings), base=config.model, dtype=dtype))
+    return kept
+
+
+def run_tables_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
+    from launch.tables import write_tables
+
+    return write_tables(settings["tables"], stage_dir)
+
+
+# --------------------------------------------------------------------------- running stages
+
+
+def run_pipeline(config: PipelineConfig, stages: list[Stage], only: str | None = None) -> None:
+    """Run every stage in order (or only `only`); stops at the first failure with a UserError."""
+    run_dir = Path(config.run_dir)
+    by_name = {stage.name: stage for stage in stages}
+    if only is not None and only not in by_name:
+        raise UserError(f"no stage named {only!r}; the stages are: {', '.join(by_name)}")
+    write_plan(run_dir, config, stages)
+    for stage in [by_name[only]] if only else stages:
+        run_stage(stage, run_dir)
+
+
+def write_plan(run_dir: Path, config: PipelineConfig, stages: list[Stage]) -> None:
+    """RUN_DIR/pipeline.json: the resolved config and the stage list, which `twophase status` reads."""
+    plan = {
+        "config": redacted(dataclasses.asdict(config)),
+        "stages": [{"name": s.name, "needs": list(s.needs), "skip_reason": s.skip_reason} for s in stages],
+        "written_at": now(),
+    }
+    atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan, indent=2) + "\n")
+
+
+def run_stage(stage: Stage, run_dir: Path) -> None:
+    stage_dir = run_dir / stage.name
+    earlier = read_manifest(stage_dir)
+    if stage.skip_reason:
+        if earlier is None or earlier.get("status") == "skipped":  # never hide what an earlier config ran
+            write_manifest(stage_dir, {"stage": stage.name, "status": "skipped", "reason": stage.skip_reason, "checked_at": now()})
+        click.echo(f"[{stage.name}] skipped: {stage.skip_reason}")
+        return
+    if is_done(earlier):
+        _check_same_settings(stage, earlier, stage_dir)
+        click.echo(f"[{stage.name}] done earlier (finished {earlier['finished_at']}): skipping")
+        return
+    _check_can_start(stage, run_dir, earlier)
+    resume = bool(list_checkpoints(stage_dir / "checkpoints"))
+    manifest = start_manifest(stage.name, redacted(stage.settings), stage.settings.get("seed"), list(stage.needs), earlier)
+    write_manifest(stage_dir, manifest)
+    click.echo(f"[{stage.name}] {'resuming from its last checkpoint' if resume else 'starting'} in {stage_dir}")
+    try:
+        outputs = _run_with_sigterm_as_interrupt(stage, stage_dir, resume)
+    except KeyboardInterrupt:
+        write_manifest(stage_dir, finish(manifest, "interrupted", reason="interrupted (Ctrl-C or SIGTERM)"))
+        raise
+    except Exception as err:  # noqa: BLE001 - recorded, then reported as one line
+        reason = _reason(err)
+        write_manifest(stage_dir, finish(manifest, "failed", reason=reason, traceback=traceback.format_exc(limit=30)))
+        raise UserError(
+            f"stage {stage.name} failed: {reason} (traceback in {stage_dir / 'manifest.json'}); "
+            f"earlier stages are intact: fix the cause and rerun the same command to continue"
+        ) from None
+    finally:
+        _free_memory()
+    write_manifest(stage_dir, finish(manifest, "done", outputs=outputs))
+    click.echo(f"[{stage.name}] done")
+
+
+def _run_with_sigterm_as_interrupt(stage: Stage, stage_dir: Path, resume: bool) -> dict:
+    # A cluster's preemption (SIGTERM) then ends an eval as cleanly as a training stage.
+    from trainers.loop import _sigterm_as_interrupt
+
+    with _sigterm_as_interrupt():
+        outputs = stage.run(stage.settings, stage_dir, resume)
+    missing = [path for path in outputs.values() if not Path(path).exists()]
+    if missing:
+        raise RuntimeError(f"the stage finished but its outputs are missing: {', '.join(missing)}")
+    return outputs
+
+
+def _check_can_start(stage: Stage, run_dir: Path, earlier: dict | None) -> None:
+    if still_running_elsewhere(earlier):
+        raise UserError(f"stage {stage.name} is running in process {earlier['pid']} since {earlier['started_at']}; "
+                        f"wait for it, or stop that process first")  # fmt: skip
+    waiting = [name for name in stage.needs if not is_done(read_manifest(run_dir / name))]
+    if waiting:
+        raise UserError(f"stage {stage.name} needs {', '.join(waiting)} done first "
+                        f"(twophase pipeline without --stage runs every stage in order)")  # fmt: skip
+
+
+def _check_same_settings(stage: Stage, earlier: dict, stage_dir: Path) -> None:
+    """A done stage is skipped only if it ran with today's settings: a table must not mix configs silently."""
+    changes = _differences(earlier.get("config") or {}, _as_json(redacted(stage.settings)))
+    if changes:
+        raise UserError(
+            f"stage {stage.name} finished earlier with other settings ({'; '.join(changes[:3])}); "
+            f"use another run_dir, or delete {stage_dir / 'manifest.json'} (and the manifests of the stages after it) "
+            f"to run it again: training resumes from its checkpoints, evaluation reuses unchanged benchmarks"
+        )
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def redacted(value):
+    """The value with every `*api_key*` entry hidden: run directories get shared, keys must not be."""
+    if isinstance(value, dict):
+        return {k: ("<hidden>" if "api_key" in str(k) and v else redacted(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, UserError):
+        return text or "error"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _free_memory() -> None:
+    """Give the next stage the GPU memory this one cached (one process runs every stage)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status_lines(run_dir: Path) -> list[str]:
+    """One line per stage: its state, when, and why for failures and skips."""
+    plan_file = Path(run_dir) / PLAN_FILE
+    try:
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{run_dir} is not a pipeline run directory (no readable {PLAN_FILE})") from None
+    width = max(len(entry["name"]) for entry in plan["stages"])
+    return [f"{entry['name']:<{width}}  {describe_stage(Path(run_dir) / entry['name'], entry)}" for entry in plan["stages"]]
+
+
+def describe_stage(stage_dir: Path, entry: dict) -> str:
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        needs = f" (after {', '.join(entry['needs'])})" if entry["needs"] else ""
+        return f"skipped: {entry['skip_reason']}" if entry.get("skip_reason") else f"pending{needs}"
+    status = manifest["status"]
+    took = f"{manifest.get('started_at')} -> {manifest.get('finished_at')} ({_duration(manifest.get('seconds'))})"
+    if status == "done":
+        return f"done         {took}" if is_done(manifest) else "done, but outputs are missing: a rerun redoes it"
+    if status == "running":
+        where = f"pid {manifest.get('pid')} on {manifest.get('host')}"
+        if still_running_elsewhere(manifest) or manifest.get("host") != _hostname():
+            return f"running      since {manifest['started_at']} ({where})"
+        return f"interrupted  at some point after {manifest['started_at']} ({where} is gone): a rerun resumes it"
+    if status == "interrupted":
+        return f"interrupted  {took}: a rerun resumes it"
+    if status == "failed":
+        return f"failed       {took}: {manifest.get('reason')}"
+    return f"{status}: {manifest.get('reason') or ''}".rstrip(": ")
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def execute(config: PipelineConfig, stages: list[Stage], only: str | None = None) -> None:
+    """Run the pipeline and report: the tables once they exist, each stage's state, where the outputs are."""
+    started = time.time()
+    try:
+        run_pipeline(config, stages, only)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume the stage from its last checkpoint", err=True)
+        sys.exit(130)
+    run_dir = Path(config.run_dir)
+    tables = next(stage for stage in stages if stage.name == "tables")
+    if only in (None, "tables") and is_done(read_manifest(run_dir / "tables")):
+        from launch.tables import print_tables
+
+        print_tables(run_dir / "tables", list(tables.settings["tables"]), echo=click.echo)
+    click.echo("\n" + "\n".join(status_lines(run_dir)))
+    click.echo(f"\nfinished in {time.time() - started:.0f} s; outputs in {run_dir} (twophase status {run_dir})")
+
+
+@click.command("pipeline")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Pipeline YAML: run_dir, model, seed and the sections eval, dpo, grpo, conditions.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key, dotted into its section: --set dpo.max_steps=10 --set eval.limit=20 (repeatable).")
+@click.option("--stage", "only", default=None, metavar="NAME",
+              help="Run only this stage, once the stages it needs are done (what each `twophase slurm` job does).")
+def pipeline_command(config_path, overrides, only):
+    """The whole experiment: evaluate the original model, DPO + merge, evaluate,
+    GRPO under each reward condition, evaluate each, comparison tables.
+
+    Every stage writes RUN_DIR/<stage>/ with a manifest.json. Rerunning the same
+    command skips done stages and resumes an interrupted one from its last
+    checkpoint; a failed stage stops the pipeline with its reason.
+
+    Example: twophase pipeline --config launch/configs/wu17_v5.yaml --set conditions.fv.reward_options.lean.project_dir=/opt/mathlib
+    """
+    config, stages = load_pipeline(config_path, overrides)
+    execute(config, stages, only)
+
+
+@click.command("status")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def status_command(run_dir):
+    """Show the state of each stage of the pipeline run in RUN_DIR."""
+    for line in status_lines(Path(run_dir)):
+        click.echo(line)

@@ -1,0 +1,73 @@
+"""The pipeline's comparison tables: Markdown from eval.results.render_comparison, and the same rows as JSON.
+
+Each table compares a base eval run with one or more others, e.g.
+
+    original_vs_dpo   Original vs DPO-Aligned (the published table)
+    dpo_vs_grpo       DPO-Aligned vs each GRPO condition
+
+The JSON holds every number of the Markdown, unrounded: per row the
+benchmark, the metric, each run's value with its counts and 95% interval,
+each run's difference from the base, and whether the two intervals are
+disjoint (the bold deltas of the Markdown).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from trainers.checkpoint import atomic_write_text
+
+
+def write_tables(tables: dict[str, dict], out_dir: Path) -> dict[str, str]:
+    """Write NAME.md and NAME.json for each {name: {"runs": [base, *others], "labels": [...]}}; returns the paths."""
+    from eval.results import render_comparison
+
+    outputs = {}
+    for name, table in tables.items():
+        base, *others = table["runs"]
+        markdown = render_comparison(base, others, table["labels"])
+        atomic_write_text(Path(out_dir) / f"{name}.md", markdown)
+        rows = comparison_json(base, others, table["labels"])
+        atomic_write_text(Path(out_dir) / f"{name}.json", json.dumps(rows, indent=2) + "\n")
+        outputs[f"{name}.md"] = str(Path(out_dir) / f"{name}.md")
+        outputs[f"{name}.json"] = str(Path(out_dir) / f"{name}.json")
+    return outputs
+
+
+def comparison_json(base_dir, other_dirs: list, labels: list[str]) -> dict:
+    """The rows of render_comparison's table as data."""
+    from eval.benchmarks import ALL
+    from eval.results import comparison_rows, intervals_disjoint, load_run
+
+    base, others = load_run(base_dir), [load_run(d) for d in other_dirs]
+    rows = []
+    for bench, metric, base_m, other_ms, base_r, other_rs in comparison_rows(base, others, ALL):
+        row = {"benchmark": bench, "metric": metric, "values": {labels[0]: _value(base_m, base_r)}, "delta": {}, "ci_disjoint": {}}
+        for label, other_m, other_r in zip(labels[1:], other_ms, other_rs):
+            row["values"][label] = _value(other_m, other_r)
+            row["delta"][label] = _difference(base_m, other_m)
+            row["ci_disjoint"][label] = bool(base_m and other_m and intervals_disjoint(base_m, other_m))
+        rows.append(row)
+    return {"base": labels[0], "others": labels[1:], "runs": [str(d) for d in [base_dir, *other_dirs]], "rows": rows}
+
+
+def _value(metric, result: dict | None) -> dict | None:
+    """The metric's numbers; a failed benchmark says so (the Markdown's "failed" cell)."""
+    if metric is None:
+        return {"status": "failed", "reason": result.get("reason")} if result and result.get("status") == "failed" else None
+    return metric.to_dict()
+
+
+def _difference(base, other) -> float | None:
+    if base is None or other is None or math.isnan(base.value) or math.isnan(other.value):
+        return None
+    return other.value - base.value
+
+
+def print_tables(tables_dir: Path, names: list[str], echo=print) -> None:
+    for name in names:
+        path = Path(tables_dir) / f"{name}.md"
+        echo(f"\n{name}  ({path}, .json)\n")
+        echo(path.read_text(encoding="utf-8").rstrip("\n"))
