@@ -73,7 +73,7 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 
 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
-              prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=1024,
+              prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=256,
               share_prompt=True) -> dict:  # fmt: skip
     from data.hh_rlhf import PreferencePair
     from trainers.config import DPOConfig, make_config
@@ -115,7 +115,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
 
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=256,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
-               generation_cache="dynamic", logprob_chunk_size=1024, stochastic_rounding=True) -> dict:  # fmt: skip
+               generation_cache="dynamic", logprob_chunk_size=256, stochastic_rounding=True) -> dict:  # fmt: skip
     from data.lean_workbook import LeanTask
     from trainers.config import GRPOConfig, make_config
     from trainers.grpo import GRPORecipe
@@ -231,7 +231,7 @@ def bench_group():
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
-@click.option("--logprob-chunk-size", default=1024, show_default=True, help="Rows projected onto the vocabulary at once.")
+@click.option("--logprob-chunk-size", default=256, show_default=True, help="Rows projected onto the vocabulary at once.")
 @click.option("--share-prompt/--no-share-prompt", default=True, show_default=True,
               help="One pass over each prompt for both replies (the default layout of twophase dpo).")
 @click.option("--device", default="auto", show_default=True)

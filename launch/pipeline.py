@@ -384,15 +384,9 @@ def _check_same_settings(stage: Stage, earlier: dict, stage_dir: Path) -> None:
         )
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if isinstance(before, dict) and isinstance(after, dict):
-            changes += _differences(before, after, f"{prefix}{key}.")
-        elif before != after:
-            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
-    return changes
+def _differences(old: dict, new: dict) -> list[str]:
+    """Settings that changed; a key on one side only is a config key that the code added or removed since."""
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new)) if old[key] != new[key]]
 
 
 def _as_json(value):
@@ -486,11 +480,11 @@ def execute(config: PipelineConfig, stages: list[Stage], only: str | None = None
         click.echo("interrupted: rerun the same command to resume the stage from its last checkpoint", err=True)
         sys.exit(130)
     run_dir = Path(config.run_dir)
-    tables = next(stage for stage in stages if stage.name == "tables")
-    if only in (None, "tables") and is_done(read_manifest(run_dir / "tables")):
+    tables = read_manifest(run_dir / "tables")
+    if only in (None, "tables") and is_done(tables):
         from launch.tables import print_tables
 
-        print_tables(run_dir / "tables", list(tables.settings["tables"]), echo=click.echo)
+        print_tables([path for path in tables["outputs"].values() if path.endswith(".md")], echo=click.echo)
     click.echo("\n" + "\n".join(status_lines(run_dir)))
     click.echo(f"\nfinished in {time.time() - started:.0f} s; outputs in {run_dir} (twophase status {run_dir})")
 

@@ -66,8 +66,7 @@ def _difference(base, other) -> float | None:
     return other.value - base.value
 
 
-def print_tables(tables_dir: Path, names: list[str], echo=print) -> None:
-    for name in names:
-        path = Path(tables_dir) / f"{name}.md"
-        echo(f"\n{name}  ({path}, .json)\n")
-        echo(path.read_text(encoding="utf-8").rstrip("\n"))
+def print_tables(markdown_files: list[str], echo=print) -> None:
+    for path in markdown_files:
+        echo(f"\n{Path(path).stem}  ({path}; the same rows as JSON beside it)\n")
+        echo(Path(path).read_text(encoding="utf-8").rstrip("\n"))

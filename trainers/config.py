@@ -45,7 +45,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16: bf16 weights and bf16 autocast on GPU | fp32
     device: str = "auto"  # auto | cuda | cpu | cuda:N
     gradient_checkpointing: bool = True
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int = 256  # 256 x 102,400 float32 logits = 100 MB at a time (BENCHMARKS.md)
     log_every: int = 1
     save_every: int = 100
     keep_checkpoints: int = 2

@@ -1,0 +1,139 @@
+"""`twophase slurm`: one sbatch script per pipeline stage, chained by job dependencies.
+
+The layout of the published runs: one GPU per stage (A100-80GB). Every job
+runs the same command, `twophase pipeline --config FILE --stage NAME`, so a
+job does exactly what that stage does in a local run, manifest and resume
+included. `submit.sh` submits the jobs in pipeline order, each waiting
+(`afterok`) only for the stages it needs: the original model's eval runs
+beside Phase 1, the GRPO conditions run side by side once the merged DPO
+model exists, and each eval starts when its own training ends. A skipped
+stage (fv without a Lean project) gets no job.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from trainers.checkpoint import atomic_write_text
+
+CPU_ONLY_STAGES = ("tables",)  # reads JSON files and writes tables: no GPU to wait for
+
+
+@dataclass
+class ClusterOptions:
+    partition: str | None = None
+    account: str | None = None
+    time: str = "48:00:00"
+    gpu_type: str | None = "a100"
+    cpus_per_task: int = 8
+    mem: str | None = None
+
+
+def twophase_executable() -> str:
+    """The `twophase` next to this Python, so a job needs no activated environment; else the one on PATH."""
+    beside = Path(sys.executable).with_name("twophase")
+    return str(beside) if beside.exists() else "twophase"
+
+
+def stage_command(config_path: Path, stage: str, overrides: tuple[str, ...]) -> str:
+    words = [twophase_executable(), "pipeline", "--config", str(config_path), "--stage", stage]
+    for item in overrides:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
+def sbatch_script(stage: str, command: str, job_name: str, log_dir: Path, workdir: Path, options: ClusterOptions) -> str:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}"]
+    if options.partition:
+        lines.append(f"#SBATCH --partition={options.partition}")
+    if options.account:
+        lines.append(f"#SBATCH --account={options.account}")
+    if stage not in CPU_ONLY_STAGES:
+        lines.append(f"#SBATCH --gres=gpu:{options.gpu_type}:1" if options.gpu_type else "#SBATCH --gres=gpu:1")
+    lines.append(f"#SBATCH --cpus-per-task={options.cpus_per_task}")
+    if options.mem:
+        lines.append(f"#SBATCH --mem={options.mem}")
+    lines += [
+        f"#SBATCH --time={options.time}",
+        f"#SBATCH --output={log_dir}/{stage}-%j.log",
+        "",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(workdir))}  # relative paths in the config and --set mean what they meant here",
+        command,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def submit_script(jobs: list[tuple[str, str, tuple[str, ...]]]) -> str:
+    """jobs: (stage, script file name, stages it needs), in pipeline order."""
+    lines = [
+        "#!/bin/bash",
+        "# Submit every stage; each job starts when the stages it needs have succeeded (afterok).",
+        "# A failed job cancels the jobs that wait for it (--kill-on-invalid-dep); fix, then run this again:",
+        "# stages that are done finish at once.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        "submit() { sbatch --parsable --kill-on-invalid-dep=yes \"$@\" | cut -d';' -f1; }  # prints 'jobid' or 'jobid;cluster'",
+        "",
+    ]
+    for stage, script, needs in jobs:
+        dependency = f"--dependency=afterok:{':'.join(f'${need}' for need in needs)} " if needs else ""
+        lines.append(f"{stage}=$(submit {dependency}{script})")
+    lines += ["", *[f'echo "{stage}: job ${stage}"' for stage, _, _ in jobs], ""]
+    return "\n".join(lines)
+
+
+def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...], out_dir: Path, options: ClusterOptions) -> list[Path]:
+    """DIR/NN_<stage>.sbatch for every stage that runs, and DIR/submit.sh; returns the files written."""
+    run_dir = Path(config.run_dir)
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the directory of --output
+    running = [stage for stage in stages if not stage.skip_reason]
+    jobs, written = [], []
+    for number, stage in enumerate(running, start=1):
+        script = f"{number:02d}_{stage.name}.sbatch"
+        command = stage_command(config_path.resolve(), stage.name, overrides)
+        text = sbatch_script(stage.name, command, f"{run_dir.name}-{stage.name}", log_dir, Path.cwd(), options)
+        path = out_dir / script
+        atomic_write_text(path, text)
+        written.append(path)
+        jobs.append((stage.name, script, stage.needs))
+    submit = out_dir / "submit.sh"
+    atomic_write_text(submit, submit_script(jobs))
+    os.chmod(submit, 0o755)
+    return [*written, submit]
+
+
+@click.command("slurm")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Pipeline YAML, as for `twophase pipeline`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where to write the scripts.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Pipeline override, passed to every job.")
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--account", default=None, help="Slurm account to charge.")
+@click.option("--time", "time_limit", default="48:00:00", show_default=True, help="Time limit of each job.")
+@click.option("--gpu-type", default="a100", show_default=True, help="GPU type in --gres=gpu:TYPE:1; empty for any.")
+@click.option("--cpus-per-task", default=8, show_default=True, type=int, help="CPUs per job (the Lean REPL pool of fv uses them).")
+@click.option("--mem", default=None, help="Memory per job, e.g. 128G (default: the partition's).")
+def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem):
+    """Write one sbatch script per pipeline stage (one GPU each) and submit.sh, which chains them.
+
+    Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
+    """
+    from launch.pipeline import load_pipeline
+
+    config, stages = load_pipeline(config_path, overrides)
+    options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem)
+    files = write_scripts(stages, config, Path(config_path), tuple(overrides), Path(out_dir), options)
+    for stage in stages:
+        if stage.skip_reason:
+            click.echo(f"no job for {stage.name}: {stage.skip_reason}")
+    click.echo("wrote:\n" + "\n".join(f"  {path}" for path in files))
+    click.echo(f"submit with: bash {Path(out_dir) / 'submit.sh'}; follow with: twophase status {config.run_dir}")
