@@ -1,0 +1,104 @@
+"""`twophase slurm`: one sbatch script per stage, and a submit.sh that chains them by what each stage needs."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / "launch" / "configs" / "wu17_v5.yaml"
+JOBS = ["eval_original", "dpo", "eval_dpo", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero", "tables"]
+
+# A stand-in for sbatch: logs its arguments, answers like `sbatch --parsable` on a federated cluster ("id;cluster").
+FAKE_SBATCH = """#!/bin/bash
+n=$(( $(wc -l < "$SBATCH_LOG" 2>/dev/null || echo 0) + 101 ))
+echo "$n $*" >> "$SBATCH_LOG"
+echo "$n;cluster"
+"""
+
+
+def _write_scripts(tmp_path, capsys, *extra) -> Path:
+    out = tmp_path / "slurm"
+    main(["slurm", "--config", str(PUBLISHED), "--out", str(out), "--set", f"run_dir={tmp_path / 'run'}", *extra])
+    capsys.readouterr()
+    return out
+
+
+def _submit(out: Path, tmp_path: Path) -> dict[str, tuple[int, list[int]]]:
+    """Run submit.sh with the fake sbatch; returns {stage: (job id, ids it depends on)}."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    log = tmp_path / "sbatch.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SBATCH_LOG=str(log))
+    result = subprocess.run(["bash", str(out / "submit.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    jobs = {}
+    for line in log.read_text().splitlines():
+        job_id, *args = line.split()
+        assert "--parsable" in args and "--kill-on-invalid-dep=yes" in args
+        stage = re.fullmatch(r"\d\d_(\w+)\.sbatch", args[-1]).group(1)
+        dependency = next((a for a in args if a.startswith("--dependency=")), None)
+        needs = [int(i) for i in dependency.removeprefix("--dependency=afterok:").split(":")] if dependency else []
+        jobs[stage] = (int(job_id), needs)
+    assert f"tables: job {jobs['tables'][0]}" in result.stdout
+    return jobs
+
+
+def test_one_script_per_stage_with_the_cluster_options(tmp_path, capsys):
+    out = _write_scripts(tmp_path, capsys, "--partition", "gpu-a100", "--account", "safety", "--time", "12:00:00",
+                         "--set", "dpo.max_steps=10", "--set", "eval.judge=local:/models/my judge")  # fmt: skip
+    names = sorted(p.name for p in out.glob("*.sbatch"))
+    assert names == [f"{i:02d}_{stage}.sbatch" for i, stage in enumerate(JOBS, start=1)]  # fv: no Lean project, no job
+    dpo = (out / "02_dpo.sbatch").read_text()
+    assert dpo.startswith("#!/bin/bash\n")
+    for line in ("#SBATCH --job-name=run-dpo", "#SBATCH --partition=gpu-a100", "#SBATCH --account=safety",
+                 "#SBATCH --gres=gpu:a100:1", "#SBATCH --time=12:00:00", f"#SBATCH --output={tmp_path / 'run' / 'logs'}/dpo-%j.log"):  # fmt: skip
+        assert line in dpo.splitlines(), line
+    command = dpo.strip().splitlines()[-1]
+    assert " pipeline --config " + str(PUBLISHED) + " --stage dpo " in command
+    assert "--set dpo.max_steps=10" in command and "--set 'eval.judge=local:/models/my judge'" in command
+    assert command.split()[0].endswith("twophase")
+    assert f"cd {Path.cwd()}" in dpo
+    assert (tmp_path / "run" / "logs").is_dir()  # Slurm would not create it
+    tables = (out / "08_tables.sbatch").read_text()
+    assert "--gres" not in tables and "--stage tables" in tables  # no GPU to wait for
+
+
+def test_without_account_or_partition_no_such_lines(tmp_path, capsys):
+    out = _write_scripts(tmp_path, capsys, "--gpu-type", "")
+    script = (out / "01_eval_original.sbatch").read_text()
+    assert "--account" not in script and "--partition" not in script
+    assert "#SBATCH --gres=gpu:1" in script.splitlines()
+
+
+def test_submit_chains_each_stage_after_what_it_needs(tmp_path, capsys):
+    jobs = _submit(_write_scripts(tmp_path, capsys), tmp_path)
+    assert list(jobs) == JOBS  # submitted in pipeline order
+    ids = {stage: job_id for stage, (job_id, _) in jobs.items()}
+    assert jobs["eval_original"][1] == [] and jobs["dpo"][1] == []  # these two run side by side
+    assert jobs["eval_dpo"][1] == [ids["dpo"]]
+    assert jobs["grpo_random"][1] == [ids["dpo"]] and jobs["grpo_zero"][1] == [ids["dpo"]]  # conditions in parallel
+    assert jobs["eval_grpo_random"][1] == [ids["grpo_random"]]
+    assert jobs["eval_grpo_zero"][1] == [ids["grpo_zero"]]
+    assert sorted(jobs["tables"][1]) == sorted(ids[s] for s in ("eval_original", "eval_dpo", "eval_grpo_random", "eval_grpo_zero"))
+
+
+def test_a_configured_lean_project_adds_the_fv_jobs(tmp_path, capsys):
+    out = _write_scripts(tmp_path, capsys, "--set", "conditions.fv.reward_options.lean.project_dir=/opt/mathlib")
+    jobs = _submit(out, tmp_path)
+    assert jobs["grpo_fv"][1] == [jobs["dpo"][0]] and jobs["eval_grpo_fv"][1] == [jobs["grpo_fv"][0]]
+    assert jobs["eval_grpo_fv"][0] in jobs["tables"][1]
+    assert "--set conditions.fv.reward_options.lean.project_dir=/opt/mathlib" in (out / "08_grpo_fv.sbatch").read_text()
+
+
+def test_bad_config_stops_before_writing_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slurm", "--config", str(PUBLISHED), "--out", str(tmp_path / "slurm"), "--set", "dpo.lr_typo=1"])
+    assert exit_info.value.code == 2 and "lr_typo" in capsys.readouterr().err
+    assert not (tmp_path / "slurm").exists()
