@@ -22,7 +22,7 @@ def test_every_command_has_help(capsys):
     for name in ("dpo", "merge", "demo"):
         main([name, "--help"])
         out = capsys.readouterr().out
-        assert out.startswith(f"Usage: ") and f" {name} " in out and "--help" in out
+        assert out.startswith("Usage: ") and f" {name} " in out and "--help" in out
     assert set(COMMANDS) >= {"dpo", "merge", "demo", "grpo", "eval", "compare"}
 
 

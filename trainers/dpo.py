@@ -13,7 +13,6 @@ before training and cached in the output directory.
 
 from __future__ import annotations
 
-import copy
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +24,18 @@ from data.collators import PreferenceCollator
 from data.hh_rlhf import describe_skips, load_hh_rlhf
 from data.sampler import EpochSampler
 from losses.dpo import dpo_loss
-from trainers.checkpoint import atomic_directory, atomic_torch_save, seed_everything
+from trainers.checkpoint import atomic_torch_save, seed_everything
 from trainers.config import DPOConfig, save_config
 from trainers.loop import autocast_context, train
 from trainers.merge import merge_in_memory
-from trainers.models import count_trainable, load_policy, sequence_logprobs_of, shared_prompt_logprobs_of
+from trainers.models import (
+    count_trainable,
+    frozen_copy,
+    load_policy,
+    save_trained,
+    sequence_logprobs_of,
+    shared_prompt_logprobs_of,
+)
 
 
 class DPORecipe:
@@ -38,7 +44,7 @@ class DPORecipe:
         self.config = config
         self.out_dir = Path(out_dir)
         self.model, self.tokenizer, self.device = policy or load_policy(config)
-        self.reference = None if config.lora else _frozen_copy(self.model)
+        self.reference = None if config.lora else frozen_copy(self.model)
         if pairs is None:
             pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
             tqdm.write(f"HH-RLHF: {describe_skips(report)}")
@@ -143,17 +149,7 @@ class DPORecipe:
     # --- outputs ---------------------------------------------------------------------------
     def save_final(self) -> Path:
         """Write the trained adapter (or full model) and tokenizer to out_dir/adapter or out_dir/model."""
-        target = self.out_dir / ("adapter" if self.config.lora else "model")
-        with atomic_directory(target) as tmp:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-        return target
-
-
-def _frozen_copy(model):
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
+        return save_trained(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
 
 
 def run_dpo(config: DPOConfig, resume: bool = False) -> dict:

@@ -18,7 +18,6 @@ Every completion, its rewards and its advantage are appended to samples.jsonl.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from contextlib import contextmanager
@@ -32,10 +31,10 @@ from data.lean_workbook import STOP_STRING, build_prompt, load_lean_tasks
 from data.sampler import EpochSampler
 from losses.grpo import group_advantages, grpo_loss
 from losses.logprobs import response_mask
-from trainers.checkpoint import atomic_directory, atomic_write_text, seed_everything
+from trainers.checkpoint import atomic_write_text, seed_everything
 from trainers.config import GRPOConfig, save_config
 from trainers.loop import autocast_context, train
-from trainers.models import count_trainable, load_policy, token_logprobs_of
+from trainers.models import count_trainable, frozen_copy, load_policy, save_trained, token_logprobs_of
 from trainers.rewards import build_reward
 from trainers.rollouts import Rollout, sample_completions
 
@@ -46,7 +45,7 @@ class GRPORecipe:
         self.config = config
         self.out_dir = Path(out_dir)
         self.model, self.tokenizer, self.device = policy or load_policy(config)
-        self.reference = _frozen_copy(self.model) if config.beta > 0 and not config.lora else None
+        self.reference = frozen_copy(self.model) if config.beta > 0 and not config.lora else None
         if tasks is None:
             tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
             tqdm.write(f"Lean tasks: used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}")
@@ -227,11 +226,7 @@ class GRPORecipe:
         atomic_write_text(self.samples_path, "".join(line + "\n" for line in kept))
 
     def save_final(self) -> Path:
-        target = self.out_dir / ("adapter" if self.config.lora else "model")
-        with atomic_directory(target) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-        return target
+        return save_trained(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
 
     def close(self) -> None:
         for fn in self.rewards.values():
@@ -253,12 +248,6 @@ def build_rewards(config: GRPOConfig) -> dict:
             own.setdefault("seed", config.seed)
         rewards[name] = build_reward(name, own)
     return rewards
-
-
-def _frozen_copy(model):
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
 
 
 def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
