@@ -105,6 +105,7 @@ class Stage:
     settings: dict  # fully resolved; the manifest records it
     needs: tuple[str, ...] = ()
     skip_reason: str | None = None
+    always_run: bool = False  # cheap and derived from other stages: rebuilt on every run instead of skipped
 
 
 # --------------------------------------------------------------------------- config -> stages
@@ -232,7 +233,10 @@ def tables_stage(run_dir: Path, stages: list[Stage]) -> Stage:
     tables = {"original_vs_dpo": table(["eval_original", "eval_dpo"])}
     if grpo_evals:
         tables["dpo_vs_grpo"] = table(["eval_dpo", *grpo_evals])
-    return Stage("tables", run_tables_stage, {"tables": tables}, needs=("eval_original", "eval_dpo", *grpo_evals))
+    # Rebuilt on every run (it takes milliseconds), so the tables always show the evals as they are now,
+    # e.g. once a condition is added to a finished run.
+    needs = ("eval_original", "eval_dpo", *grpo_evals)
+    return Stage("tables", run_tables_stage, {"tables": tables}, needs=needs, always_run=True)
 
 
 # --------------------------------------------------------------------------- what each stage does
@@ -324,7 +328,7 @@ def run_stage(stage: Stage, run_dir: Path) -> None:
             write_manifest(stage_dir, {"stage": stage.name, "status": "skipped", "reason": stage.skip_reason, "checked_at": now()})
         click.echo(f"[{stage.name}] skipped: {stage.skip_reason}")
         return
-    if is_done(earlier):
+    if is_done(earlier) and not stage.always_run:
         _check_same_settings(stage, earlier, stage_dir)
         click.echo(f"[{stage.name}] done earlier (finished {earlier['finished_at']}): skipping")
         return
@@ -340,7 +344,7 @@ def run_stage(stage: Stage, run_dir: Path) -> None:
         raise
     except Exception as err:  # noqa: BLE001 - recorded, then reported as one line
         reason = _reason(err)
-        write_manifest(stage_dir, finish(manifest, "failed", reason=reason, traceback=traceback.format_exc(limit=30)))
+        write_manifest(stage_dir, finish(manifest, "failed", reason=reason, traceback=traceback.format_exc()))
         raise UserError(
             f"stage {stage.name} failed: {reason} (traceback in {stage_dir / 'manifest.json'}); "
             f"earlier stages are intact: fix the cause and rerun the same command to continue"

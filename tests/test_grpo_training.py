@@ -124,3 +124,11 @@ def test_reward_options_per_reward_and_random_seed_default(tmp_path):
     rewards = build_rewards(config)
     assert set(rewards) == {"random", "zero"}
     assert rewards["random"].seed == 7
+
+
+def test_long_prompts_keep_their_end_and_bos():
+    from trainers.rollouts import _keep_end
+
+    assert _keep_end([1, 5, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
+    assert _keep_end([9, 5, 6, 7, 8], 3, bos_id=1) == [6, 7, 8]
+    assert _keep_end([1, 5], 3, bos_id=1) == [1, 5]

@@ -89,12 +89,13 @@ def test_done_stages_are_skipped_on_rerun(tmp_path, monkeypatch, capsys):
     assert fakes.names() == STAGES  # every stage once, in order
     fakes.calls.clear()
     code, out, _ = _run(capsys, "pipeline", "--config", str(config))
-    assert code == 0 and fakes.calls == []
-    assert out.count("done earlier") == len(STAGES)
+    assert code == 0 and fakes.names() == ["tables"]  # the tables are always rebuilt from the evals
+    assert out.count("done earlier") == len(STAGES) - 1
     # a done stage whose output disappeared is not done any more
     (tmp_path / "run" / "eval_dpo" / "output.txt").unlink()
+    fakes.calls.clear()
     _run(capsys, "pipeline", "--config", str(config))
-    assert fakes.names() == ["eval_dpo"]
+    assert fakes.names() == ["eval_dpo", "tables"]
 
 
 def test_manifest_records_config_code_versions_seed_and_times(tmp_path, monkeypatch, capsys):
@@ -337,4 +338,16 @@ def test_demo_runs_the_whole_pipeline_end_to_end(tmp_path, capsys):
     assert (out_dir / "demo.yaml").exists() and str(out_dir) in out
     # rerun: everything is done, nothing runs again
     code, out, _ = _run(capsys, "demo", "--out", str(out_dir), *[a for item in smallest for a in ("--set", item)])
-    assert code == 0 and out.count("done earlier") == len(expected) and "starting" not in out
+    assert code == 0 and out.count("done earlier") == len(expected) - 1 and out.count("starting") == 1  # the tables
+    assert "| Benchmark | Metric | Original | DPO-Aligned | Delta |" in out
+
+
+def test_adding_a_condition_to_a_finished_run_runs_only_it_and_rebuilds_the_tables(tmp_path, monkeypatch, capsys):
+    fakes = FakeStages(monkeypatch)
+    config = _write_config(tmp_path)
+    _run(capsys, "pipeline", "--config", str(config))
+    fakes.calls.clear()
+    code, _, _ = _run(capsys, "pipeline", "--config", str(config), "--set", "conditions.toy.reward=toy")
+    assert code == 0 and fakes.names() == ["grpo_toy", "eval_grpo_toy", "tables"]
+    tables = read_manifest(tmp_path / "run" / "tables")
+    assert tables["attempt"] == 2 and str(tmp_path / "run" / "eval_grpo_toy") in tables["config"]["tables"]["dpo_vs_grpo"]["runs"]

@@ -63,7 +63,7 @@ def sample_completions(
     captured once and reused at every step.
     """
     started = time.perf_counter()
-    prompt_ids = [tokenize_prompt(tokenizer, text)[-max_prompt_length:] for text in prompts]
+    prompt_ids = [_keep_end(tokenize_prompt(tokenizer, text), max_prompt_length, tokenizer.bos_token_id) for text in prompts]
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
     was_training = model.training
     model.eval()  # gradient checkpointing turns the KV cache off in training mode
@@ -77,6 +77,15 @@ def sample_completions(
         model.train(was_training)
     sequences = [seq for piece in pieces for seq in piece]
     return _layout(tokenizer, repeated, sequences, max_new_tokens, stop_strings, time.perf_counter() - started)
+
+
+def _keep_end(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+    """The last `limit` prompt tokens (the statement is at the end), still starting with BOS if it did."""
+    if len(ids) <= limit:
+        return ids
+    if bos_id is not None and ids[0] == bos_id:
+        return [bos_id] + ids[len(ids) - limit + 1 :]
+    return ids[len(ids) - limit :]
 
 
 def _generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, stop_strings, shape=None) -> list[list[int]]:
