@@ -7,7 +7,6 @@ stage, and one runs the whole demo at its smallest size.
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from datetime import datetime

@@ -86,7 +86,7 @@ def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = Fal
     progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
     last: dict = {}
     window: list[dict] = []  # the steps since the last printed line, averaged when printed
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         for step in range(start_step, config.max_steps):
             step_rng = rng_state()  # saved if this step is interrupted, so a resume replays it exactly
             try:
@@ -220,7 +220,7 @@ def _format_metrics(metrics: dict) -> str:
     return " | ".join(parts)
 
 
-class _sigterm_as_interrupt:
+class sigterm_as_interrupt:
     """Turn SIGTERM (a cluster's preemption) into KeyboardInterrupt so a checkpoint is written."""
 
     def __enter__(self):
