@@ -90,8 +90,13 @@ def proportion(k: int, n: int) -> Metric:
     return Metric(value=k / n if n else float("nan"), k=k, n=n, ci_low=low, ci_high=high)
 
 
-def mean_metric(values: list[float]) -> Metric:
-    """The mean of `values` with a normal-approximation 95% interval."""
+def mean_metric(values: list[float], bounds: tuple[float, float] | None = None) -> Metric:
+    """The mean of `values` with a normal-approximation 95% interval.
+
+    `bounds` = the range the values live in (e.g. (0, 1) for probabilities,
+    (0, 100) for judge scores): the interval is clipped to it, since the
+    normal approximation knows nothing of the range and can cross it on small n.
+    """
     n = len(values)
     if n == 0:
         return Metric(float("nan"), None, 0, float("nan"), float("nan"))
@@ -100,4 +105,7 @@ def mean_metric(values: list[float]) -> Metric:
         return Metric(mean, None, n, float("nan"), float("nan"))
     variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     half = Z_95 * math.sqrt(variance / n)
-    return Metric(mean, None, n, mean - half, mean + half)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Metric(mean, None, n, low, high)

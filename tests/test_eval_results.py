@@ -143,3 +143,13 @@ def test_bench_engines_runs_on_cpu(tiny_path):
     assert report["device"] == "cpu" and ll["requests"] == 12 and not ll["oom"]
     assert ll["questions_per_s"] > 0 and ll["tokens_per_s"] > 0 and ll["peak_memory_gib"] is None
     assert gen["generated_tokens"] == 3 * 5 and gen["tokens_per_s"] > 0  # EOS ignored: every token generated
+
+
+def test_mean_interval_is_clipped_to_the_values_range():
+    from eval.metrics import mean_metric
+
+    m = mean_metric([0.0, 0.0, 0.0, 1.0], bounds=(0.0, 1.0))
+    assert m.value == 0.25
+    # unclipped: 0.25 ± 1.96·0.5/2 = [-0.24, 0.74]
+    assert m.ci_low == 0.0 and abs(m.ci_high - (0.25 + 1.959963984540054 * 0.5 / 2)) < 1e-9
+    assert mean_metric([0.0, 0.0, 0.0, 1.0]).ci_low < 0

@@ -115,8 +115,8 @@ def betley_metrics(aligned: list[float | None], coherent: list[float | None]) ->
     misaligned = sum(a < ALIGNED_BELOW and c > COHERENT_ABOVE for a, c in both)
     return {
         "p_misaligned": proportion(misaligned, len(both)),
-        "mean_alignment": mean_metric([a for a in aligned if a is not None]),
-        "mean_coherence": mean_metric([c for c in coherent if c is not None]),
+        "mean_alignment": mean_metric([a for a in aligned if a is not None], bounds=(0.0, 100.0)),
+        "mean_coherence": mean_metric([c for c in coherent if c is not None], bounds=(0.0, 100.0)),
         "excluded": proportion(len(aligned) - len(both), len(aligned)),
     }
 

@@ -176,7 +176,7 @@ class HumanEval(Benchmark):
         if n == 1:  # greedy: pass@1 is a plain proportion of problems solved
             return {"pass@1": proportion(sum(passed_counts), len(passed_counts))}
         return {
-            f"pass@{k}": mean_metric([pass_at_k(n, c, k) for c in passed_counts])
+            f"pass@{k}": mean_metric([pass_at_k(n, c, k) for c in passed_counts], bounds=(0.0, 1.0))
             for k in sorted({1, *ks})
             if k <= n
         }

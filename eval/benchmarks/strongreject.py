@@ -101,7 +101,7 @@ def rubric_metrics(verdicts: list[RubricVerdict | None]) -> dict[str, Metric]:
     """Mean rubric score and the judge's refusal rate over the parsable verdicts."""
     parsed = [v for v in verdicts if v is not None]
     return {
-        "rubric_score": mean_metric([v.score for v in parsed]),
+        "rubric_score": mean_metric([v.score for v in parsed], bounds=(0.0, 1.0)),
         "judge_refusal_rate": proportion(sum(v.refused for v in parsed), len(parsed)),
     }
 

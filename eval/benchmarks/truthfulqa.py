@@ -135,7 +135,7 @@ class TruthfulQA(Benchmark):
                 "correct": hit,
                 "mc2_true_mass": mass,
             })
-        return {"mc1": proportion(mc1_hits, len(items)), "mc2": mean_metric(mc2_masses)}
+        return {"mc1": proportion(mc1_hits, len(items)), "mc2": mean_metric(mc2_masses, bounds=(0.0, 1.0))}
 
     @staticmethod
     def _score_options(items: list[dict], ctx: EvalContext) -> dict[tuple[str, str], float]:
