@@ -73,7 +73,7 @@ class GRPORecipe:
 
     def loss(self, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
         batch, columns = self._rows(rows)
-        logps = token_logprobs_of(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.config.logprob_chunk_size)
+        logps = self._token_logprobs(self.model, batch)
         mask = response_mask(batch["labels"])
         # stored log-probs cover the full width; position t of this batch is column start + t there
         stored = slice(columns.start, columns.stop - 1)
@@ -122,11 +122,14 @@ class GRPORecipe:
                 static_cache=config.generation_cache == "static",
             )  # fmt: skip
         self.rollout_step = generation_step
+        scoring_started = time.perf_counter()  # rewards (a Lean check can take seconds) and old/ref log-probs
         tasks = [self.tasks[i] for i in indices for _ in range(config.num_generations)]
-        scores = {name: torch.tensor(fn(tasks, self.rollout.completions, step=step), dtype=torch.float32) for name, fn in self.rewards.items()}
+        scores = {
+            name: torch.tensor(fn(tasks, self.rollout.completions, step=step), dtype=torch.float32)
+            for name, fn in self.rewards.items()
+        }
         total = torch.stack(list(scores.values())).sum(0)
         self.advantages = group_advantages(total, config.num_generations, config.advantage_scale, config.advantage_eps)
-        scoring_started = time.perf_counter()
         self.old_logps = self._logps_of_rollout(self.model) if config.num_iterations > 1 else None
         self.ref_logps = self._logps_of_rollout_under_reference() if config.beta > 0 else None
         self.rollout_metrics = self._rollout_summary(total, scores, time.perf_counter() - scoring_started)
@@ -137,8 +140,13 @@ class GRPORecipe:
         with torch.no_grad(), autocast_context(self.device, self.config.precision):
             for rows in self.step_batches_for_scoring():
                 batch, _ = self._rows(rows, trim=False)
-                pieces.append(token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.config.logprob_chunk_size).float().cpu())
+                pieces.append(self._token_logprobs(model, batch).float().cpu())
         return torch.cat(pieces)
+
+    def _token_logprobs(self, model, batch: dict) -> torch.Tensor:
+        return token_logprobs_of(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.config.logprob_chunk_size
+        )
 
     def _logps_of_rollout_under_reference(self) -> torch.Tensor:
         with self.reference_model() as reference:
