@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.collators import PreferenceCollator
+from data.errors import UserError
 from data.hh_rlhf import describe_skips, load_hh_rlhf
 from data.sampler import EpochSampler
 from losses.dpo import dpo_loss
@@ -55,6 +56,7 @@ class DPORecipe:
         )
         self.sampler = EpochSampler(len(self.pairs), config.seed)
         self.pairs_per_step = config.micro_batch_size * config.grad_accum_steps
+        self.pairs_seen = 0
         trainable, total = count_trainable(self.model)
         tqdm.write(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         self.reference_logps = self._precompute_reference() if config.precompute_ref_logps else None
@@ -62,6 +64,7 @@ class DPORecipe:
     # --- what the loop asks of a recipe -------------------------------------------------
     def step_batches(self, step: int) -> list[dict]:
         indices = self.sampler.indices(step * self.pairs_per_step, self.pairs_per_step)
+        self.pairs_seen = (step + 1) * self.pairs_per_step
         size = self.config.micro_batch_size
         return [self._micro_batch(indices[i : i + size]) for i in range(0, len(indices), size)]
 
@@ -96,11 +99,16 @@ class DPORecipe:
         return sequence_logprobs_of(model, batch, self.config.logprob_chunk_size)
 
     def state_dict(self) -> dict:
-        return {"dataset_size": len(self.pairs)}  # the position itself is a function of the step
+        """The data position. The order is a pure function of (seed, position), so this is all it takes."""
+        return {"dataset_size": len(self.pairs), "pairs_seen": self.pairs_seen}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("dataset_size") != len(self.pairs):
-            raise RuntimeError("the dataset changed since the checkpoint was written; resume with the same data")
+            raise UserError(
+                f"the dataset has {len(self.pairs)} usable pairs but the checkpoint was written with "
+                f"{state.get('dataset_size')}; resume with the same data (dataset, split, limit)"
+            )
+        self.pairs_seen = state["pairs_seen"]
 
     # --- the reference model -------------------------------------------------------------
     def _reference_logps(self, batch: dict, indices: list[int]) -> torch.Tensor:
