@@ -153,3 +153,17 @@ def test_mean_interval_is_clipped_to_the_values_range():
     # unclipped: 0.25 ± 1.96·0.5/2 = [-0.24, 0.74]
     assert m.ci_low == 0.0 and abs(m.ci_high - (0.25 + 1.959963984540054 * 0.5 / 2)) < 1e-9
     assert mean_metric([0.0, 0.0, 0.0, 1.0]).ci_low < 0
+
+
+def test_eval_is_importable_without_the_trainers():
+    """eval/ stands alone: importing all of it pulls in nothing from trainers/ or launch/."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, eval.runner, eval.cli, eval.benchmarks, eval.bench, eval.judges, eval.engines\n"
+        "import eval.benchmarks.humaneval, eval.benchmarks.mmlu, eval.benchmarks.betley\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trainers', 'launch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
