@@ -338,7 +338,7 @@ def run_stage(stage: Stage, run_dir: Path) -> None:
     write_manifest(stage_dir, manifest)
     click.echo(f"[{stage.name}] {'resuming from its last checkpoint' if resume else 'starting'} in {stage_dir}")
     try:
-        outputs = _run_withsigterm_as_interrupt(stage, stage_dir, resume)
+        outputs = _run_with_sigterm_as_interrupt(stage, stage_dir, resume)
     except KeyboardInterrupt:
         write_manifest(stage_dir, finish(manifest, "interrupted", reason="interrupted (Ctrl-C or SIGTERM)"))
         raise
@@ -355,7 +355,7 @@ def run_stage(stage: Stage, run_dir: Path) -> None:
     click.echo(f"[{stage.name}] done")
 
 
-def _run_withsigterm_as_interrupt(stage: Stage, stage_dir: Path, resume: bool) -> dict:
+def _run_with_sigterm_as_interrupt(stage: Stage, stage_dir: Path, resume: bool) -> dict:
     # A cluster's preemption (SIGTERM) then ends an eval as cleanly as a training stage.
     from trainers.loop import sigterm_as_interrupt
 
