@@ -14,7 +14,6 @@ before training and cached in the output directory.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from trainers.models import (
     count_trainable,
     frozen_copy,
     load_policy,
+    reference_model,
     save_trained,
     sequence_logprobs_of,
     shared_prompt_logprobs_of,
@@ -115,34 +115,27 @@ class DPORecipe:
         if self.reference_logps is not None:
             rows = torch.tensor(indices)
             return torch.cat([self.reference_logps[rows, 0], self.reference_logps[rows, 1]]).to(self.device)
-        with torch.no_grad(), self.reference_model() as reference:
-            return self.pair_logprobs(reference, batch)
+        return self._reference_logps_live(batch)
 
-    @contextmanager
-    def reference_model(self):
-        """The frozen reference: the policy with its adapter disabled (LoRA) or a frozen copy."""
-        if self.reference is not None:
-            yield self.reference
-        else:
-            with self.model.disable_adapter():
-                yield self.model
+    def _reference_logps_live(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad(), reference_model(self.model, self.reference) as reference:
+            return self.pair_logprobs(reference, batch)
 
     def _precompute_reference(self) -> torch.Tensor:
         """(num_pairs, 2) reference log-probabilities of (chosen, rejected) for every pair the run uses."""
         cache = self.out_dir / "reference_logps.pt"
         if cache.exists():
             return torch.load(cache)
-        needed = sorted(set(self.sampler.indices(0, min(len(self.pairs), self.config.max_steps * self.pairs_per_step))))
-        if self.config.max_steps * self.pairs_per_step > len(self.pairs):
-            needed = list(range(len(self.pairs)))
+        used = self.config.max_steps * self.pairs_per_step
+        needed = sorted(set(self.sampler.indices(0, used))) if used < len(self.pairs) else list(range(len(self.pairs)))
         table = torch.full((len(self.pairs), 2), float("nan"))
         size = self.config.micro_batch_size * 2  # no activations are kept: twice the training micro-batch fits
         with torch.no_grad():
             for start in tqdm(range(0, len(needed), size), desc="reference log-probs"):
                 chunk = needed[start : start + size]
                 mb = self._micro_batch(chunk)
-                with self.reference_model() as reference, autocast_context(self.device, self.config.precision):
-                    logps = self.pair_logprobs(reference, mb["batch"]).float().cpu()
+                with autocast_context(self.device, self.config.precision):
+                    logps = self._reference_logps_live(mb["batch"]).float().cpu()
                 table[chunk, 0], table[chunk, 1] = logps[: len(chunk)], logps[len(chunk) :]
         atomic_torch_save(table, cache)
         return table

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from losses.logprobs import response_mask
 from trainers.checkpoint import atomic_write_text, seed_everything
 from trainers.config import GRPOConfig, save_config
 from trainers.loop import autocast_context, train
-from trainers.models import count_trainable, frozen_copy, load_policy, save_trained, token_logprobs_of
+from trainers.models import count_trainable, frozen_copy, load_policy, reference_model, save_trained, token_logprobs_of
 from trainers.rewards import build_reward
 from trainers.rollouts import Rollout, sample_completions
 
@@ -149,20 +148,12 @@ class GRPORecipe:
         )
 
     def _logps_of_rollout_under_reference(self) -> torch.Tensor:
-        with self.reference_model() as reference:
+        with reference_model(self.model, self.reference) as reference:
             return self._logps_of_rollout(reference)
 
     def step_batches_for_scoring(self) -> list[slice]:
         size = self.config.micro_batch_size * 2  # no activations kept: bigger batches fit
         return [slice(i, min(i + size, len(self.rollout))) for i in range(0, len(self.rollout), size)]
-
-    @contextmanager
-    def reference_model(self):
-        if self.reference is not None:
-            yield self.reference
-        else:
-            with self.model.disable_adapter():
-                yield self.model
 
     def _rows(self, rows: slice, trim: bool = True) -> tuple[dict, slice]:
         """The rows of the rollout as a model batch and the columns kept.

@@ -8,6 +8,8 @@ never built.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from data.hub import load_causal_lm, load_tokenizer
@@ -75,6 +77,17 @@ def frozen_copy(model):
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
+
+
+@contextmanager
+def reference_model(policy, frozen=None):
+    """The frozen reference: `frozen` when there is one (full fine-tuning), else the policy with
+    its LoRA adapter disabled, which gives exactly the base model's outputs and costs no memory."""
+    if frozen is not None:
+        yield frozen
+    else:
+        with policy.disable_adapter():
+            yield policy
 
 
 def save_trained(model, tokenizer, target):
