@@ -1,9 +1,10 @@
 """Phase 1: Direct Preference Optimization with LoRA, as a recipe for the shared loop.
 
 Each optimizer step takes `micro_batch_size × grad_accum_steps` preference
-pairs. For each micro-batch the chosen and rejected sequences go through the
-policy in one forward pass (the collator stacks them), and through the
-reference model, which is the same network with the LoRA adapter switched
+pairs. For each micro-batch the chosen and rejected replies go through the
+policy in one forward pass — by default as rows [prompt][chosen][rejected],
+so each prompt is computed once (data/collators.py: pack_shared_prompt) — and
+through the reference model, which is the same network with the LoRA adapter switched
 off: no second copy of the 7B weights. With `precompute_ref_logps` the
 reference log-probabilities of every pair the run will use are computed once
 before training and cached in the output directory.
