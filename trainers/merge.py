@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from data.errors import UserError
 from data.hub import load_causal_lm, load_tokenizer
 from trainers.checkpoint import atomic_directory, atomic_write_text
@@ -24,7 +26,7 @@ def merge_in_memory(peft_model, tokenizer, out_dir: Path) -> Path:
     report = {"dtype": dtype, "relative_error_of_update": error}
     atomic_write_text(Path(path) / "merge_report.json", json.dumps(report, indent=2) + "\n")
     if error > 0.01:
-        print(f"merge: in {dtype}, the merged weights carry the adapter's update with relative error {error:.2f} "
+        tqdm.write(f"merge: in {dtype}, the merged weights carry the adapter's update with relative error {error:.2f} "
               f"(rounding); merge with --dtype float32 to keep it exactly")  # fmt: skip
     return path
 
