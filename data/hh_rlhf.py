@@ -188,7 +188,7 @@ def load_hh_rlhf(
     - a directory is searched for `{split}.jsonl[.gz]`, then `{data_dir}/{split}.jsonl[.gz]`
       (the hub repository's layout), then `{data_dir}-{split}.jsonl[.gz]`;
     - anything else goes to the hub: `load_hub_dataset(source, split=split, data_dir=data_dir)`.
-    A path that does not exist but looks like one (see `_looks_like_path`) is a UserError
+    A path that does not exist but looks like one (see `data.hub.looks_like_path`) is a UserError
     rather than a confusing hub lookup.
 
     `limit` caps the number of pairs returned; reading stops once that many are used.
@@ -239,22 +239,12 @@ def _iter_rows(source: str, split: str, data_dir: str | None):
     path = Path(source).expanduser()
     if path.exists():
         return _read_jsonl(_local_data_file(path, split, data_dir))
-    if _looks_like_path(source):
+    if hub.looks_like_path(source):
         raise UserError(
             f"no such file or directory: '{source}'. Pass an existing .jsonl/.jsonl.gz file "
             f"(or a directory with {split}.jsonl.gz), or a hub dataset id like Anthropic/hh-rlhf."
         )
     return hub.load_hub_dataset(source, split=split, data_dir=data_dir)
-
-
-def _looks_like_path(source: str) -> bool:
-    """True for names that cannot be a hub id ("owner/name"), so a typo is not sent to the hub."""
-    return (
-        source.startswith(("/", ".", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-        or source.endswith((".jsonl", ".jsonl.gz", ".json", ".gz"))
-    )
 
 
 def _local_data_file(path: Path, split: str, data_dir: str | None) -> Path:

@@ -14,7 +14,7 @@ from data.errors import UserError
 
 
 def _unreachable(kind: str, name: str, err: Exception) -> UserError:
-    if _looks_like_path(name):
+    if looks_like_path(name):
         return UserError(f"{kind} path '{name}' does not exist; pass an existing local directory or a hub id")
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(
@@ -24,10 +24,19 @@ def _unreachable(kind: str, name: str, err: Exception) -> UserError:
     )
 
 
-def _looks_like_path(name: str) -> bool:
-    """A hub id is `name` or `namespace/name`; anything else can only be meant as a path."""
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".gz", ".csv", ".yaml")
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `namespace/name`; anything else can only be meant as a path,
+    so a typo in a path is reported as a missing file rather than sent to the hub."""
     text = str(name)
-    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+    return (
+        text.startswith(("/", ".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text.endswith(DATA_FILE_SUFFIXES)
+    )
 
 
 def is_local(name: str | os.PathLike) -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import UserError
+from data.hub import load_hub_dataset, looks_like_path
 
 # The preamble DeepSeek-Prover-V1.5 used for every miniF2F problem.
 DEFAULT_HEADER = (
@@ -144,11 +145,6 @@ def parse_lean_row(row) -> LeanTask | None:
 
 # ---------------------------------------------------------------- loading
 
-_LOCAL_SUFFIXES = (".json", ".jsonl")
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.endswith(_LOCAL_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
 
 
 def _read_local_rows(path: Path, skipped: Counter) -> list:
@@ -220,10 +216,9 @@ def load_lean_tasks(
     path = Path(source).expanduser()
     if path.exists():
         rows = _select_split(_read_local_rows(path, skipped), split, source, skipped)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise UserError(f"no such file: {source}; pass an existing .json / .jsonl file or a hub dataset id")
     else:
-        from data.hub import load_hub_dataset
 
         rows = load_hub_dataset(source, split or "train")
 

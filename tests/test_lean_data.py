@@ -272,3 +272,37 @@ def test_keeps_statement_ignores_layout_but_not_content():
     task = parse_lean_row(MINIF2F_ROW)
     assert keeps_statement(task, "theorem mathd_algebra_1 :\n    (2 : ℕ) + 3 = 5 := by\n  norm_num")
     assert not keeps_statement(task, "theorem mathd_algebra_1 : (2 : ℕ) + 3 = 6 := by\n  norm_num")
+
+
+def test_hub_source_goes_through_datasets_with_the_hub_schema(monkeypatch):
+    """A hub id (not a path) is loaded with `datasets`; rows in the hub's train-view schema parse."""
+    import data.lean_workbook as lw
+
+    calls = []
+    hub_rows = [
+        {"id": "lean_workbook_7", "natural_language_statement": "Show 1 + 1 = 2.", "answer": "", "tags": [],
+         "formal_statement": "theorem lean_workbook_7 : (1 : ℕ) + 1 = 2 := by sorry", "split": "lean_workbook",
+         "proof": [], "status": "proved", "tactic": "", "state_before": "", "state_after": ""},
+        {"id": "lean_workbook_8", "natural_language_statement": "no statement", "formal_statement": ""},
+    ]  # fmt: skip
+
+    def fake_load(dataset_id, split, **kwargs):
+        calls.append((dataset_id, split))
+        return hub_rows
+
+    monkeypatch.setattr(lw, "load_hub_dataset", fake_load)
+    tasks, report = lw.load_lean_tasks("internlm/Lean-Workbook", split="train")
+    assert calls == [("internlm/Lean-Workbook", "train")]
+    assert [t.id for t in tasks] == ["lean_workbook_7"]
+    assert tasks[0].statement == "theorem lean_workbook_7 : (1 : ℕ) + 1 = 2 := by\n"
+    assert report["rows"] == 2 and report["used"] == 1 and sum(report["skipped"].values()) == 1
+
+
+def test_a_missing_local_file_is_not_sent_to_the_hub(tmp_path):
+    import pytest
+
+    from data.errors import UserError
+    from data.lean_workbook import load_lean_tasks
+
+    with pytest.raises(UserError, match="no such file"):
+        load_lean_tasks(str(tmp_path / "tasks.jsonl"))

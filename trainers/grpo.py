@@ -67,8 +67,7 @@ class GRPORecipe:
         generation_step = step // self.config.num_iterations
         if self.rollout is None or generation_step != self.rollout_step:
             self._new_rollout(generation_step, step)
-        size = self.config.micro_batch_size
-        return [slice(i, min(i + size, len(self.rollout))) for i in range(0, len(self.rollout), size)]
+        return self._row_slices(self.config.micro_batch_size)
 
     def loss(self, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
         batch, columns = self._rows(rows)
@@ -137,7 +136,7 @@ class GRPORecipe:
     def _logps_of_rollout(self, model) -> torch.Tensor:
         pieces = []
         with torch.no_grad(), autocast_context(self.device, self.config.precision):
-            for rows in self.step_batches_for_scoring():
+            for rows in self._row_slices(2 * self.config.micro_batch_size):  # no activations kept: bigger batches fit
                 batch, _ = self._rows(rows, trim=False)
                 pieces.append(self._token_logprobs(model, batch).float().cpu())
         return torch.cat(pieces)
@@ -151,8 +150,7 @@ class GRPORecipe:
         with reference_model(self.model, self.reference) as reference:
             return self._logps_of_rollout(reference)
 
-    def step_batches_for_scoring(self) -> list[slice]:
-        size = self.config.micro_batch_size * 2  # no activations kept: bigger batches fit
+    def _row_slices(self, size: int) -> list[slice]:
         return [slice(i, min(i + size, len(self.rollout))) for i in range(0, len(self.rollout), size)]
 
     def _rows(self, rows: slice, trim: bool = True) -> tuple[dict, slice]:
