@@ -33,6 +33,7 @@ import torch
 
 from data.errors import UserError
 from data.hh_rlhf import PreferencePair, check_prompt_style, format_prompt
+from data.tokens import encode_prompt
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 TRUNCATION_SIDES = ("left", "right")
@@ -97,7 +98,7 @@ class PreferenceCollator:
 
     def tokenize_pair(self, pair: PreferencePair) -> TokenizedPair:
         """Token ids of one pair's prompt and replies, truncated to fit `max_length`."""
-        prompt = tokenize_prompt(self.tokenizer, format_prompt(pair.prompt, self.prompt_format, self.tokenizer))
+        prompt = encode_prompt(self.tokenizer, format_prompt(pair.prompt, self.prompt_format, self.tokenizer))
         chosen = tokenize_response(self.tokenizer, self._response_text(pair.chosen))
         rejected = tokenize_response(self.tokenizer, self._response_text(pair.rejected))
         return self._truncate(TokenizedPair(prompt, chosen, rejected))
@@ -140,25 +141,6 @@ class PreferenceCollator:
             attention_mask[row, : len(ids)] = 1
             labels[row, prompt_length : len(ids)] = ids_tensor[prompt_length:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def tokenize_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids with the tokenizer's usual special tokens and never a doubled BOS.
-
-    When the text already starts with the BOS text (a chat template wrote it), that text
-    is removed before tokenizing and the BOS id is put back once, even for a tokenizer
-    that does not add BOS on its own, since the template asked for it.
-    """
-    bos_text, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-    text_has_bos = bool(bos_text) and bos_id is not None and text.startswith(bos_text)
-    if text_has_bos:
-        text = text[len(bos_text) :]
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    if text_has_bos and (not ids or ids[0] != bos_id):
-        ids.insert(0, bos_id)
-    while bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
-        del ids[0]
-    return ids
 
 
 def tokenize_response(tokenizer, text: str) -> list[int]:

@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from eval.engines import GenerationEngine, GenerationRequest, LoglikelihoodEngine, LoglikelihoodRequest, encode_continuation
+from data.tokens import encode_continuation
+from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest
+from eval.generation import GenerationEngine, GenerationRequest
 
 CHOICES = (" A", " B", " C", " D")
 
@@ -101,7 +103,8 @@ def bench_generation(model, tokenizer, batch_size: int, n_prompts: int, prompt_t
     prompts = random_texts(tokenizer, n_prompts, prompt_tokens, seed + 1)
     requests = [GenerationRequest(p, max_new_tokens=max_new_tokens) for p in prompts]
     engine = GenerationEngine(model, tokenizer, batch_size=batch_size, seed=seed, stop_at_eos=False)
-    engine.generate([GenerationRequest(p, max_new_tokens=4) for p in prompts[:batch_size]], desc="warm-up")
+    # Warm-up: one batch of the real shape, so every CUDA graph the timed run needs is captured.
+    engine.generate(requests[:batch_size], desc="warm-up")
     engine.stats = {k: 0 if isinstance(v, int) else 0.0 for k, v in engine.stats.items()}
     _, seconds, peak, oom = _timed(device, lambda: engine.generate(requests, desc="bench generation"))
     generated = engine.stats["generated_tokens"]

@@ -1,12 +1,13 @@
-"""The two engines every benchmark shares: batched generation and batched log-likelihood.
+"""The log-likelihood engine every multiple-choice benchmark shares (generation: eval/generation.py).
 
 Benchmarks never call the model themselves. They describe what they need as
-requests (`GenerationRequest`, `LoglikelihoodRequest`) and hand a list of them
-to an engine, which batches, runs and returns the answers in request order.
-Because batching is the engines' job alone, the property that matters can be
-tested once: batched results equal one-at-a-time results.
+requests (`LoglikelihoodRequest`, or `GenerationRequest` for the generation
+engine) and hand a list of them to an engine, which batches, runs and returns
+the answers in request order. Because batching is the engines' job alone, the
+property that matters can be tested once: batched results equal
+one-at-a-time results.
 
-How both engines batch:
+How the engine batches:
 
 * Rows are sorted by token length, longest first, and cut into batches of
   `batch_size`: rows of similar length waste little padding, and the longest
@@ -30,7 +31,6 @@ Llama 3's do not.)
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import time
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from data.errors import UserError
+from data.tokens import encode_continuation, encode_prompt, left_pad, pad_id_of
 
 try:  # tqdm ships with transformers; progress bars are a convenience only
     from tqdm.auto import tqdm
@@ -48,16 +49,6 @@ except ImportError:  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str  # already formatted (chat template applied, or raw text)
-    max_new_tokens: int = 512
-    stop: tuple[str, ...] = ()
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -102,23 +93,7 @@ def _apply_template(tokenizer, messages: list[dict]) -> str:
 
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt: with BOS, unless the text already starts with it."""
-    bos = tokenizer.bos_token
-    already_has_bos = bool(bos) and text.startswith(bos)
-    return list(tokenizer(text, add_special_tokens=not already_has_bos)["input_ids"])
 
-
-def encode_continuation(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def pad_id_of(tokenizer) -> int:
-    """The pad id; EOS when the tokenizer has none (padding is masked anyway)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0  # pragma: no cover
 
 
 def model_device(model) -> torch.device:
@@ -150,18 +125,6 @@ class _ModelCaller:
         logits = out.logits[:, -keep:, :]
         return logits, getattr(out, self.cache_kw, None)
 
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position_ids of left-padded rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    # Positions count real tokens only, so a padded row sees the same positions as alone.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -290,176 +253,3 @@ class LoglikelihoodEngine:
                 raise UserError(f"a continuation of {keep} tokens does not fit the model's {self.max_length} positions")
             return row[len(row) - self.max_length:]
         return row
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def row_seed(seed: int, prompt: str, sample: int) -> int:
-    """A sampling seed that depends on the prompt and sample number only.
-
-    So a sampled answer does not change with batch size, request order or
-    --limit, and a rerun reproduces it.
-    """
-    digest = hashlib.sha256(f"{seed}\x00{sample}\x00{prompt}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in text, or None."""
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    at = first_stop(text, stops)
-    return text if at is None else text[:at]
-
-
-@dataclass
-class _Row:
-    request: int
-    sample: int
-    ids: list[int]
-    max_new: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
-    generator: torch.Generator | None
-    out: list[int]
-    done: bool = False
-
-
-class GenerationEngine:
-    """Batched generation with a hand-written decoding loop over the model's KV cache.
-
-    Greedy when a request's temperature is 0; otherwise temperature / top-p
-    sampling with one random generator per answer, seeded from (seed, prompt,
-    sample number). A row stops at EOS (not included), at `max_new_tokens`, or
-    when its text contains a stop string; the returned text is cut before the
-    first stop string. Finished rows are dropped from the batch as it goes.
-    """
-
-    def __init__(self, model, tokenizer, batch_size: int = 8, seed: int = 0, stop_at_eos: bool = True):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = max(1, int(batch_size))
-        self.seed = seed
-        self.stop_at_eos = stop_at_eos  # the speed benchmark turns it off to force full lengths
-        self.eos_ids = self._eos_ids(model, tokenizer)
-        self.prompt_hasher = None
-        self.stats = {"requests": 0, "rows": 0, "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
-        self._call = _ModelCaller(model)
-
-    @staticmethod
-    def _eos_ids(model, tokenizer) -> set[int]:
-        ids = set()
-        if tokenizer.eos_token_id is not None:
-            ids.add(int(tokenizer.eos_token_id))
-        config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if isinstance(config_eos, int):
-            ids.add(config_eos)
-        elif isinstance(config_eos, (list, tuple)):
-            ids.update(int(e) for e in config_eos)
-        return ids
-
-    def generate(self, requests: list[GenerationRequest], desc: str = "generate") -> list[list[str]]:
-        """n completions per request, in request order, each cut before its first stop string."""
-        device = model_device(self.model)
-        rows, copies = self._expand(requests, device)
-        self.stats["requests"] += len(requests)
-        self.stats["rows"] += len(rows)
-        batches = length_sorted_batches([len(r.ids) for r in rows], self.batch_size)
-        for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
-            start = time.perf_counter()
-            self._run_batch([rows[i] for i in batch], device)
-            self.stats["seconds"] += time.perf_counter() - start
-
-        texts = [[""] * req.n for req in requests]
-        for row in rows:
-            text = cut_at_stop(self.tokenizer.decode(row.out, skip_special_tokens=True), row.stop)
-            for sample in copies[(row.request, row.sample)]:
-                texts[row.request][sample] = text
-        return texts
-
-    def _expand(self, requests, device):
-        """One row per answer to compute; greedy answers are computed once and copied n times."""
-        rows, copies = [], {}
-        for i, req in enumerate(requests):
-            _hash_update(self.prompt_hasher, req.prompt)
-            ids = encode_prompt(self.tokenizer, req.prompt)
-            if not ids:
-                raise UserError("cannot generate from an empty prompt with a tokenizer that adds no BOS token")
-            greedy = req.temperature <= 0
-            for sample in range(1 if greedy else req.n):
-                generator = None
-                if not greedy:
-                    generator = torch.Generator(device=device)
-                    generator.manual_seed(row_seed(self.seed, req.prompt, sample))
-                rows.append(_Row(i, sample, ids, req.max_new_tokens, req.temperature, req.top_p, tuple(req.stop), generator, []))
-                copies[(i, sample)] = list(range(req.n)) if greedy else [sample]
-        return rows, copies
-
-    @torch.inference_mode()
-    def _run_batch(self, rows: list[_Row], device) -> None:
-        ids, mask, positions = left_pad([r.ids for r in rows], pad_id_of(self.tokenizer), device)
-        self.stats["prompt_tokens"] += int(mask.sum())
-        active = list(range(len(rows)))  # batch position -> index into rows
-        logits, cache = self._call(ids, mask, positions, keep=1)
-        next_pos = positions[:, -1] + 1
-        longest = max(r.max_new for r in rows)
-        for _ in range(longest):
-            tokens = self._pick([rows[a] for a in active], logits[:, -1, :])
-            for a, token in zip(active, tokens.tolist()):  # one device-to-host copy per step
-                self._append(rows[a], token)
-            keep = [b for b, a in enumerate(active) if not rows[a].done]
-            if not keep:
-                break
-            if len(keep) <= 0.75 * len(active) and hasattr(cache, "batch_select_indices"):
-                # Enough rows finished: drop them so the rest of the batch runs narrower.
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                tokens, mask, next_pos = tokens[index], mask[index], next_pos[index]
-                active = [active[b] for b in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits, cache = self._call(tokens.view(-1, 1), mask, next_pos.view(-1, 1), keep=1, cache=cache)
-            next_pos = next_pos + 1
-
-    def _pick(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each row: argmax, or a sample from its own generator."""
-        tokens = logits.argmax(dim=-1)
-        for b, row in enumerate(rows):
-            if row.generator is None or row.done:
-                continue
-            probs = torch.softmax(logits[b].float() / row.temperature, dim=-1)
-            if row.top_p < 1.0:
-                probs = _top_p_filter(probs, row.top_p)
-            tokens[b] = torch.multinomial(probs, 1, generator=row.generator)[0]
-        return tokens
-
-    def _append(self, row: _Row, token: int) -> None:
-        if row.done:
-            return
-        if self.stop_at_eos and token in self.eos_ids:
-            row.done = True
-            return
-        row.out.append(token)
-        self.stats["generated_tokens"] += 1
-        if len(row.out) >= row.max_new or (row.stop and self._hit_stop(row)):
-            row.done = True
-
-    def _hit_stop(self, row: _Row) -> bool:
-        # A stop string of L characters lies within the last L tokens (each token
-        # decodes to at least one character); a few more cover partial bytes.
-        window = max(len(s) for s in row.stop) + 4
-        tail = self.tokenizer.decode(row.out[-window:], skip_special_tokens=True)
-        return first_stop(tail, row.stop) is not None
-
-
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
-    sorted_probs, order = probs.sort(descending=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0
-    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return filtered / filtered.sum()

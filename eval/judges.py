@@ -176,7 +176,8 @@ class LocalJudge(Judge):
 
     def __init__(self, model, tokenizer, batch_size: int = 8, model_id: str = "local", min_prefix_prob: float = 1e-4):
         super().__init__()
-        from eval.engines import GenerationEngine, LoglikelihoodEngine
+        from eval.engines import LoglikelihoodEngine
+        from eval.generation import GenerationEngine
 
         self.model_id = model_id
         self.tokenizer = tokenizer
@@ -195,14 +196,14 @@ class LocalJudge(Judge):
         return format_prompt(self.tokenizer, prompt, system, "auto")
 
     def ask(self, prompts: list[str], max_tokens: int = 512, system: str | None = None) -> list[str | None]:
-        from eval.engines import GenerationRequest
+        from eval.generation import GenerationRequest
 
         self.calls += len(prompts)
         requests = [GenerationRequest(self.format(p, system), max_new_tokens=max_tokens) for p in prompts]
         return [texts[0] for texts in self.generator.generate(requests, desc="judge")]
 
     def score_0_100(self, prompts: list[str], labels: tuple[str, ...] = ()) -> list[JudgeScore]:
-        from eval.engines import encode_prompt
+        from data.tokens import encode_prompt
 
         self.calls += len(prompts)
         prefixes = [encode_prompt(self.tokenizer, self.format(p)) for p in prompts]
@@ -218,7 +219,7 @@ class LocalJudge(Judge):
     def candidates(self) -> dict[int, tuple[int, ...]]:
         """The token ids of each answer "0".."100", as the judge's tokenizer writes them."""
         if self._candidates is None:
-            from eval.engines import encode_continuation
+            from data.tokens import encode_continuation
 
             self._candidates = {k: tuple(encode_continuation(self.tokenizer, str(k))) for k in SCORE_VALUES}
         return self._candidates
@@ -237,7 +238,7 @@ class LocalJudge(Judge):
 
     def _label_prob(self, label: str, dist) -> float:
         # The first token of the label stands for the label: enough to name a reason.
-        from eval.engines import encode_continuation
+        from data.tokens import encode_continuation
 
         ids = encode_continuation(self.tokenizer, label)
         return math.exp(float(dist[ids[0]])) if ids else 0.0

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from data.errors import UserError
 from eval.benchmarks import get_benchmark, local_source, parse_benchmarks
-from eval.engines import PROMPT_FORMATS, GenerationEngine, LoglikelihoodEngine, format_prompt
+from eval.engines import PROMPT_FORMATS, LoglikelihoodEngine, format_prompt
+from eval.generation import GenerationEngine
 from eval.judges import make_judge
 from eval.results import (
     SUMMARY_FILE,

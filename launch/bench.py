@@ -57,14 +57,18 @@ def random_model(architecture: str, device: torch.device, dtype: torch.dtype):
 
 
 def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer whose ids 0..V−1 are the words t0..t{V−1}: any id decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level tokenizer over exactly the model's ids: <pad> 0, <s> 1, </s> 2, then t3 … t{V−1}.
+
+    Every id it can produce, BOS and EOS included, is inside the vocabulary, and
+    it adds BOS to a prompt as Llama's tokenizer does.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    vocab["<pad>"], vocab["<s>"], vocab["</s>"] = 0, 1, 2
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
@@ -113,9 +117,18 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
     }  # fmt: skip
 
 
-def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=256,
+COMPLETION_LENGTHS = ("full", "mixed")
+
+
+def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=512,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
-               generation_cache="dynamic", logprob_chunk_size=256, stochastic_rounding=True) -> dict:  # fmt: skip
+               cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full") -> dict:  # fmt: skip
+    """Phase 2 steps on random prompts of `prompt_len` tokens.
+
+    completion_lengths "full": every completion runs to max_new_tokens (EOS is ignored: a random model
+    hardly ever says it). "mixed": half the completions run to the limit, the other half end early, as if
+    at EOS, at a length drawn uniformly from [max_new_tokens / 8, max_new_tokens), seeded per row.
+    """
     from data.lean_workbook import LeanTask
     from trainers.config import GRPOConfig, make_config
     from trainers.grpo import GRPORecipe
@@ -130,7 +143,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
             max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size, generation_batch_size=generation_batch_size,
             precision=precision, device=str(device), optimizer=optimizer, save_every=0, log_every=1, lora=False,
             reward="random", stop_strings=[], lr=1e-6, max_prompt_length=prompt_len,
-            generation_cache=generation_cache, logprob_chunk_size=logprob_chunk_size,
+            generation_cuda_graphs=cuda_graphs, logprob_chunk_size=logprob_chunk_size,
             stochastic_rounding=stochastic_rounding,
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
@@ -139,6 +152,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         recipe = GRPORecipe(config, Path(out_dir), policy=(model, tokenizer, device), tasks=tasks)
         generator = torch.Generator().manual_seed(0)
         recipe.prompts = [" ".join(f"t{i}" for i in _random_ids(1, prompt_len - 1, 1000, generator)[0].tolist()) for _ in tasks]
+        recipe.generator = _scripted_generator(recipe, completion_lengths)
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
         records = _read_metrics(Path(out_dir))
@@ -147,14 +161,44 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     return {
         "benchmark": "grpo", "architecture": architecture, "device": _device_name(device),
         "completions_per_step": prompts * generations, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
-        "generation_cache": generation_cache, "stochastic_rounding": stochastic_rounding,
-        "first_step_s": round(records[0]["step_time_s"], 2),
+        "micro_batch_size": micro_batch_size,
+        "cuda_graphs": cuda_graphs, "completion_lengths": completion_lengths,
+        "stochastic_rounding": stochastic_rounding, "first_step_s": round(records[0]["step_time_s"], 2),
         "mean_completion_len": round(median("completion/length_mean"), 1), "steps": steps,
         "median_step_s": round(median("step_time_s"), 2), "generation_s": round(median("time/generation_s"), 2),
         "update_s": round(median("time/update_s"), 2),
         "generation_tokens_per_s": round(median("generation_tokens_per_s"), 1),
         "update_tokens_per_s": round(median("tokens_per_s"), 1), "peak_memory_gib": round(_peak_gib(device), 2),
+        "sampler_logprob_gap": round(median("sampler_logprob_gap"), 5),
     }  # fmt: skip
+
+
+def _scripted_generator(recipe, completion_lengths: str):
+    """The recipe's generation engine, with EOS replaced by lengths the benchmark chooses."""
+    from eval.generation import Generator
+
+    class ScriptedLengths(Generator):
+        calls = 0
+
+        def generate(self, prompts, max_new_tokens, *args, **kwargs):
+            self.limit = max_new_tokens
+            lengths = [max_new_tokens] * len(prompts)
+            if completion_lengths == "mixed":
+                rng = torch.Generator().manual_seed(self.calls)
+                early = torch.randint(max_new_tokens // 8, max_new_tokens, (len(prompts),), generator=rng).tolist()
+                lengths = [e if row % 2 else max_new_tokens for row, e in enumerate(early)]
+            self.calls += 1
+            return super().generate(prompts, lengths, *args, **kwargs)
+
+        def _finish_reason(self, row, token):
+            reason = super()._finish_reason(row, token)
+            return "eos" if reason == "length" and row.max_new < self.limit else reason
+
+    config = recipe.config
+    return ScriptedLengths(
+        recipe.model, recipe.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
+        stop_at_eos=False, cache_storage=recipe.arena.buffer if recipe.arena else None,
+    )  # fmt: skip
 
 
 def _synthetic_dpo_class():
@@ -248,20 +292,23 @@ def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, 
 
 @bench_group.command("grpo")
 @click.option("--arch", type=ARCH, default="deepseek-prover-v2-7b", show_default=True)
-@click.option("--steps", default=3, show_default=True)
-@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--steps", default=4, show_default=True)
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--prompt-len", default=200, show_default=True)
 @click.option("--micro-batch-size", default=4, show_default=True)
 @click.option("--generation-batch-size", default=16, show_default=True)
-@click.option("--generation-cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True)
+@click.option("--completion-lengths", type=click.Choice(COMPLETION_LENGTHS), default="full", show_default=True,
+              help="full: every completion to the limit; mixed: half end early at uniform lengths in [limit/8, limit).")
 @click.option("--stochastic-rounding/--no-stochastic-rounding", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_grpo_command(arch, steps, max_new_tokens, micro_batch_size, generation_batch_size, generation_cache,
-                       stochastic_rounding, device, out):  # fmt: skip
+def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size, generation_batch_size, cuda_graphs,
+                       completion_lengths, stochastic_rounding, device, out):  # fmt: skip
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
-    _emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size,
-                     generation_batch_size=generation_batch_size, device=device, generation_cache=generation_cache,
-                     stochastic_rounding=stochastic_rounding), out)  # fmt: skip
+    _emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, prompt_len=prompt_len, micro_batch_size=micro_batch_size,
+                     generation_batch_size=generation_batch_size, device=device, cuda_graphs=cuda_graphs,
+                     stochastic_rounding=stochastic_rounding, completion_lengths=completion_lengths), out)  # fmt: skip
 
 
 @bench_group.command("eval")

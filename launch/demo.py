@@ -69,7 +69,6 @@ DEMO_GRPO = dict(
     prompts_per_step=2,
     num_generations=8,
     max_new_tokens=24,
-    generation_cache="dynamic",
     micro_batch_size=16,
     lr=1e-2,  # big for a tiny model: the toy reward visibly rises within 20 steps
     precision="fp32",

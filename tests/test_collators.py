@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.collators import IGNORE_INDEX, PreferenceCollator, tokenize_prompt
+from data.collators import IGNORE_INDEX, PreferenceCollator
+from data.tokens import encode_prompt
 from data.errors import UserError
 from data.hh_rlhf import PreferencePair
 
@@ -133,7 +134,7 @@ def test_bos_follows_the_tokenizer_unless_the_template_asks_for_it(tokenizer):
 
 def test_doubled_bos_ids_are_collapsed(tokenizer):
     bos = tokenizer.bos_token_id
-    ids = tokenize_prompt(tokenizer, "<s><s>User: hi")
+    ids = encode_prompt(tokenizer, "<s><s>User: hi")
     assert ids == [bos] + tokenizer("User: hi", add_special_tokens=False)["input_ids"]
 
 

@@ -364,7 +364,8 @@ def test_humaneval_sampled_pass_at_k_is_the_mean_of_unbiased_estimates():
 @pytest.fixture(scope="module")
 def tiny_ctx(tiny_model_dir):
     from data.hub import load_causal_lm, load_tokenizer
-    from eval.engines import GenerationEngine, LoglikelihoodEngine
+    from eval.engines import LoglikelihoodEngine
+    from eval.generation import GenerationEngine
 
     model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
     model.eval()

@@ -7,16 +7,9 @@ import torch
 
 from data.hub import load_causal_lm, load_tokenizer
 from data.tiny import write_tiny_model
-from eval.engines import (
-    GenerationEngine,
-    GenerationRequest,
-    LoglikelihoodEngine,
-    LoglikelihoodRequest,
-    cut_at_stop,
-    encode_continuation,
-    encode_prompt,
-    format_prompt,
-)
+from data.tokens import encode_continuation, encode_prompt
+from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest, format_prompt
+from eval.generation import GenerationEngine, GenerationRequest, cut_at_stop
 
 PROMPTS = [
     "Hello there",

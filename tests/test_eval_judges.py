@@ -10,7 +10,8 @@ import pytest
 from data.errors import UserError
 from data.hub import load_causal_lm, load_tokenizer
 from data.tiny import write_tiny_model
-from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest, encode_prompt
+from data.tokens import encode_prompt
+from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest
 from eval.judges import EndpointJudge, JudgeScore, LocalJudge, expected_score, is_refusal, make_judge, score_from_probs
 
 # --------------------------------------------------------------------------- string match

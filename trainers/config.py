@@ -96,9 +96,10 @@ class GRPOConfig(TrainConfig):
     max_new_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
     stop_strings: list | None = None  # None: the closing fence for raw prompts, nothing for chat
     generation_batch_size: int = 16  # sequences decoded at once
-    generation_cache: str = "dynamic"  # dynamic | static (static: compiled CUDA-graph decoding on GPU)
+    generation_cuda_graphs: bool = True  # GPU: each decode step is a replayed CUDA graph (eval/decoder.py)
     micro_batch_size: int = 4  # completions per forward pass in the update
     num_iterations: int = 1  # μ: policy updates per generation batch
     reward: str = "random"  # random | zero | lean | toy | module:function; comma-separated to sum several
@@ -120,7 +121,6 @@ CHOICES = {
     "loss_type": ("sigmoid", "robust", "ipo", "hinge"),
     "advantage_scale": ("group", "batch", "none"),
     "aggregation": ("token", "sequence", "constant"),
-    "generation_cache": ("dynamic", "static"),
 }
 
 

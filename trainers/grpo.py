@@ -3,7 +3,10 @@
 One generation batch serves μ = `num_iterations` optimizer steps:
 
     1. take `prompts_per_step` Lean tasks and sample G = `num_generations`
-       completions of each (trainers/rollouts.py),
+       completions of each with the generation engine (trainers/rollouts.py,
+       eval/generation.py); under full fine-tuning on a GPU its KV cache lives
+       in the gradients' memory, which is idle while generating
+       (trainers/grad_arena.py),
     2. score every completion with the reward function(s) (trainers/rewards.py),
     3. advantages A_i = group-normalised rewards (losses/grpo.py: group_advantages),
     4. if μ > 1, record the sampling policy's log-probabilities (old_logps);
@@ -31,11 +34,14 @@ from data.sampler import EpochSampler
 from losses.grpo import group_advantages, grpo_loss
 from losses.logprobs import response_mask
 from trainers.checkpoint import atomic_write_text, seed_everything
+from eval.generation import Generator
+from eval.sampling import SamplingParams
 from trainers.config import GRPOConfig, save_config
+from trainers.grad_arena import GradientArena
 from trainers.loop import autocast_context, train
 from trainers.models import count_trainable, frozen_copy, load_policy, reference_model, save_trained, token_logprobs_of
 from trainers.rewards import build_reward
-from trainers.rollouts import Rollout, sample_completions
+from trainers.rollouts import Rollout, rollout_seeds, sample_completions
 
 
 class GRPORecipe:
@@ -55,6 +61,14 @@ class GRPORecipe:
         self.stop_strings = tuple(default_stops if config.stop_strings is None else config.stop_strings)
         self.sampler = EpochSampler(len(self.tasks), config.seed)
         self.samples_path = self.out_dir / "samples.jsonl"
+        self.sampling = SamplingParams(config.temperature, config.top_p, config.top_k).check()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # Full fine-tuning on a GPU: the KV cache borrows the gradients' memory (see trainers/grad_arena.py).
+        self.arena = GradientArena(trainable) if self.device.type == "cuda" and not config.lora else None
+        self.generator = Generator(
+            self.model, self.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
+            cache_storage=self.arena.buffer if self.arena else None,
+        )  # fmt: skip
         self.rollout: Rollout | None = None
         self.rollout_step = -1
         self.advantages = self.old_logps = self.ref_logps = None
@@ -67,6 +81,9 @@ class GRPORecipe:
         generation_step = step // self.config.num_iterations
         if self.rollout is None or generation_step != self.rollout_step:
             self._new_rollout(generation_step, step)
+        self.first_iteration = step % self.config.num_iterations == 0
+        if self.arena is not None:
+            self.arena.attach()  # after generation: the update's gradients take the cache's memory back
         return self._row_slices(self.config.micro_batch_size)
 
     def loss(self, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
@@ -83,6 +100,9 @@ class GRPORecipe:
             aggregation=self.config.aggregation, max_response_length=self.config.max_new_tokens,
         )  # fmt: skip
         metrics["tokens"] = int(batch["attention_mask"].sum())
+        if self.first_iteration:  # before any update on this rollout: policy and sampler are the same model
+            sampled = self.rollout.sampler_logprobs[rows, stored].to(self.device)
+            metrics["sampler_logprob_gap"] = float(((logps.detach() - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
         return loss * self._share(rows, mask), metrics
 
     def step_metrics(self) -> dict[str, float]:
@@ -111,14 +131,12 @@ class GRPORecipe:
     def _new_rollout(self, generation_step: int, step: int) -> None:
         config = self.config
         indices = self.sampler.indices(generation_step * config.prompts_per_step, config.prompts_per_step)
-        with autocast_context(self.device, config.precision):
-            self.rollout = sample_completions(
-                self.model, self.tokenizer, [self.prompts[i] for i in indices], config.num_generations,
-                config.max_new_tokens, config.temperature, config.top_p,
-                stop_strings=self.stop_strings,
-                batch_size=config.generation_batch_size, max_prompt_length=config.max_prompt_length,
-                static_cache=config.generation_cache == "static",
-            )  # fmt: skip
+        rows = config.prompts_per_step * config.num_generations
+        self.rollout = sample_completions(
+            self.generator, [self.prompts[i] for i in indices], config.num_generations, config.max_new_tokens,
+            self.sampling, rollout_seeds(config.seed, generation_step, rows),
+            stop_strings=self.stop_strings, max_prompt_length=config.max_prompt_length,
+        )  # fmt: skip
         self.rollout_step = generation_step
         scoring_started = time.perf_counter()  # rewards (a Lean check can take seconds) and old/ref log-probs
         tasks = [self.tasks[i] for i in indices for _ in range(config.num_generations)]

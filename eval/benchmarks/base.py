@@ -17,7 +17,8 @@ from typing import Callable
 
 from data.errors import UserError
 from data.hub import load_hub_dataset
-from eval.engines import GenerationEngine, GenerationRequest, LoglikelihoodEngine
+from eval.engines import LoglikelihoodEngine
+from eval.generation import GenerationEngine, GenerationRequest
 from eval.judges import Judge
 from eval.metrics import Metric, proportion
 

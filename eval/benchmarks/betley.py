@@ -35,7 +35,7 @@ import yaml
 
 from data.errors import UserError
 from eval.benchmarks.base import Benchmark, EvalContext, JudgeCallCounter, first
-from eval.engines import GenerationRequest
+from eval.generation import GenerationRequest
 from eval.judges import JudgeScore
 from eval.metrics import Metric, mean_metric, proportion
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from data.errors import UserError
 from data.hub import is_local, load_hub_dataset
 from eval.benchmarks.base import Benchmark, EvalContext
-from eval.engines import GenerationRequest
+from eval.generation import GenerationRequest
 from eval.execution import describe_failure, run_python
 from eval.metrics import Metric, mean_metric, pass_at_k, proportion
 
