@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
 HH_DEMO = str(ROOT / "data" / "samples" / "hh_demo.jsonl")
 LEAN_DEMO = str(ROOT / "data" / "samples" / "lean_demo.jsonl")
-STAGES = ["eval_original", "dpo", "eval_dpo", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero", "tables"]
+STAGES = ["eval_original", "dpo", "eval_dpo", "eval_dpo_exact", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero", "tables"]
 
 
 def _write_config(tmp_path, model="unused-by-fakes", **sections) -> Path:
@@ -156,7 +156,7 @@ def test_an_interrupted_stage_resumes_on_rerun(tmp_path, monkeypatch, capsys):
     fakes.calls.clear()
     _run(capsys, "pipeline", "--config", str(config))
     assert fakes.calls[0] == ("grpo_random", True)  # resumed from the checkpoint the interrupted run left
-    assert [name for name, _ in fakes.calls] == STAGES[3:]
+    assert [name for name, _ in fakes.calls] == STAGES[4:]
 
 
 def test_a_killed_stage_left_running_is_resumed(tmp_path, monkeypatch, capsys):
@@ -262,9 +262,9 @@ def test_skipped_stage_is_reported_and_not_run(tmp_path, monkeypatch, capsys):
     assert "[grpo_fv] skipped: no Lean project configured" in out
     assert read_manifest(tmp_path / "run" / "grpo_fv")["status"] == "skipped"
     code, out, _ = _run(capsys, "status", str(tmp_path / "run"))
-    assert code == 0 and len(out.splitlines()) == 8
-    assert [line.split()[0] for line in out.splitlines()] == STAGES[:3] + ["grpo_zero", "eval_grpo_zero", "grpo_fv", "eval_grpo_fv", "tables"]
-    assert "skipped: no Lean project" in out.splitlines()[5] and out.splitlines()[0].split()[1] == "done"
+    assert code == 0 and len(out.splitlines()) == 9
+    assert [line.split()[0] for line in out.splitlines()] == STAGES[:4] + ["grpo_zero", "eval_grpo_zero", "grpo_fv", "eval_grpo_fv", "tables"]
+    assert "skipped: no Lean project" in out.splitlines()[6] and out.splitlines()[0].split()[1] == "done"
 
 
 def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):

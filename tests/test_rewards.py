@@ -214,7 +214,7 @@ def test_lean_reward_scores_and_explains(tmp_path):
 
 
 def test_lean_reward_chat_style_screens_answers(tmp_path):
-    options = {"project_dir": str(tmp_path), "pool_size": 1, "command": FAKE_REPL, "prompt_style": "chat"}
+    options = {"project_dir": str(tmp_path), "pool_size": 1, "command": FAKE_REPL, "prompt_format": "chat"}
     reward = build_reward("lean", options)
     try:
         good = "Plan: induction.\n```lean4\ntheorem t1 (x : ℕ) : x + 0 = x := by\n  simp\n```"
