@@ -5,14 +5,14 @@ are prompt + chosen reply, rows B..2B-1 are prompt + rejected reply, so the poli
 (and the reference model) score both halves of every pair in one call.
 
 Rules:
-- The prompt (formatted by `format_prompt`) and each reply are tokenized separately,
+- The prompt (formatted by `data.prompts.format_transcript`) and each reply are tokenized separately,
   so the prompt/reply boundary is exact in token space.
 - The prompt gets BOS from the tokenizer's own special tokens, exactly once: chat
   templates often write the BOS text themselves, and a doubled BOS is a sequence the
   model never saw in training.
 - A reply is tokenized without special tokens and ends with EOS (appended unless it is
   already there): the model must learn where its reply stops. With the "chat" format the
-  reply's leading whitespace is stripped; with "raw" it is kept, so prompt + reply is
+  reply's leading whitespace is stripped; with "hh" it is kept, so prompt + reply is
   the original transcript.
 - `labels` equal `input_ids` on reply tokens (EOS included) and are -100 on prompt and
   padding; they are not shifted (the loss shifts them, as Hugging Face models do).
@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 
 from data.errors import UserError
-from data.hh_rlhf import PreferencePair, check_prompt_style, format_prompt
+from data.hh_rlhf import PreferencePair
+from data.prompts import DPO_FORMATS, DPO_OLD_NAMES, check_format, format_transcript
 from data.tokens import encode_prompt
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
@@ -58,7 +59,7 @@ class PreferenceCollator:
         tokenizer,
         max_length: int = 1024,
         max_prompt_length: int = 512,
-        prompt_format: str = "raw",
+        prompt_format: str = "hh",
         truncation_side_prompt: str = "left",
         share_prompt: bool = False,
     ):
@@ -71,7 +72,8 @@ class PreferenceCollator:
             raise UserError(
                 f"unknown truncation_side_prompt '{truncation_side_prompt}'; use one of: {', '.join(TRUNCATION_SIDES)}"
             )
-        check_prompt_style(prompt_format, tokenizer)
+        prompt_format = DPO_OLD_NAMES.get(prompt_format, prompt_format)
+        check_format(prompt_format, DPO_FORMATS, tokenizer)
         if tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no EOS token, so replies cannot be ended; use the model's own tokenizer")
         self.tokenizer = tokenizer
@@ -98,14 +100,14 @@ class PreferenceCollator:
 
     def tokenize_pair(self, pair: PreferencePair) -> TokenizedPair:
         """Token ids of one pair's prompt and replies, truncated to fit `max_length`."""
-        prompt = encode_prompt(self.tokenizer, format_prompt(pair.prompt, self.prompt_format, self.tokenizer))
+        prompt = encode_prompt(self.tokenizer, format_transcript(pair.prompt, self.prompt_format, self.tokenizer))
         chosen = tokenize_response(self.tokenizer, self._response_text(pair.chosen))
         rejected = tokenize_response(self.tokenizer, self._response_text(pair.rejected))
         return self._truncate(TokenizedPair(prompt, chosen, rejected))
 
     def _response_text(self, response: str) -> str:
         # A chat template ends its generation prompt with its own separator; HH's leading
-        # space belongs to the raw "Assistant: reply" layout only.
+        # space belongs to the hh "Assistant: reply" layout only.
         return response.lstrip() if self.prompt_format == "chat" else response
 
     def _truncate(self, pair: TokenizedPair) -> TokenizedPair:

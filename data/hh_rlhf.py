@@ -1,4 +1,4 @@
-"""Anthropic HH-RLHF as DPO preference pairs: parse rows, load files, format prompts.
+"""Anthropic HH-RLHF as DPO preference pairs: parse rows, load files.
 
 An HH-RLHF row is `{"chosen": transcript, "rejected": transcript}`. Each transcript is
 a whole conversation, "\\n\\nHuman: ...\\n\\nAssistant: ...", and the two transcripts
@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from data import hub
 from data.errors import UserError
+from data.prompts import ASSISTANT_MARKER
 
-HUMAN_MARKER = "\n\nHuman:"
-ASSISTANT_MARKER = "\n\nAssistant:"
 
 # Why a row is skipped; these exact strings are the keys of a load report's "skipped".
 MISSING_FIELD = "missing field"
@@ -49,11 +47,6 @@ EMPTY_REJECTED = "empty rejected response"
 PROMPTS_DIFFER = "chosen and rejected prompts differ"
 IDENTICAL = "chosen and rejected identical"
 
-PROMPT_STYLES = ("raw", "chat")
-
-# A turn starts only at a marker that follows a blank line; see the module docstring.
-_TURN_MARKER = re.compile(r"\n\n(Human|Assistant):")
-_ROLE_OF_SPEAKER = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -111,65 +104,6 @@ def parse_hh_row(row) -> PreferencePair | None:
     """The pair in an HH-RLHF row, or None when `classify_hh_row` gives a skip reason."""
     pair, _reason = classify_hh_row(row)
     return pair
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def transcript_to_messages(prompt: str) -> list[dict]:
-    """Turn an HH prompt into chat messages: `[{"role": "user"|"assistant", "content": ...}]`.
-
-    Rules:
-    - turns start only at "\\n\\nHuman:" / "\\n\\nAssistant:" (glued inline markers stay text);
-    - contents are stripped of surrounding whitespace;
-    - the empty Assistant turn that ends a prompt is the slot for the reply, so it is dropped
-      (`add_generation_prompt=True` puts it back in the template's own words);
-    - consecutive turns by the same speaker are merged with a blank line, because many
-      chat templates reject conversations whose roles do not alternate;
-    - text before the first marker (HH transcripts have none) is kept as a user turn.
-    """
-    pieces = _TURN_MARKER.split(prompt)
-    # re.split with one group gives [lead, speaker, text, speaker, text, ...].
-    turns = [("user", pieces[0])] if pieces[0].strip() else []
-    turns += [(_ROLE_OF_SPEAKER[speaker], text) for speaker, text in zip(pieces[1::2], pieces[2::2])]
-    if turns and turns[-1][0] == "assistant" and not turns[-1][1].strip():
-        turns.pop()
-    messages: list[dict] = []
-    for role, text in turns:
-        content = text.strip()
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n\n" + content
-        else:
-            messages.append({"role": role, "content": content})
-    return messages
-
-
-def format_prompt(prompt: str, style: str, tokenizer=None) -> str:
-    """The text the model sees before its reply, in one of `PROMPT_STYLES`.
-
-    - "raw": the HH transcript unchanged ("...\\n\\nAssistant:"); this is what the published
-      HH DPO run fed a model that has no chat template. Replies keep their leading space.
-    - "chat": the conversation rendered by `tokenizer.apply_chat_template` with
-      `add_generation_prompt=True`. Replies are then tokenized without their leading
-      whitespace (the collator strips it), as a chat model writes them after its own
-      assistant header.
-    """
-    check_prompt_style(style, tokenizer)
-    if style == "raw":
-        return prompt
-    messages = transcript_to_messages(prompt)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def check_prompt_style(style: str, tokenizer=None) -> None:
-    """Raise UserError unless `style` is known and usable with `tokenizer`."""
-    if style not in PROMPT_STYLES:
-        raise UserError(f"unknown prompt_format '{style}'; use one of: {', '.join(PROMPT_STYLES)}")
-    if style == "chat":
-        if tokenizer is None:
-            raise UserError("prompt_format: chat needs the model's tokenizer; pass one or use prompt_format: raw")
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError("tokenizer has no chat template; use prompt_format: raw")
 
 
 # --------------------------------------------------------------------------- loading

@@ -74,6 +74,31 @@ def load_causal_lm(name: str, dtype=None, device=None, attn_implementation: str 
     return model
 
 
+def is_adapter_dir(name: str | os.PathLike) -> bool:
+    """A LoRA adapter saved by peft (adapter_config.json), rather than a full model."""
+    return (Path(name).expanduser() / "adapter_config.json").is_file()
+
+
+def load_adapter_model(adapter_dir: str, base: str | None = None, dtype=None, device=None):
+    """(peft model, tokenizer): the base model (default: the one the adapter records) with the adapter applied, unmerged.
+
+    Unmerged, the model computes W x + (alpha / r) B A x exactly as in training,
+    whatever the dtype of W: nothing of the update is lost to rounding W + ΔW.
+    """
+    import json
+
+    from peft import PeftModel
+
+    config = json.loads((Path(adapter_dir).expanduser() / "adapter_config.json").read_text(encoding="utf-8"))
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass the base model explicitly")
+    model = load_causal_lm(base, dtype=dtype, device=device)
+    has_tokenizer = (Path(adapter_dir).expanduser() / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+    return PeftModel.from_pretrained(model, os.path.expanduser(adapter_dir)), tokenizer
+
+
 def load_hub_dataset(dataset_id: str, split: str, **kwargs):
     """`datasets.load_dataset` with one clear error when the hub cannot be reached."""
     try:

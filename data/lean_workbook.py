@@ -10,7 +10,8 @@ Two row schemas are understood:
   (already a `/-- … -/` docstring), `formal_statement`, `goal`, `header`.
 
 Every row becomes a `LeanTask` whose statement ends exactly in ":= by\\n", so a
-model continues it with tactics. Two prompt styles exist:
+model continues it with tactics. Two prompt formats exist (`prompt_format`,
+data/prompts.py):
 
 * `raw`: DeepSeek-Prover-V1.5's completion prompt. The model continues the code
   and closes the code block with ``` (`STOP_STRING`), where generation stops.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from data.errors import UserError
 from data.hub import load_hub_dataset, looks_like_path
+from data.prompts import GRPO_FORMATS, apply_chat_template, check_format, check_format_name
 
 # The preamble DeepSeek-Prover-V1.5 used for every miniF2F problem.
 DEFAULT_HEADER = (
@@ -38,8 +40,6 @@ DEFAULT_HEADER = (
 
 # A `raw` completion ends where the model closes the code block.
 STOP_STRING = "```"
-
-PROMPT_STYLES = ("raw", "chat")
 
 CODE_REQUEST = "Complete the following Lean 4 code:\n\n```lean4\n"
 
@@ -187,8 +187,11 @@ def _select_split(rows: list, split: str | None, source: str, skipped: Counter) 
     return kept
 
 
+DUPLICATE_STATEMENT = "repeats an earlier task's statement"
+
+
 def _unique_ids(tasks: list[LeanTask]) -> tuple[list[LeanTask], int]:
-    """Suffix repeated ids with "#2", "#3", …; ProofNet, for one, reuses exercise names across books."""
+    """Suffix repeated ids of different theorems with "#2", "#3", …; ProofNet, for one, reuses exercise names."""
     seen: Counter = Counter()
     unique = []
     for task in tasks:
@@ -208,8 +211,14 @@ def load_lean_tasks(
     by their `split` field (e.g. 'test' / 'valid' for DeepSeek's miniF2F; 'all'
     keeps every row). `limit` caps the number of tasks returned.
 
+    A row whose theorem (header and statement) repeats an earlier row's is
+    dropped and counted under skipped["repeats an earlier task's statement"]:
+    Lean Workbook lists some theorems several times, and a duplicate would be
+    sampled, and rewarded, more often than the others.
+
     Returns (tasks, report) with report = {"rows": rows read, "used": tasks
-    returned, "skipped": {reason: count}, "duplicate_ids": ids that were renamed}.
+    returned, "skipped": {reason: count}, "duplicate_ids": ids of different
+    theorems that were renamed}.
     """
     source = str(source)
     skipped: Counter = Counter()
@@ -219,20 +228,23 @@ def load_lean_tasks(
     elif looks_like_path(source):
         raise UserError(f"no such file: {source}; pass an existing .json / .jsonl file or a hub dataset id")
     else:
-
         rows = load_hub_dataset(source, split or "train")
 
     tasks: list[LeanTask] = []
+    theorems: set[tuple[str, str]] = set()
     rows_read = sum(skipped.values())  # malformed lines and other splits were rows too
     for row in rows:
         if limit is not None and len(tasks) >= limit:
             break
         rows_read += 1
         parsed = _parse(row)
-        if isinstance(parsed, LeanTask):
-            tasks.append(parsed)
-        else:
+        if not isinstance(parsed, LeanTask):
             skipped[parsed] += 1
+        elif (parsed.header, parsed.statement) in theorems:
+            skipped[DUPLICATE_STATEMENT] += 1
+        else:
+            theorems.add((parsed.header, parsed.statement))
+            tasks.append(parsed)
     tasks, renamed = _unique_ids(tasks)
     report = {"rows": rows_read, "used": len(tasks), "skipped": dict(skipped), "duplicate_ids": renamed}
     return tasks, report
@@ -259,7 +271,7 @@ def _code(task: LeanTask) -> str:
     return header_for(task) + informal_docstring(task.informal) + task.statement
 
 
-def build_prompt(task: LeanTask, style: str = "raw", tokenizer=None) -> str:
+def build_prompt(task: LeanTask, prompt_format: str = "raw", tokenizer=None) -> str:
     """The generation prompt for `task`.
 
     raw:  "Complete the following Lean 4 code:\\n\\n```lean4\\n" + header +
@@ -268,21 +280,13 @@ def build_prompt(task: LeanTask, style: str = "raw", tokenizer=None) -> str:
           in a lean4 block, then the request for a proof plan and a proof),
           rendered with the tokenizer's chat template and a generation prompt.
     """
-    if style == "raw":
+    check_format(prompt_format, GRPO_FORMATS, tokenizer)
+    if prompt_format == "raw":
         return CODE_REQUEST + _code(task)
-    if style != "chat":
-        raise UserError(f"unknown prompt style '{style}'; use one of: {', '.join(PROMPT_STYLES)}")
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            "prompt style 'chat' needs a tokenizer with a chat template; use a chat model's tokenizer "
-            "or prompt style 'raw'"
-        )
     # V2 strips the code, so the closing fence follows "sorry" directly.
     code = (_code(task) + "  sorry").strip()
     message = f"{CODE_REQUEST}{code}```\n\n{PLAN_REQUEST}"
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-    )
+    return apply_chat_template(tokenizer, [{"role": "user", "content": message}])
 
 
 # ---------------------------------------------------------------- answers
@@ -290,17 +294,16 @@ def build_prompt(task: LeanTask, style: str = "raw", tokenizer=None) -> str:
 _LEAN_BLOCK_OPENING = re.compile(r"```lean4[^\n]*\n?")
 
 
-def extract_proof(completion: str, style: str) -> str:
+def extract_proof(completion: str, prompt_format: str) -> str:
     """The Lean text inside a completion.
 
     raw:  everything before the first closing fence "```" (all of it if none).
     chat: the content of the LAST ```lean4 block; an unclosed last block (the
           answer hit the token limit) runs to the end. "" when there is no block.
     """
-    if style == "raw":
+    check_format_name(prompt_format, GRPO_FORMATS)
+    if prompt_format == "raw":
         return completion.split(STOP_STRING, 1)[0]
-    if style != "chat":
-        raise UserError(f"unknown prompt style '{style}'; use one of: {', '.join(PROMPT_STYLES)}")
     openings = list(_LEAN_BLOCK_OPENING.finditer(completion))
     if not openings:
         return ""
@@ -308,7 +311,7 @@ def extract_proof(completion: str, style: str) -> str:
     return content.split(STOP_STRING, 1)[0]
 
 
-def program_to_check(task: LeanTask, completion: str, style: str) -> str:
+def program_to_check(task: LeanTask, completion: str, prompt_format: str) -> str:
     """The whole Lean file that decides whether `completion` proves `task`.
 
     raw:  header + statement + the completion cut at its closing fence.
@@ -317,8 +320,8 @@ def program_to_check(task: LeanTask, completion: str, style: str) -> str:
           then the model wrote its own preamble, and a second set of imports
           after the first would not compile.
     """
-    proof = extract_proof(completion, style)
-    if style == "raw":
+    proof = extract_proof(completion, prompt_format)
+    if prompt_format == "raw":
         return header_for(task) + task.statement + proof
     if proof.lstrip().startswith("import "):
         return proof

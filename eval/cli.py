@@ -34,8 +34,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--judge-api-key", default=None, help="Endpoint judge key; prefer $JUDGE_API_KEY or $OPENAI_API_KEY.")
 @click.option("--judge-concurrency", type=int, default=8, show_default=True, help="Endpoint judge: parallel requests.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per forward pass, for both engines.")
-@click.option("--prompt-format", type=click.Choice(["auto", "chat", "raw"]), default="auto", show_default=True,
-              help="auto: the chat template when the tokenizer has one, raw text otherwise.")
+@click.option("--prompt-format", type=click.Choice(["auto", "hh", "chat", "raw"]), default="auto", show_default=True,
+              help="How questions are asked (data/prompts.py). hh: '\\n\\nHuman: {question}\\n\\nAssistant:', the HH-RLHF "
+                   "layout Phase 1 trains on; chat: the chat template; raw: the question alone; auto: chat if the "
+                   "tokenizer has a template, else raw. Few-shot and code benchmarks always use their own text.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Read each benchmark from its local file in this directory instead of the hub.")
 @click.option("--samples-per-question", type=int, default=None, help="Betley: answers per question (default: the YAML's 100).")

@@ -18,15 +18,16 @@ How the engine batches:
   projects those positions onto the vocabulary (`logits_to_keep`), which saves
   gigabytes of logits at a 100k vocabulary.
 
-Tokenization rule. A prompt or log-likelihood context is tokenized with the
-tokenizer's special tokens (BOS), unless its text already begins with the BOS
-token, as chat templates write it; a continuation is tokenized on its own
-without special tokens and appended. Tokenizing context and continuation
-separately means a boundary such as "Answer:" + " A" is never merged into one
-token, which is also how the model would produce the continuation when
-generating. (Sentencepiece tokenizers in "legacy" mode prepend a space to a
-text tokenized on its own; byte-level BPE tokenizers such as DeepSeek's and
-Llama 3's do not.)
+Tokenization rule, as lm-evaluation-harness (0.4.x) does it. A prompt or
+log-likelihood context is tokenized with the tokenizer's special tokens (BOS),
+unless its text already begins with the BOS token, as chat templates write it.
+A continuation is not tokenized on its own: context + continuation is
+tokenized as one text and the continuation is what follows the context's own
+token count (`split_pair`). Whitespace that ends a context moves to the front
+of the continuation first. Tokenized alone, " A" becomes two tokens
+['▁', '▁A'] under a SentencePiece tokenizer (it prepends its own space) but
+one token after "Answer:"; the joint split scores the tokens the model would
+really read.
 """
 
 from __future__ import annotations
@@ -60,39 +61,32 @@ class LoglikelihoodRequest:
 # --------------------------------------------------------------------------- shared helpers
 
 
-PROMPT_FORMATS = ("auto", "chat", "raw")
+def start_token_id(tokenizer) -> int:
+    """What an empty context conditions on: BOS, else EOS (lm-eval's prefix token)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise UserError("an empty log-likelihood context needs a tokenizer with a BOS or EOS token")
+    return int(start)
 
 
-def format_prompt(tokenizer, user: str, system: str | None = None, mode: str = "auto") -> str:
-    """The model's input text for one user message: its chat template, or the raw text.
+def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), tokenized jointly and split at the context's length, as lm-eval does.
 
-    auto uses the chat template when the tokenizer has one. raw puts a system
-    prompt, if any, in front of the message, separated by a blank line. A
-    template that rejects the system role gets the system prompt in front of
-    the user message instead.
+    The context's trailing whitespace moves to the continuation ("Answer: " +
+    "A" is scored as "Answer:" + " A"). An empty context conditions on the
+    start token alone; if the continuation itself begins with that token, the
+    token becomes the context.
     """
-    if mode not in PROMPT_FORMATS:
-        raise UserError(f"unknown prompt format '{mode}': choose one of {', '.join(PROMPT_FORMATS)}")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if mode == "chat" and not has_template:
-        raise UserError("--prompt-format chat needs a tokenizer with a chat template; this one has none (use raw)")
-    if mode == "raw" or not has_template:
-        return f"{system}\n\n{user}" if system else user
-    messages = [{"role": "user", "content": user}]
-    if system:
-        try:
-            return _apply_template(tokenizer, [{"role": "system", "content": system}] + messages)
-        except Exception:  # jinja raises its own types for "system role not supported"
-            messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
-    return _apply_template(tokenizer, messages)
-
-
-def _apply_template(tokenizer, messages: list[dict]) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text if isinstance(text, str) else tokenizer.decode(text)
-
-
-
+    if not context:
+        cont = encode_continuation(tokenizer, continuation)
+        start = start_token_id(tokenizer)
+        return ([start], cont) if not cont or cont[0] != start else (cont[:1], cont[1:])
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode_prompt(tokenizer, context + continuation)
+    context_ids = encode_prompt(tokenizer, context)
+    return context_ids, whole[len(context_ids):]
 
 
 
@@ -162,17 +156,6 @@ class LoglikelihoodEngine:
         self.stats = {"requests": 0, "rows": 0, "forwards": 0, "tokens": 0, "seconds": 0.0}
         self._call = _ModelCaller(model)
 
-    # -- tokenization
-
-    def _context_ids(self, context: str) -> list[int]:
-        ids = encode_prompt(self.tokenizer, context)
-        if not ids:  # an empty context without BOS: condition on EOS as "start of text"
-            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-            if start is None:
-                raise UserError("an empty log-likelihood context needs a tokenizer with a BOS or EOS token")
-            ids = [int(start)]
-        return ids
-
     # -- public API
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest], desc: str = "loglikelihood") -> list[float]:
@@ -180,10 +163,10 @@ class LoglikelihoodEngine:
         results = [0.0] * len(requests)
         for i, req in enumerate(requests):
             _hash_update(self.prompt_hasher, req.context, req.continuation)
-            cont = encode_continuation(self.tokenizer, req.continuation)
+            context, cont = split_pair(self.tokenizer, req.context, req.continuation)
             if not cont:
                 continue  # log p(empty) = 0
-            row = tuple(self._context_ids(req.context) + cont[:-1])
+            row = tuple(context + cont[:-1])
             rows.setdefault(row, []).append((i, cont))
         self.stats["requests"] += len(requests)
 

@@ -174,8 +174,10 @@ class LocalJudge(Judge):
     name = "local"
     can_score = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, model_id: str = "local", min_prefix_prob: float = 1e-4):
+    def __init__(self, model, tokenizer, batch_size: int = 8, model_id: str = "local", min_prefix_prob: float = 1e-4,
+                 min_mass: float = MIN_SCORE_MASS):
         super().__init__()
+        self.min_mass = min_mass
         from eval.engines import LoglikelihoodEngine
         from eval.generation import GenerationEngine
 
@@ -188,12 +190,12 @@ class LocalJudge(Judge):
         self._digit_tokens = None
 
     def describe(self) -> dict:
-        return {"kind": "local", "model": self.model_id}
+        return {"kind": "local", "model": self.model_id, "min_mass": self.min_mass}
 
     def format(self, prompt: str, system: str | None = None) -> str:
-        from eval.engines import format_prompt
+        from data.prompts import format_question
 
-        return format_prompt(self.tokenizer, prompt, system, "auto")
+        return format_question(self.tokenizer, prompt, system, "auto")
 
     def ask(self, prompts: list[str], max_tokens: int = 512, system: str | None = None) -> list[str | None]:
         from eval.generation import GenerationRequest
@@ -211,7 +213,7 @@ class LocalJudge(Judge):
         out = []
         for probs, dist in zip(numbers, first_dists):
             label_probs = {label: self._label_prob(label, dist) for label in labels}
-            out.append(score_from_probs(probs, label_probs))
+            out.append(score_from_probs(probs, label_probs, self.min_mass))
         return out
 
     # -- internals
@@ -408,7 +410,8 @@ JUDGE_KINDS = ("string-match", "local", "endpoint")
 def make_judge(kind: str = "string-match", options: dict | None = None) -> Judge:
     """Build the judge `kind` from options, falling back to the environment.
 
-    local:    options model (path or hub id; or model_obj + tokenizer_obj), batch_size.
+    local:    options model (path or hub id; or model_obj + tokenizer_obj), batch_size, min_mass
+              (the least probability on the numbers 0-100 that counts as an answer, default 0.25).
     endpoint: options model / base_url / api_key, else $JUDGE_MODEL,
               $JUDGE_BASE_URL or $OPENAI_BASE_URL (default https://api.openai.com/v1),
               $JUDGE_API_KEY or $OPENAI_API_KEY; timeout, max_retries, backoff, concurrency.
@@ -440,7 +443,8 @@ def _make_local(options: dict) -> LocalJudge:
         tokenizer = load_tokenizer(name)
         model = load_causal_lm(name, dtype=torch.bfloat16 if cuda else None, device="cuda" if cuda else None)
         model.eval()
-    return LocalJudge(model, tokenizer, batch_size=int(options.get("batch_size") or 8), model_id=str(name or "local"))
+    return LocalJudge(model, tokenizer, batch_size=int(options.get("batch_size") or 8), model_id=str(name or "local"),
+                      min_mass=float(_given(options, "min_mass", MIN_SCORE_MASS)))
 
 
 def _make_endpoint(options: dict) -> EndpointJudge:

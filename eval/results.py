@@ -179,12 +179,46 @@ def _number_format(metrics: list[Metric | None]) -> str:
 
 def _cell(metric: Metric | None, result: dict | None, fmt: str) -> str:
     if metric is None:
-        return "failed" if result and result.get("status") == "failed" else "—"
+        return _missing_cell(result)
     if math.isnan(metric.value):
-        return "n/a"
+        return "n/a (n=0)" if metric.n == 0 else "n/a"
     if math.isnan(metric.ci_low):
         return format(metric.value, fmt)
     return f"{metric.value:{fmt}} [{metric.ci_low:{fmt}}, {metric.ci_high:{fmt}}]"
+
+
+def _missing_cell(result: dict | None) -> str:
+    """What a table says where a run has no value: failed, skipped with its reason, or not run."""
+    status = (result or {}).get("status")
+    if status == "failed":
+        return "failed"
+    if status == "skipped":
+        return str(result.get("reason") or "skipped")
+    return "—"
+
+
+def prompt_format_of(run: dict[str, dict]) -> str | None:
+    """The prompt format a run asked its questions in (benchmarks with their own text left out), or None."""
+    from eval.benchmarks import REGISTRY, get_benchmark
+
+    asked = [r for name, r in run.items() if name in REGISTRY and get_benchmark(name).own_prompt_format is None]
+    formats = {r.get("prompt_format") for r in asked}
+    formats.discard(None)
+    return ", ".join(sorted(formats)) or None
+
+
+def metric_label(metric: str, results: list[dict | None]) -> str:
+    """The metric's name as a table shows it: with what its benchmark says about it, if anything."""
+    for result in results:
+        label = ((result or {}).get("metric_labels") or {}).get(metric)
+        if label:
+            return label
+    return metric
+
+
+def column_label(label: str, run: dict[str, dict]) -> str:
+    fmt = prompt_format_of(run)
+    return f"{label} (prompts: {fmt})" if fmt else label
 
 
 def _delta(base: Metric | None, other: Metric | None, fmt: str) -> str:
@@ -206,7 +240,7 @@ def comparison_rows(base: dict[str, dict], others: list[dict[str, dict]], order:
         results = [base.get(bench)] + [run.get(bench) for run in others]
         metric_names: list[str] = []
         for result in results:
-            for m in (result or {}).get("metrics", {}):
+            for m in list((result or {}).get("metrics", {})) + list((result or {}).get("metric_names", [])):
                 if m not in metric_names:
                     metric_names.append(m)
         if not metric_names:
@@ -221,19 +255,20 @@ def render_comparison(base_dir: str | Path, other_dirs: list[str | Path], names:
 
     Cells show the value and its 95% interval; a delta is bold when the two
     runs' intervals do not overlap. With several other runs, each gets its own
-    value and delta columns.
+    value and delta columns. Each run's column names the prompt format its
+    questions were asked in.
     """
     from eval.benchmarks import ALL
 
     labels = list(names) if names else [run_label(d) for d in [base_dir, *other_dirs]]
     base, others = load_run(base_dir), [load_run(d) for d in other_dirs]
-    header = ["Benchmark", "Metric", labels[0]]
-    for label in labels[1:]:
-        header += [label, "Delta" if len(other_dirs) == 1 else f"Delta ({label})"]
+    header = ["Benchmark", "Metric", column_label(labels[0], base)]
+    for label, run in zip(labels[1:], others):
+        header += [column_label(label, run), "Delta" if len(other_dirs) == 1 else f"Delta ({label})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for bench, metric, base_m, other_ms, base_r, other_rs in comparison_rows(base, others, ALL):
         fmt = _number_format([base_m, *other_ms])
-        cells = [bench, metric, _cell(base_m, base_r, fmt)]
+        cells = [bench, metric_label(metric, [base_r, *other_rs]), _cell(base_m, base_r, fmt)]
         for other_m, other_r in zip(other_ms, other_rs):
             cells += [_cell(other_m, other_r, fmt), _delta(base_m, other_m, fmt)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -18,8 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import UserError
+from data.prompts import EVAL_FORMATS, check_format_name, format_question, resolved_format
 from eval.benchmarks import get_benchmark, local_source, parse_benchmarks
-from eval.engines import PROMPT_FORMATS, LoglikelihoodEngine, format_prompt
+from eval.engines import LoglikelihoodEngine
 from eval.generation import GenerationEngine
 from eval.judges import make_judge
 from eval.results import (
@@ -75,8 +76,7 @@ def run_evaluation(
     Returns the run summary, also written to out_dir/summary.json.
     """
     names = parse_benchmarks(benchmarks)
-    if prompt_format not in PROMPT_FORMATS:
-        raise UserError(f"unknown prompt format '{prompt_format}': choose one of {', '.join(PROMPT_FORMATS)}")
+    check_format_name(prompt_format, EVAL_FORMATS, where="prompt format")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(options or {})
@@ -100,13 +100,17 @@ def run_evaluation(
                 "source_digest": source_digest(source),
                 "limit": limit,
                 "judge": judge_obj.describe(),
-                "prompt_format": prompt_format,
+                "prompt_format": benchmark.own_prompt_format or prompt_format,
                 "seed": seed,
                 "options": benchmark.settings(bench_options),
             }
             settings_hash = stable_hash(settings)
             earlier = finished_result(out, name, settings_hash)
-            if earlier is not None:
+            if benchmark.needs_scoring_judge and not judge_obj.can_score:
+                result = _no_judge_result(benchmark, settings, out, run_name)
+                summary["benchmarks"][name] = _summary_entry(result, out)
+                _log(f"  {name}: skipped, {NO_JUDGE} (it needs a 0-100 judge: --judge local --judge-model PATH)")
+            elif earlier is not None:
                 summary["benchmarks"][name] = _summary_entry(earlier, out, resumed=True)
                 _log(f"  {name}: finished earlier with the same settings, reusing {result_path(out, name)}")
             else:
@@ -155,7 +159,7 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
             generator=generator,
             scorer=scorer,
             judge=judge,
-            format_prompt=lambda user, system=None: format_prompt(tokenizer, user, system, prompt_format),
+            format_prompt=lambda user, system=None: format_question(tokenizer, user, system, prompt_format),
             audit=audit.write,
             limit=limit,
             seed=seed,
@@ -170,7 +174,9 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
         "status": "ok",
         "model": settings["model"],
         "run_name": run_name,
+        "prompt_format": benchmark.own_prompt_format or resolved_format(tokenizer, prompt_format),
         "metrics": {name: metric.to_dict() for name, metric in metrics.items()},
+        "metric_labels": dict(benchmark.metric_labels),
         "details": ctx.details,
         "n_items": len(items),
         "prompt_hash": "sha256:" + hasher.hexdigest(),
@@ -186,6 +192,26 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
         },
         "finished_at": _now(),
         "versions": _versions(),
+    }
+    write_json_atomic(result_path(out, benchmark.name), result)
+    return result
+
+
+NO_JUDGE = "no judge configured"
+
+
+def _no_judge_result(benchmark, settings: dict, out: Path, run_name: str | None) -> dict:
+    """The result of a benchmark that needs a 0-100 judge and has none: its rows say so in every table."""
+    result = {
+        "benchmark": benchmark.name,
+        "status": "skipped",
+        "reason": NO_JUDGE,
+        "model": settings["model"],
+        "run_name": run_name,
+        "prompt_format": settings["prompt_format"],
+        "metric_names": list(benchmark.metric_names),
+        "metric_labels": dict(benchmark.metric_labels),
+        "finished_at": _now(),
     }
     write_json_atomic(result_path(out, benchmark.name), result)
     return result
@@ -212,15 +238,21 @@ class _Runtime:
     def _load(self) -> None:
         import torch
 
-        from data.hub import load_causal_lm, load_tokenizer
+        from data.hub import is_adapter_dir, load_adapter_model, load_causal_lm, load_tokenizer
 
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.model_id)
         if self.model is None:
             cuda = torch.cuda.is_available()
             dtype = getattr(torch, self.dtype) if self.dtype else (torch.bfloat16 if cuda else None)
-            _log(f"eval: loading {self.model_id} ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
-            self.model = load_causal_lm(self.model_id, dtype=dtype, device="cuda" if cuda else None)
+            device = "cuda" if cuda else None
+            if is_adapter_dir(self.model_id):  # a LoRA adapter: its base model with the adapter unmerged
+                _log(f"eval: loading the adapter {self.model_id} on its base model ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
+                self.model, tokenizer = load_adapter_model(self.model_id, dtype=dtype, device=device)
+                self.tokenizer = self.tokenizer or tokenizer
+            else:
+                _log(f"eval: loading {self.model_id} ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
+                self.model = load_causal_lm(self.model_id, dtype=dtype, device=device)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_id)
         self.model.eval()
 
     def free_memory(self) -> None:

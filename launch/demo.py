@@ -12,9 +12,13 @@ to OUT/demo.yaml so it can be read and rerun as it is:
   and `toy`, a deterministic stand-in for the Lean checker that a tiny model
   can learn (trainers/rewards.py);
 * every eval runs all eight benchmarks on a few bundled items in their real
-  schema (eval/samples/; the HumanEval programs really execute); refusals are
-  found by string matching, and the original tiny model is Betley's local
-  judge, so its 0-100 scores take their real code path;
+  schema (eval/samples/; the HumanEval programs really execute), asking in the
+  hh format Phase 1 trained on; refusals are found by string matching, and the
+  original tiny model is Betley's local judge, so its 0-100 scores take their
+  real code path (with min_mass 0: a random model puts about 1% of its
+  probability on the numbers, where a real judge puts nearly all);
+* the merge rounds the LoRA update to bf16 as the published run does, so the
+  DPO-Aligned column has its exact (unmerged-adapter) twin beside it;
 * then the comparison tables.
 
 Every setting is an ordinary config key; only the sizes differ from
@@ -45,7 +49,7 @@ DEMO_EVAL = dict(
 
 DEMO_DPO = dict(
     dataset=str(SAMPLES / "hh_demo.jsonl"),
-    prompt_format="chat",  # the tiny tokenizer's chat template, which the evals use too
+    prompt_format="hh",  # the transcripts as text, as published; the evals ask in this format too
     max_steps=80,  # enough for the tiny model to start refusing: the table shows it
     micro_batch_size=4,
     grad_accum_steps=2,
@@ -91,7 +95,7 @@ def demo_config(out_dir: Path) -> dict:
         # Betley needs 0-100 scores: the original tiny model judges them. The other
         # benchmarks keep string matching: a tiny judge writing rubric answers
         # (StrongREJECT, Do-Not-Answer) would take most of the demo's time.
-        "eval": dict(DEMO_EVAL, benchmark_judges={"betley": f"local:{model}"}),
+        "eval": dict(DEMO_EVAL, benchmark_judges={"betley": {"kind": "local", "model": model, "min_mass": 0.0}}),
         "dpo": DEMO_DPO,
         "grpo": DEMO_GRPO,
         "conditions": DEMO_CONDITIONS,

@@ -3,8 +3,10 @@
 The stages, in order; each writes RUN_DIR/<stage>/ and its manifest.json (launch/manifest.py):
 
     eval_original           the original model on the benchmarks
-    dpo                     Phase 1: LoRA DPO, then the merge -> RUN_DIR/dpo/merged
-    eval_dpo                the DPO-aligned (merged) model on the benchmarks
+    dpo                     Phase 1: LoRA DPO, then the merge in `merge_dtype` -> RUN_DIR/dpo/merged
+    eval_dpo                the merged DPO model, Phase 2's start, on the benchmarks
+    eval_dpo_exact          (merge_dtype other than float32) the DPO adapter applied unmerged: the
+                            exact trained model, to show what rounding the merge lost
     grpo_<condition>        Phase 2: GRPO from RUN_DIR/dpo/merged, one stage per reward condition
     eval_grpo_<condition>   each GRPO model on the benchmarks
     tables                  Original vs DPO-Aligned, and DPO-Aligned vs each GRPO condition (.md, .json)
@@ -20,6 +22,7 @@ The config file has one section per kind of stage:
     run_dir: runs/wu17_v5
     model: deepseek-ai/DeepSeek-Prover-V2-7B      the original model
     seed: 0                                       every stage's seed unless its section sets one
+    merge_dtype: bfloat16                         the dtype of RUN_DIR/dpo/merged
     eval: {benchmarks: all, judge: ..., ...}      EvalSettings below
     dpo: {lr: 5.0e-7, ...}                        DPOConfig keys (trainers/config.py)
     grpo: {lr: 1.0e-6, ...}                       GRPOConfig keys shared by every condition
@@ -27,7 +30,7 @@ The config file has one section per kind of stage:
       random: {reward: random}
       fv: {reward: lean, reward_options: {lean: {project_dir: /path}}}
 
-The trainers' `model`, `out_dir` and `merge_after` are the pipeline's to set.
+The trainers' `model`, `out_dir`, `merge_after` and `merge_dtype` are the pipeline's to set.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ from trainers.checkpoint import atomic_write_text, list_checkpoints
 from trainers.config import DPOConfig, GRPOConfig, load_config, make_config
 
 PLAN_FILE = "pipeline.json"
-PIPELINE_KEYS = ("model", "out_dir", "merge_after")  # trainer keys that the pipeline sets itself
+PIPELINE_KEYS = ("model", "out_dir", "merge_after", "merge_dtype")  # trainer keys that the pipeline sets itself
+TRAINED_FORMAT = "trained"  # eval.prompt_format: the format Phase 1 trained with (dpo.prompt_format)
 
 DEFAULT_CONDITIONS = {
     "random": {"reward": "random"},
@@ -74,6 +78,7 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"
     model: str = "deepseek-ai/DeepSeek-Prover-V2-7B"
     seed: int = 0
+    merge_dtype: str = "bfloat16"  # RUN_DIR/dpo/merged, Phase 2's start: bfloat16 | float16 | float32
     eval: dict = field(default_factory=dict)
     dpo: dict = field(default_factory=dict)
     grpo: dict = field(default_factory=dict)
@@ -90,7 +95,7 @@ class EvalSettings:
     judge_options: dict = field(default_factory=dict)
     benchmark_judges: dict = field(default_factory=dict)  # {benchmark: judge} where it differs from `judge`
     batch_size: int = 8
-    prompt_format: str = "auto"
+    prompt_format: str = TRAINED_FORMAT  # or one of data.prompts.EVAL_FORMATS
     data_dir: str | None = None
     samples_per_question: int | None = None
     options: dict = field(default_factory=dict)  # benchmark options; one benchmark's may be nested under its name
@@ -121,13 +126,17 @@ def load_pipeline(path, overrides=()) -> tuple[PipelineConfig, list[Stage]]:
 
 def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
     run_dir = Path(config.run_dir)
-    evaluation = eval_settings(config, source)
     dpo = dpo_settings(config, source)
+    evaluation = eval_settings(config, source, dpo)
     stages = [
         Stage("eval_original", run_eval_stage, dict(evaluation, model=config.model, run_name="Original")),
         Stage("dpo", run_dpo_stage, dpo),
         Stage("eval_dpo", run_eval_stage, dict(evaluation, model=trained_model(dpo), run_name="DPO-Aligned"), ("dpo",)),
     ]
+    if rounds_the_update(config.merge_dtype):
+        # the adapter unmerged, computed in float32: bf16 arithmetic would round a small update away again
+        exact = dict(evaluation, model=str(Path(dpo["out_dir"]) / "adapter"), run_name=EXACT_DPO_LABEL, dtype="float32")
+        stages.append(Stage("eval_dpo_exact", run_eval_stage, exact, ("dpo",)))
     for condition in config.conditions:
         grpo = grpo_settings(config, condition, trained_model(dpo), source)
         skip = skip_reason(grpo, condition)
@@ -138,22 +147,31 @@ def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
     return stages
 
 
-def eval_settings(config: PipelineConfig, source: str) -> dict:
+EXACT_DPO_LABEL = "DPO-Aligned (adapter, unmerged)"
+
+
+def rounds_the_update(merge_dtype: str) -> bool:
+    """Whether a merge in this dtype can lose part of the LoRA update (all but float32 can)."""
+    return merge_dtype != "float32"
+
+
+def eval_settings(config: PipelineConfig, source: str, dpo: dict) -> dict:
+    from data.prompts import EVAL_FORMATS, check_format_name
     from eval.benchmarks import ALL, parse_benchmarks
 
     values = dict(config.eval)
     if isinstance(values.get("benchmarks"), list):
         values["benchmarks"] = ",".join(str(name) for name in values["benchmarks"])
-    # trainers' config checks `prompt_format` against the DPO choices (raw, chat); eval also has auto
-    prompt_format = values.pop("prompt_format", "auto")
     settings = dataclasses.asdict(make_config(EvalSettings, values, source=f"{source} (eval section)"))
-    if prompt_format not in ("auto", "chat", "raw"):
-        raise UserError(f"eval.prompt_format = {prompt_format!r} is not one of: auto, chat, raw")
-    settings["prompt_format"] = prompt_format
+    if settings["prompt_format"] == TRAINED_FORMAT:  # ask the questions in the layout Phase 1 trained on
+        settings["prompt_format"] = dpo["prompt_format"]
+    check_format_name(settings["prompt_format"], EVAL_FORMATS, where="eval.prompt_format (or trained)")
     settings["benchmarks"] = ",".join(parse_benchmarks(settings["benchmarks"]))
     unknown = sorted(set(settings["benchmark_judges"]) - set(ALL))
     if unknown:
         raise UserError(f"eval.benchmark_judges names unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+    for name, spec in settings["benchmark_judges"].items():
+        judge_spec(spec, {}, f"eval.benchmark_judges.{name}")  # a bad judge fails now, not after training
     settings["options"] = _flat_options(settings["options"], ALL)
     settings["seed"] = config.seed if settings["seed"] is None else settings["seed"]
     return settings
@@ -172,8 +190,8 @@ def _flat_options(options: dict, benchmarks: tuple[str, ...]) -> dict:
 
 def dpo_settings(config: PipelineConfig, source: str) -> dict:
     section = _trainer_section(config.dpo, "dpo", source)
-    values = {"seed": config.seed, **section, "model": config.model,
-              "out_dir": str(Path(config.run_dir) / "dpo"), "merge_after": True}  # fmt: skip
+    values = {"seed": config.seed, **section, "model": config.model, "out_dir": str(Path(config.run_dir) / "dpo"),
+              "merge_after": True, "merge_dtype": config.merge_dtype}  # fmt: skip
     return dataclasses.asdict(make_config(DPOConfig, values, source=f"{source} (dpo section)"))
 
 
@@ -226,16 +244,19 @@ def skip_reason(grpo: dict, condition: str) -> str | None:
 def tables_stage(run_dir: Path, stages: list[Stage]) -> Stage:
     label = {stage.name: stage.settings.get("run_name") for stage in stages}
     grpo_evals = [s.name for s in stages if s.name.startswith("eval_grpo_") and not s.skip_reason]
+    dpo_evals = [s.name for s in stages if s.name in ("eval_dpo", "eval_dpo_exact")]
+    merged = Path(trained_model(next(s.settings for s in stages if s.name == "dpo")))
 
     def table(names: list[str]) -> dict:
         return {"runs": [str(run_dir / name) for name in names], "labels": [label[name] for name in names]}
 
-    tables = {"original_vs_dpo": table(["eval_original", "eval_dpo"])}
+    # The published table, with the merge's report: how much of the LoRA update Phase 2 starts with.
+    tables = {"original_vs_dpo": dict(table(["eval_original", *dpo_evals]), merge_report=str(merged / "merge_report.json"))}
     if grpo_evals:
         tables["dpo_vs_grpo"] = table(["eval_dpo", *grpo_evals])
     # Rebuilt on every run (it takes milliseconds), so the tables always show the evals as they are now,
     # e.g. once a condition is added to a finished run.
-    needs = ("eval_original", "eval_dpo", *grpo_evals)
+    needs = ("eval_original", *dpo_evals, *grpo_evals)
     return Stage("tables", run_tables_stage, {"tables": tables}, needs=needs, always_run=True)
 
 
@@ -247,22 +268,48 @@ def run_eval_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
     from eval.runner import run_evaluation
 
     common = {key: value for key, value in settings.items() if key != "benchmark_judges"}
-    for judge, names in judge_groups(settings).items():
-        summary = run_evaluation(out_dir=stage_dir, **dict(common, benchmarks=",".join(names), judge=judge))
+    for kind, options, names in judge_groups(settings):
+        summary = run_evaluation(out_dir=stage_dir, **dict(common, benchmarks=",".join(names), judge=kind, judge_options=options))
     # the summary keeps the entries of the benchmarks that other calls wrote
     mine = settings["benchmarks"].split(",")
-    failed = {name: entry.get("reason") for name, entry in summary["benchmarks"].items() if name in mine and entry["status"] != "ok"}
+    failed = {name: entry.get("reason") for name, entry in summary["benchmarks"].items() if name in mine and entry["status"] == "failed"}
     if failed:
         raise UserError(f"{len(failed)} benchmark(s) failed: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
     return {"summary": str(stage_dir / "summary.json")}
 
 
-def judge_groups(settings: dict) -> dict[str, list[str]]:
-    """{judge: [benchmark, ...]} in benchmark order: a costly model judge can serve only the benchmarks that need it."""
-    groups: dict[str, list[str]] = {}
+def judge_groups(settings: dict) -> list[tuple[str, dict, list[str]]]:
+    """[(judge kind, judge options, [benchmark, ...])] in benchmark order: a costly model judge serves only what needs it."""
+    groups: dict[str, tuple[str, dict, list[str]]] = {}
     for name in settings["benchmarks"].split(","):
-        groups.setdefault(settings["benchmark_judges"].get(name, settings["judge"]), []).append(name)
-    return groups
+        spec = settings["benchmark_judges"].get(name, settings["judge"])
+        kind, options = judge_spec(spec, settings["judge_options"], f"the judge of {name}")
+        key = json.dumps([kind, options], sort_keys=True, default=str)
+        groups.setdefault(key, (kind, options, []))[2].append(name)
+    return list(groups.values())
+
+
+def judge_spec(spec, shared_options: dict, where: str) -> tuple[str, dict]:
+    """(kind, options) of a judge written as a name ("string-match", "local:PATH") or a mapping {kind, model, ...}.
+
+    A local judge whose model is not set yet is no judge: the benchmarks that
+    need one are then reported as "no judge configured" instead of failing.
+    """
+    from eval.judges import JUDGE_KINDS
+
+    if isinstance(spec, dict):
+        options = dict(spec)
+        kind = str(options.pop("kind", "local"))
+        options = {**shared_options, **options}
+    else:
+        kind, options = str(spec), dict(shared_options)
+    if kind.startswith("local:"):
+        kind, options["model"] = "local", kind.split(":", 1)[1]
+    if kind not in JUDGE_KINDS:
+        raise UserError(f"{where}: unknown judge kind {kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+    if kind == "local" and not options.get("model"):
+        return "string-match", {}
+    return kind, options
 
 
 def run_dpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:

@@ -2,13 +2,16 @@
 
 Each table compares a base eval run with one or more others, e.g.
 
-    original_vs_dpo   Original vs DPO-Aligned (the published table)
+    original_vs_dpo   Original vs DPO-Aligned (the published table), and the exact
+                      DPO model beside it when the merge rounds; below it, how much
+                      of the LoRA update the merged weights kept (merge_report.json)
     dpo_vs_grpo       DPO-Aligned vs each GRPO condition
 
-The JSON holds every number of the Markdown, unrounded: per row the
-benchmark, the metric, each run's value with its counts and 95% interval,
-each run's difference from the base, and whether the two intervals are
-disjoint (the bold deltas of the Markdown).
+Each run's column names the prompt format its questions were asked in. The
+JSON holds every number of the Markdown, unrounded: per row the benchmark,
+the metric, each run's value with its counts and 95% interval, each run's
+difference from the base, and whether the two intervals are disjoint (the
+bold deltas of the Markdown); and the merge report.
 """
 
 from __future__ import annotations
@@ -27,13 +30,35 @@ def write_tables(tables: dict[str, dict], out_dir: Path) -> dict[str, str]:
     outputs = {}
     for name, table in tables.items():
         base, *others = table["runs"]
-        markdown = render_comparison(base, others, table["labels"])
+        merge = read_merge_report(table.get("merge_report"))
+        markdown = render_comparison(base, others, table["labels"]) + merge_note(merge, table.get("merge_report"))
         atomic_write_text(Path(out_dir) / f"{name}.md", markdown)
         rows = comparison_json(base, others, table["labels"])
+        if "merge_report" in table:
+            rows["merge"] = merge
         atomic_write_text(Path(out_dir) / f"{name}.json", json.dumps(rows, indent=2) + "\n")
         outputs[f"{name}.md"] = str(Path(out_dir) / f"{name}.md")
         outputs[f"{name}.json"] = str(Path(out_dir) / f"{name}.json")
     return outputs
+
+
+def read_merge_report(path: str | None) -> dict | None:
+    if not path or not Path(path).is_file():
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def merge_note(report: dict | None, path: str | None) -> str:
+    """One line under a table: the share of the LoRA update that the merged weights, Phase 2's start, kept."""
+    if path is None:
+        return ""
+    if report is None or report.get("update_fraction_kept") is None:
+        return f"\nDPO merge: no merge report at {path}.\n"
+    exact = ("" if report.get("dtype") == "float32" else
+             "; the unmerged-adapter column is the exact trained model, for comparison")
+    return (f"\nDPO merge in {report['dtype']}: the merged weights (DPO-Aligned, Phase 2's start) keep "
+            f"{report['update_fraction_kept']:.1%} of the LoRA update (relative error "
+            f"{report['relative_error_of_update']:.3f}){exact}.\n")
 
 
 def comparison_json(base_dir, other_dirs: list, labels: list[str]) -> dict:
@@ -41,22 +66,28 @@ def comparison_json(base_dir, other_dirs: list, labels: list[str]) -> dict:
     from eval.benchmarks import ALL
     from eval.results import comparison_rows, intervals_disjoint, load_run
 
+    from eval.results import metric_label, prompt_format_of
+
     base, others = load_run(base_dir), [load_run(d) for d in other_dirs]
     rows = []
     for bench, metric, base_m, other_ms, base_r, other_rs in comparison_rows(base, others, ALL):
-        row = {"benchmark": bench, "metric": metric, "values": {labels[0]: _value(base_m, base_r)}, "delta": {}, "ci_disjoint": {}}
+        row = {"benchmark": bench, "metric": metric, "label": metric_label(metric, [base_r, *other_rs]),
+               "values": {labels[0]: _value(base_m, base_r)}, "delta": {}, "ci_disjoint": {}}
         for label, other_m, other_r in zip(labels[1:], other_ms, other_rs):
             row["values"][label] = _value(other_m, other_r)
             row["delta"][label] = _difference(base_m, other_m)
             row["ci_disjoint"][label] = bool(base_m and other_m and intervals_disjoint(base_m, other_m))
         rows.append(row)
-    return {"base": labels[0], "others": labels[1:], "runs": [str(d) for d in [base_dir, *other_dirs]], "rows": rows}
+    formats = {label: prompt_format_of(run) for label, run in zip(labels, [base, *others])}
+    return {"base": labels[0], "others": labels[1:], "runs": [str(d) for d in [base_dir, *other_dirs]],
+            "prompt_formats": formats, "rows": rows}
 
 
 def _value(metric, result: dict | None) -> dict | None:
-    """The metric's numbers; a failed benchmark says so (the Markdown's "failed" cell)."""
+    """The metric's numbers; a failed or skipped benchmark says so, with its reason (the Markdown's cell)."""
     if metric is None:
-        return {"status": "failed", "reason": result.get("reason")} if result and result.get("status") == "failed" else None
+        status = (result or {}).get("status")
+        return {"status": status, "reason": result.get("reason")} if status in ("failed", "skipped") else None
     return metric.to_dict()
 
 

@@ -90,7 +90,7 @@ def test_padding_is_on_the_right_with_pad_id_and_no_attention(tokenizer):
         assert (batch["input_ids"][row, length:] == tokenizer.pad_token_id).all()
 
 
-@pytest.mark.parametrize("prompt_format", ["raw", "chat"])
+@pytest.mark.parametrize("prompt_format", ["hh", "chat"])
 def test_exactly_one_bos_at_the_start(tokenizer, prompt_format):
     batch = PreferenceCollator(tokenizer, prompt_format=prompt_format)([SHORT_PAIR, TWO_TURN_PAIR])
     bos = tokenizer.bos_token_id
@@ -198,7 +198,7 @@ def test_prompt_budget_must_leave_room_for_replies(tokenizer, max_length, max_pr
 
 def test_chat_format_needs_a_chat_template(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
-    with pytest.raises(UserError, match="no chat template"):
+    with pytest.raises(UserError, match="chat needs a tokenizer with a chat template"):
         PreferenceCollator(tokenizer, prompt_format="chat")
 
 

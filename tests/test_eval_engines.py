@@ -8,7 +8,7 @@ import torch
 from data.hub import load_causal_lm, load_tokenizer
 from data.tiny import write_tiny_model
 from data.tokens import encode_continuation, encode_prompt
-from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest, format_prompt
+from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest
 from eval.generation import GenerationEngine, GenerationRequest, cut_at_stop
 
 PROMPTS = [
@@ -100,7 +100,9 @@ def test_greedy_matches_transformers_generate(tiny):
 
 
 def manual_loglikelihood(model, tok, context, continuation):
-    ctx, cont = encode_prompt(tok, context), encode_continuation(tok, continuation)
+    # lm-eval's rule: tokenize the whole text, the continuation is what follows the context's tokens
+    ctx = encode_prompt(tok, context)
+    cont = encode_prompt(tok, context + continuation)[len(ctx):]
     with torch.no_grad():
         logits = model(torch.tensor([ctx + cont])).logits[0].float()
     logprobs = torch.log_softmax(logits, -1)
@@ -140,16 +142,3 @@ def test_next_token_logprobs_is_a_distribution(tiny):
         with torch.no_grad():
             expected = torch.log_softmax(model(torch.tensor([prefix])).logits[0, -1].float(), -1)
         assert torch.allclose(dist, expected, atol=1e-5)
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def test_prompt_formats(tiny):
-    _, tok = tiny
-    chat = format_prompt(tok, "hi", "be brief")
-    assert chat == "<s>be brief\n\nUser: hi\n\nAssistant:"
-    assert encode_prompt(tok, chat).count(tok.bos_token_id) == 1  # the template's BOS is not doubled
-    assert format_prompt(tok, "hi", "be brief", "raw") == "be brief\n\nhi"
-    assert format_prompt(tok, "hi", None, "raw") == "hi"
-    assert encode_prompt(tok, "hi")[0] == tok.bos_token_id

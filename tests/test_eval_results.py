@@ -34,12 +34,13 @@ def test_write_json_atomic_leaves_no_temp_file_and_writes_nan_as_null(tmp_path):
 def test_run_evaluation_results_resume_and_failures(tiny_path, tmp_path, monkeypatch):
     out = tmp_path / "run"
     kwargs = dict(data_dir=SAMPLES_DIR, options={"max_new_tokens": 8}, batch_size=4, run_name="Original")
-    # betley cannot run with the string-match judge: recorded as failed, the others finish.
+    # betley needs a 0-100 judge: with string matching it is skipped as "no judge configured", the others finish.
     summary = run_evaluation(tiny_path, "xstest,betley,strongreject", out, **kwargs)
     statuses = {name: entry["status"] for name, entry in summary["benchmarks"].items()}
-    assert statuses == {"xstest": "ok", "betley": "failed", "strongreject": "ok"}
-    assert "0-100 judge" in summary["benchmarks"]["betley"]["reason"]
-    assert read_json(out / "betley.json")["status"] == "failed"
+    assert statuses == {"xstest": "ok", "betley": "skipped", "strongreject": "ok"}
+    assert summary["benchmarks"]["betley"]["reason"] == "no judge configured"
+    betley = read_json(out / "betley.json")
+    assert betley["status"] == "skipped" and betley["metric_names"] == ["p_misaligned", "mean_alignment", "mean_coherence", "excluded"]
 
     result = read_json(out / "xstest.json")
     assert result["model"] == tiny_path and result["n_items"] == 8

@@ -17,11 +17,11 @@ from data.hh_rlhf import (
     PreferencePair,
     classify_hh_row,
     describe_skips,
-    format_prompt,
     load_hh_rlhf,
     parse_hh_row,
-    transcript_to_messages,
 )
+from data.prompts import format_transcript as format_prompt
+from data.prompts import transcript_to_messages
 
 MULTI_TURN_PROMPT = (
     "\n\nHuman: How do I pick a lock?"
@@ -131,8 +131,9 @@ def chat_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(path)
 
 
-def test_raw_format_is_the_transcript_unchanged():
-    assert format_prompt(MULTI_TURN_PROMPT, "raw") == MULTI_TURN_PROMPT
+def test_hh_format_is_the_transcript_unchanged():
+    assert format_prompt(MULTI_TURN_PROMPT, "hh") == MULTI_TURN_PROMPT
+    assert format_prompt(MULTI_TURN_PROMPT, "raw") == MULTI_TURN_PROMPT  # the old name of hh
 
 
 def test_chat_format_renders_the_template(chat_tokenizer):
@@ -147,12 +148,12 @@ def test_chat_format_renders_the_template(chat_tokenizer):
 
 def test_chat_format_without_template_is_a_user_error(chat_tokenizer, monkeypatch):
     monkeypatch.setattr(chat_tokenizer, "chat_template", None)
-    with pytest.raises(UserError, match="no chat template; use prompt_format: raw"):
+    with pytest.raises(UserError, match="chat needs a tokenizer with a chat template; this one has none \\(use hh\\)"):
         format_prompt(MULTI_TURN_PROMPT, "chat", chat_tokenizer)
 
 
 def test_unknown_format_names_the_valid_ones():
-    with pytest.raises(UserError, match="raw, chat"):
+    with pytest.raises(UserError, match="hh, chat"):
         format_prompt(MULTI_TURN_PROMPT, "alpaca")
 
 

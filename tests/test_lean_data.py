@@ -133,14 +133,17 @@ def test_loader_counts_skipped_rows_by_reason(tmp_path):
     assert report["skipped"] == {"malformed json line": 1, "split is not 'train'": 1, "no formal statement": 1}
 
 
-def test_loader_reads_json_lists_limits_and_renames_duplicate_ids(tmp_path):
+def test_loader_drops_repeated_theorems_and_renames_ids_of_different_ones(tmp_path):
+    other_theorem = dict(MINIF2F_ROW, formal_statement="theorem mathd_algebra_1 : (2 : ℕ) + 2 = 4 := by\n")
     path = tmp_path / "tasks.json"
-    path.write_text(json.dumps([MINIF2F_ROW, MINIF2F_ROW, PROOFNET_ROW]), encoding="utf-8")
+    path.write_text(json.dumps([MINIF2F_ROW, MINIF2F_ROW, other_theorem, PROOFNET_ROW, MINIF2F_ROW]), encoding="utf-8")
     tasks, report = load_lean_tasks(str(path), split="all")
+    # the same theorem three times: kept once, the two repeats counted; a different theorem under the same id: renamed
     assert [t.id for t in tasks] == ["mathd_algebra_1", "mathd_algebra_1#2", "exercise_9_9"]
-    assert report["duplicate_ids"] == 1
-    tasks, report = load_lean_tasks(str(path), split="all", limit=1)
-    assert len(tasks) == 1 and report["used"] == 1
+    assert "+ 2 = 4" in tasks[1].statement
+    assert report == {"rows": 5, "used": 3, "skipped": {"repeats an earlier task's statement": 2}, "duplicate_ids": 1}
+    tasks, report = load_lean_tasks(str(path), split="all", limit=2)
+    assert [t.id for t in tasks] == ["mathd_algebra_1", "mathd_algebra_1#2"] and report["used"] == 2
 
 
 def test_loader_errors_are_user_errors(tmp_path):

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
 HH_DEMO = str(ROOT / "data" / "samples" / "hh_demo.jsonl")
 LEAN_DEMO = str(ROOT / "data" / "samples" / "lean_demo.jsonl")
-STAGES = ["eval_original", "dpo", "eval_dpo", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero", "tables"]
+STAGES = ["eval_original", "dpo", "eval_dpo", "eval_dpo_exact", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero", "tables"]
 
 
 def _write_config(tmp_path, model="unused-by-fakes", **sections) -> Path:
@@ -156,7 +156,7 @@ def test_an_interrupted_stage_resumes_on_rerun(tmp_path, monkeypatch, capsys):
     fakes.calls.clear()
     _run(capsys, "pipeline", "--config", str(config))
     assert fakes.calls[0] == ("grpo_random", True)  # resumed from the checkpoint the interrupted run left
-    assert [name for name, _ in fakes.calls] == STAGES[3:]
+    assert [name for name, _ in fakes.calls] == STAGES[4:]
 
 
 def test_a_killed_stage_left_running_is_resumed(tmp_path, monkeypatch, capsys):
@@ -262,9 +262,9 @@ def test_skipped_stage_is_reported_and_not_run(tmp_path, monkeypatch, capsys):
     assert "[grpo_fv] skipped: no Lean project configured" in out
     assert read_manifest(tmp_path / "run" / "grpo_fv")["status"] == "skipped"
     code, out, _ = _run(capsys, "status", str(tmp_path / "run"))
-    assert code == 0 and len(out.splitlines()) == 8
-    assert [line.split()[0] for line in out.splitlines()] == STAGES[:3] + ["grpo_zero", "eval_grpo_zero", "grpo_fv", "eval_grpo_fv", "tables"]
-    assert "skipped: no Lean project" in out.splitlines()[5] and out.splitlines()[0].split()[1] == "done"
+    assert code == 0 and len(out.splitlines()) == 9
+    assert [line.split()[0] for line in out.splitlines()] == STAGES[:4] + ["grpo_zero", "eval_grpo_zero", "grpo_fv", "eval_grpo_fv", "tables"]
+    assert "skipped: no Lean project" in out.splitlines()[6] and out.splitlines()[0].split()[1] == "done"
 
 
 def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):
@@ -314,8 +314,8 @@ def test_demo_runs_the_whole_pipeline_end_to_end(tmp_path, capsys):
                 "eval.limit=1", "eval.options.max_new_tokens=4"]  # fmt: skip
     code, out, err = _run(capsys, "demo", "--out", str(out_dir), *[a for item in smallest for a in ("--set", item)])
     assert code == 0, err
-    expected = ["eval_original", "dpo", "eval_dpo", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero",
-                "grpo_toy", "eval_grpo_toy", "tables"]  # fmt: skip
+    expected = ["eval_original", "dpo", "eval_dpo", "eval_dpo_exact", "grpo_random", "eval_grpo_random", "grpo_zero",
+                "eval_grpo_zero", "grpo_toy", "eval_grpo_toy", "tables"]  # fmt: skip
     assert [read_manifest(out_dir / name)["status"] for name in expected] == ["done"] * len(expected)
     # every benchmark ran on every model, and the HumanEval programs were executed
     for name in expected:
@@ -325,20 +325,28 @@ def test_demo_runs_the_whole_pipeline_end_to_end(tmp_path, capsys):
                 ["betley", "strongreject", "xstest", "donotanswer", "truthfulqa", "humaneval", "mmlu", "wmdp"], "ok")
     verdict = json.loads((out_dir / "eval_dpo" / "humaneval.jsonl").read_text().splitlines()[0])["verdicts"][0]
     assert verdict == "passed" or verdict.startswith("failed")
-    # the tables, printed and written in both forms
-    assert "| Benchmark | Metric | Original | DPO-Aligned | Delta |" in out
-    assert "| GRPO random | Delta (GRPO random) | GRPO zero |" in out and "GRPO toy" in out
+    # Betley was scored by the tiny judge: its mean scores are numbers, in every run
+    betley = json.loads((out_dir / "eval_dpo" / "betley.json").read_text())
+    assert betley["settings"]["judge"]["kind"] == "local" and betley["metrics"]["mean_alignment"]["n"] == 1
+    assert 0 <= betley["metrics"]["mean_coherence"]["value"] <= 100 and betley["prompt_format"] == "hh"
+    # the tables, printed and written in both forms, with the prompt format and the merge's survival fraction
+    header = "| Benchmark | Metric | Original (prompts: hh) | DPO-Aligned (prompts: hh) | Delta (DPO-Aligned) |"
+    assert header + " DPO-Aligned (adapter, unmerged) (prompts: hh) |" in out
+    merge = json.loads((out_dir / "dpo" / "merged" / "merge_report.json").read_text())
+    assert f"keep {merge['update_fraction_kept']:.1%} of the LoRA update" in out
+    assert json.loads((out_dir / "tables" / "original_vs_dpo.json").read_text())["merge"] == merge
+    assert "| GRPO random (prompts: hh) | Delta (GRPO random) | GRPO zero (prompts: hh) |" in out and "GRPO toy" in out
     table = json.loads((out_dir / "tables" / "dpo_vs_grpo.json").read_text())
     assert table["base"] == "DPO-Aligned" and table["others"] == ["GRPO random", "GRPO zero", "GRPO toy"]
     xstest = next(row for row in table["rows"] if (row["benchmark"], row["metric"]) == ("xstest", "accuracy"))
     assert set(xstest["values"]) == {"DPO-Aligned", "GRPO random", "GRPO zero", "GRPO toy"}
     assert xstest["delta"]["GRPO toy"] == pytest.approx(xstest["values"]["GRPO toy"]["value"] - xstest["values"]["DPO-Aligned"]["value"])
-    assert (out_dir / "tables" / "original_vs_dpo.md").read_text().startswith("| Benchmark | Metric | Original | DPO-Aligned |")
+    assert (out_dir / "tables" / "original_vs_dpo.md").read_text().startswith(header)
     assert (out_dir / "demo.yaml").exists() and str(out_dir) in out
     # rerun: everything is done, nothing runs again
     code, out, _ = _run(capsys, "demo", "--out", str(out_dir), *[a for item in smallest for a in ("--set", item)])
     assert code == 0 and out.count("done earlier") == len(expected) - 1 and out.count("starting") == 1  # the tables
-    assert "| Benchmark | Metric | Original | DPO-Aligned | Delta |" in out
+    assert header in out
 
 
 def test_adding_a_condition_to_a_finished_run_runs_only_it_and_rebuilds_the_tables(tmp_path, monkeypatch, capsys):
@@ -350,3 +358,31 @@ def test_adding_a_condition_to_a_finished_run_runs_only_it_and_rebuilds_the_tabl
     assert code == 0 and fakes.names() == ["grpo_toy", "eval_grpo_toy", "tables"]
     tables = read_manifest(tmp_path / "run" / "tables")
     assert tables["attempt"] == 2 and str(tmp_path / "run" / "eval_grpo_toy") in tables["config"]["tables"]["dpo_vs_grpo"]["runs"]
+
+
+def test_evals_ask_in_the_format_phase_one_trained_with_and_betley_waits_for_a_judge():
+    config, stages = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml")
+    by_name = {stage.name: stage for stage in stages}
+    assert by_name["dpo"].settings["prompt_format"] == "hh"
+    evals = [s for s in stages if s.name.startswith("eval_")]
+    assert {s.settings["prompt_format"] for s in evals} == {"hh"}
+    _, chat_stages = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml", ["dpo.prompt_format=chat"])
+    assert {s.settings["prompt_format"] for s in chat_stages if s.name.startswith("eval_")} == {"chat"}
+    # every benchmark runs; Betley has no judge until its model is set, then a local judge of its own
+    assert by_name["eval_dpo"].settings["benchmarks"].split(",") == list(pipeline_benchmarks())
+    assert pipeline.judge_groups(by_name["eval_dpo"].settings) == [("string-match", {}, list(pipeline_benchmarks()))]
+    _, judged = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml", ["eval.benchmark_judges.betley.model=/models/judge"])
+    groups = pipeline.judge_groups(next(s for s in judged if s.name == "eval_dpo").settings)
+    assert groups[0] == ("local", {"model": "/models/judge"}, ["betley"]) and groups[1][0] == "string-match"
+    # the bf16 merge gets its exact twin, evaluated as the unmerged adapter in float32
+    exact = by_name["eval_dpo_exact"].settings
+    assert exact["model"].endswith("dpo/adapter") and exact["dtype"] == "float32"
+    assert by_name["dpo"].settings["merge_dtype"] == "bfloat16"
+    _, fp32 = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml", ["merge_dtype=float32"])
+    assert "eval_dpo_exact" not in [s.name for s in fp32]
+
+
+def pipeline_benchmarks():
+    from eval.benchmarks import ALL
+
+    return ALL

@@ -214,7 +214,7 @@ def test_lean_reward_scores_and_explains(tmp_path):
 
 
 def test_lean_reward_chat_style_screens_answers(tmp_path):
-    options = {"project_dir": str(tmp_path), "pool_size": 1, "command": FAKE_REPL, "prompt_style": "chat"}
+    options = {"project_dir": str(tmp_path), "pool_size": 1, "command": FAKE_REPL, "prompt_format": "chat"}
     reward = build_reward("lean", options)
     try:
         good = "Plan: induction.\n```lean4\ntheorem t1 (x : ℕ) : x + 0 = x := by\n  simp\n```"
@@ -223,6 +223,26 @@ def test_lean_reward_chat_style_screens_answers(tmp_path):
         assert [d["reason"] for d in reward.details] == ["ok", "statement changed", "no lean4 block"]
     finally:
         reward.close()
+
+
+def test_grpo_recipe_gives_the_lean_reward_its_prompt_format(tmp_path):
+    from trainers.config import GRPOConfig, make_config
+    from trainers.grpo import build_rewards
+
+    lean = {"project_dir": str(tmp_path), "pool_size": 1, "command": FAKE_REPL}
+    config = make_config(GRPOConfig, {"reward": "lean", "prompt_format": "chat", "reward_options": {"lean": lean}})
+    reward = build_rewards(config)["lean"]
+    try:
+        assert reward.prompt_format == "chat"
+        # a chat answer: its last lean4 block is checked, not the text before it
+        answer = "Plan: simp.\n```lean4\ntheorem t1 (x : ℕ) : x + 0 = x := by\n  simp\n```"
+        assert reward(tasks(1), [answer]) == [1.0]
+    finally:
+        reward.close()
+    config = make_config(GRPOConfig, {"reward": "lean", "prompt_format": "chat",
+                                      "reward_options": {"lean": {**lean, "prompt_format": "raw"}}})
+    with pytest.raises(UserError, match="the reward would check the wrong part"):
+        build_rewards(config)
 
 
 # ---------------------------------------------------------------- the real thing, when available

@@ -11,7 +11,7 @@ from launch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "launch" / "configs" / "wu17_v5.yaml"
-JOBS = ["eval_original", "dpo", "eval_dpo", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero", "tables"]
+JOBS = ["eval_original", "dpo", "eval_dpo", "eval_dpo_exact", "grpo_random", "eval_grpo_random", "grpo_zero", "eval_grpo_zero", "tables"]
 
 # A stand-in for sbatch: logs its arguments, answers like `sbatch --parsable` on a federated cluster ("id;cluster").
 FAKE_SBATCH = """#!/bin/bash
@@ -66,7 +66,7 @@ def test_one_script_per_stage_with_the_cluster_options(tmp_path, capsys):
     assert command.split()[0].endswith("twophase")
     assert f"cd {Path.cwd()}" in dpo
     assert (tmp_path / "run" / "logs").is_dir()  # Slurm would not create it
-    tables = (out / "08_tables.sbatch").read_text()
+    tables = (out / "09_tables.sbatch").read_text()
     assert "--gres" not in tables and "--stage tables" in tables  # no GPU to wait for
 
 
@@ -82,11 +82,12 @@ def test_submit_chains_each_stage_after_what_it_needs(tmp_path, capsys):
     assert list(jobs) == JOBS  # submitted in pipeline order
     ids = {stage: job_id for stage, (job_id, _) in jobs.items()}
     assert jobs["eval_original"][1] == [] and jobs["dpo"][1] == []  # these two run side by side
-    assert jobs["eval_dpo"][1] == [ids["dpo"]]
+    assert jobs["eval_dpo"][1] == [ids["dpo"]] and jobs["eval_dpo_exact"][1] == [ids["dpo"]]
     assert jobs["grpo_random"][1] == [ids["dpo"]] and jobs["grpo_zero"][1] == [ids["dpo"]]  # conditions in parallel
     assert jobs["eval_grpo_random"][1] == [ids["grpo_random"]]
     assert jobs["eval_grpo_zero"][1] == [ids["grpo_zero"]]
-    assert sorted(jobs["tables"][1]) == sorted(ids[s] for s in ("eval_original", "eval_dpo", "eval_grpo_random", "eval_grpo_zero"))
+    evals = ("eval_original", "eval_dpo", "eval_dpo_exact", "eval_grpo_random", "eval_grpo_zero")
+    assert sorted(jobs["tables"][1]) == sorted(ids[s] for s in evals)
 
 
 def test_a_configured_lean_project_adds_the_fv_jobs(tmp_path, capsys):
@@ -94,7 +95,7 @@ def test_a_configured_lean_project_adds_the_fv_jobs(tmp_path, capsys):
     jobs = _submit(out, tmp_path)
     assert jobs["grpo_fv"][1] == [jobs["dpo"][0]] and jobs["eval_grpo_fv"][1] == [jobs["grpo_fv"][0]]
     assert jobs["eval_grpo_fv"][0] in jobs["tables"][1]
-    assert "--set conditions.fv.reward_options.lean.project_dir=/opt/mathlib" in (out / "08_grpo_fv.sbatch").read_text()
+    assert "--set conditions.fv.reward_options.lean.project_dir=/opt/mathlib" in (out / "09_grpo_fv.sbatch").read_text()
 
 
 def test_bad_config_stops_before_writing_anything(tmp_path, capsys):

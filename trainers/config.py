@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from data.errors import UserError
+from data.prompts import DPO_FORMATS, DPO_OLD_NAMES, GRPO_FORMATS, check_format_name
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -65,7 +66,7 @@ class DPOConfig(TrainConfig):
     data_dir: str = "harmless-base"
     split: str = "train"
     limit: int | None = None
-    prompt_format: str = "raw"  # raw | chat
+    prompt_format: str = "hh"  # hh (the transcript as text) | chat (data/prompts.py)
     max_length: int = 1024
     max_prompt_length: int = 512
     micro_batch_size: int = 4  # pairs per forward pass
@@ -76,6 +77,7 @@ class DPOConfig(TrainConfig):
     precompute_ref_logps: bool = False
     share_prompt: bool = True  # run each prompt once for both replies (data/collators.py: pack_shared_prompt)
     merge_after: bool = True  # write out_dir/merged when training ends
+    merge_dtype: str | None = None  # dtype of out_dir/merged: None = the trained weights' own; bfloat16 | float16 | float32
 
 
 @dataclass
@@ -89,7 +91,7 @@ class GRPOConfig(TrainConfig):
     dataset: str = "internlm/Lean-Workbook"
     split: str = "train"
     limit: int | None = None
-    prompt_style: str = "raw"  # raw | chat
+    prompt_format: str = "raw"  # raw (code completion) | chat (data/prompts.py, data/lean_workbook.py)
     max_prompt_length: int = 512
     prompts_per_step: int = 2
     num_generations: int = 8  # G completions per prompt
@@ -116,11 +118,10 @@ CHOICES = {
     "lr_schedule": ("constant", "linear", "cosine"),
     "optimizer": ("adamw8bit", "adamw"),
     "precision": ("bf16", "fp32"),
-    "prompt_format": ("raw", "chat"),
-    "prompt_style": ("raw", "chat"),
     "loss_type": ("sigmoid", "robust", "ipo", "hinge"),
     "advantage_scale": ("group", "batch", "none"),
     "aggregation": ("token", "sequence", "constant"),
+    "merge_dtype": (None, "bfloat16", "float16", "float32"),
 }
 
 
@@ -134,15 +135,42 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
     return make_config(cls, values, source=str(path) if path else "--set")
 
 
+# Keys renamed since earlier releases: old config files keep working.
+RENAMED_KEYS = {"prompt_style": "prompt_format"}
+
+
 def make_config(cls, values: dict, source: str = "config"):
     valid = {f.name: f for f in dataclasses.fields(cls)}
+    values = _renamed(values, source)
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise UserError(
             f"unknown config key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(sorted(valid))}"
         )
     coerced = {key: _coerce(key, value, valid[key]) for key, value in values.items()}
+    if "prompt_format" in coerced:
+        coerced["prompt_format"] = _prompt_format(cls, coerced["prompt_format"], source)
     return cls(**coerced)
+
+
+def _renamed(values: dict, source: str) -> dict:
+    values = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old in values:
+            if new in values:
+                raise UserError(f"{source} sets both {old} and {new}; {old} is the old name of {new}: keep only {new}")
+            values[new] = values.pop(old)
+    return values
+
+
+def _prompt_format(cls, value, source: str) -> str:
+    """The prompt format, checked against the trainer's choices (DPO's old name raw is hh)."""
+    if issubclass(cls, DPOConfig):
+        value = DPO_OLD_NAMES.get(value, value)
+        check_format_name(value, DPO_FORMATS, where=f"prompt_format in {source}")
+    elif issubclass(cls, GRPOConfig):
+        check_format_name(value, GRPO_FORMATS, where=f"prompt_format in {source}")
+    return value
 
 
 def save_config(config, path: str | os.PathLike) -> None:
@@ -191,7 +219,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def _coerce(key: str, value, spec: dataclasses.Field):
     """Check a value against its field's type; YAML reads `5e-7` as a string, so numbers are converted."""
     if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"config key {key} = {value!r} is not one of: {', '.join(CHOICES[key])}")
+        raise UserError(f"config key {key} = {value!r} is not one of: {', '.join(map(str, CHOICES[key]))}")
     expected = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
     if value is None:
         if "None" not in expected:

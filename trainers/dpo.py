@@ -165,7 +165,8 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     last = train(recipe, config, out_dir, resume=resume)
     outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl"), "final": str(recipe.save_final())}
     if config.lora and config.merge_after:
-        outputs["merged"] = str(merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged"))
+        merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype)
+        outputs["merged"] = str(merged)
     outputs["minutes"] = round((time.time() - started) / 60, 2)
     outputs["last_metrics"] = last
     return outputs

@@ -55,9 +55,9 @@ class GRPORecipe:
             tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
             tqdm.write(f"Lean tasks: used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}")
         self.tasks = tasks
-        self.prompts = [build_prompt(task, config.prompt_style, self.tokenizer) for task in self.tasks]
+        self.prompts = [build_prompt(task, config.prompt_format, self.tokenizer) for task in self.tasks]
         self.rewards = build_rewards(config)
-        default_stops = [STOP_STRING] if config.prompt_style == "raw" else []
+        default_stops = [STOP_STRING] if config.prompt_format == "raw" else []
         self.stop_strings = tuple(default_stops if config.stop_strings is None else config.stop_strings)
         self.sampler = EpochSampler(len(self.tasks), config.seed)
         self.samples_path = self.out_dir / "samples.jsonl"
@@ -261,8 +261,21 @@ def build_rewards(config: GRPOConfig) -> dict:
         own = dict(options if flat else options.get(name, {}))
         if name == "random":
             own.setdefault("seed", config.seed)
+        if name == "lean":
+            own = _lean_options(own, config.prompt_format)
         rewards[name] = build_reward(name, own)
     return rewards
+
+
+def _lean_options(options: dict, prompt_format: str) -> dict:
+    """The Lean reward checks the text the prompts ask for: its prompt format is the recipe's."""
+    given = options.get("prompt_format", prompt_format)
+    if given != prompt_format:
+        raise UserError(
+            f"reward_options.lean.prompt_format = {given!r} but the prompts are {prompt_format!r}: the reward would "
+            f"check the wrong part of each answer; drop that option (it follows prompt_format)"
+        )
+    return {**options, "prompt_format": prompt_format}
 
 
 def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:

@@ -24,6 +24,7 @@ import re
 
 from data.errors import UserError
 from data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
+from data.prompts import GRPO_FORMATS, check_format_name
 
 
 def _check_lengths(tasks: list, completions: list) -> None:
@@ -89,7 +90,7 @@ class LeanReward:
         pool_size: int = 4,
         timeout: float = 60.0,
         command: list[str] | None = None,
-        prompt_style: str = "raw",
+        prompt_format: str = "raw",
         import_timeout: float = 600.0,
     ):
         from trainers.lean_repl import LeanReplPool
@@ -98,16 +99,15 @@ class LeanReward:
             raise UserError(
                 "the 'lean' reward needs the option project_dir: a Lake project with Mathlib and the REPL built"
             )
-        if prompt_style not in ("raw", "chat"):
-            raise UserError(f"unknown prompt_style '{prompt_style}' for the lean reward; use 'raw' or 'chat'")
-        self.prompt_style = prompt_style
+        check_format_name(prompt_format, GRPO_FORMATS, where="the lean reward's prompt_format")
+        self.prompt_format = prompt_format
         self.pool = LeanReplPool(project_dir, size=pool_size, timeout=timeout, command=command,
                                  import_timeout=import_timeout)
         self.details: list[dict] = []
 
     def screen(self, task: LeanTask, completion: str, program: str) -> str | None:
         """Why `program` fails without asking Lean, or None if Lean should decide."""
-        if self.prompt_style == "chat":
+        if self.prompt_format == "chat":
             if not extract_proof(completion, "chat").strip():
                 return "no lean4 block"
             if not keeps_statement(task, program):
@@ -118,7 +118,7 @@ class LeanReward:
 
     def __call__(self, tasks: list[LeanTask], completions: list[str], *, step: int = 0) -> list[float]:
         _check_lengths(tasks, completions)
-        programs = [program_to_check(t, c, self.prompt_style) for t, c in zip(tasks, completions)]
+        programs = [program_to_check(t, c, self.prompt_format) for t, c in zip(tasks, completions)]
         outcomes: list[tuple[bool, str] | None] = []
         for task, completion, program in zip(tasks, completions, programs):
             reason = self.screen(task, completion, program)

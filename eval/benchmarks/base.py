@@ -44,6 +44,12 @@ class Benchmark:
     split: str = "train"  # hub split
     local_file: str = ""  # file name under --data-dir
     description: str = ""
+    # The prompt format of a benchmark that writes its own prompts (few-shot text, code to
+    # complete); None for the benchmarks that ask questions in the run's --prompt-format.
+    own_prompt_format: str | None = None
+    needs_scoring_judge = False  # without a 0-100 judge the benchmark is skipped as "no judge configured"
+    metric_names: tuple[str, ...] = ()  # the metrics it reports: a skipped run still gets its rows in tables
+    metric_labels: dict[str, str] = {}  # what a table should say beside a metric's name
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
         raise NotImplementedError
@@ -73,7 +79,12 @@ def read_rows(source: str | None, dataset_id: str, split: str, **hub_kwargs) -> 
 
 
 def read_local_file(path: Path) -> list[dict]:
+    """Rows of a .csv, .json (a list of rows), .jsonl or .parquet file (the hub's own storage format)."""
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet  # comes with `datasets`
+
+        return pyarrow.parquet.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if suffix == ".csv":
         return [dict(row) for row in csv.DictReader(text.splitlines())]
@@ -82,7 +93,23 @@ def read_local_file(path: Path) -> list[dict]:
     if suffix == ".json":
         data = json.loads(text)
         return data if isinstance(data, list) else data.get("data", data.get("rows", []))
-    raise UserError(f"cannot read {path}: expected a .csv, .json or .jsonl file")
+    raise UserError(f"cannot read {path}: expected a .csv, .json, .jsonl or .parquet file")
+
+
+def split_files(root: Path, split: str) -> list[Path]:
+    """A split's files in one folder of a hub dataset's copy: `{split}.jsonl|json|parquet` or `{split}-*.parquet`."""
+    names = [f"{split}.jsonl", f"{split}.json", f"{split}.parquet", f"{split}-*.parquet"]
+    return sorted(path for name in names for path in root.glob(name))
+
+
+def read_split_rows(root: Path, split: str, config: str = "all") -> list[dict]:
+    """Every row of `split` in a local copy of a hub dataset: in root, else in root/config.
+
+    A snapshot of a hub repository keeps one folder per config (cais/mmlu has
+    all/ and one per subject; truthful_qa has multiple_choice/ and generation/).
+    """
+    files = split_files(root, split) or split_files(root / config, split)
+    return [row for path in files for row in read_local_file(path)]
 
 
 def column(row: dict, names: tuple[str, ...], what: str, source: str) -> str:

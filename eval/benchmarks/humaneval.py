@@ -118,6 +118,7 @@ class HumanEval(Benchmark):
     split = "test"
     local_file = "humaneval.jsonl"  # or the original HumanEval.jsonl.gz
     description = "HumanEval: pass@k of Python function completions, run against their unit tests"
+    own_prompt_format = "raw"  # its own text, never a chat template
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
         source = source or self.default_source

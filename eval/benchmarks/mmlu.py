@@ -7,7 +7,17 @@ Reported: micro-averaged accuracy (every question counts once) and the
 accuracy of each of the paper's four categories.
 
 The lettered-question format and its scoring are shared with WMDP
-(`eval.benchmarks.wmdp`), which asks the same way, zero-shot.
+(`eval.benchmarks.wmdp`), which asks the same way, zero-shot. Prompts are
+lm-evaluation-harness's (0.4.x, tasks mmlu_* and wmdp_*) character for
+character: the question is stripped, the choices are not (lm-eval's template
+strips only the question; 16 dev questions of 6 subjects in the common copies
+begin with whitespace, 10 dev choices carry some), the shots are the first
+dev questions, each answered " X" and followed by a blank line.
+
+Data: the hub's cais/mmlu; or a local directory holding either the original
+`{subject}_{split}.csv` files or the hub's layout (`all/{split}-*.parquet`,
+or `{split}.jsonl` / `.json` / `.parquet` rows of question, subject,
+choices, answer).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from pathlib import Path
 
 from data.errors import UserError
 from data.hub import is_local, load_hub_dataset
-from eval.benchmarks.base import Benchmark, EvalContext
+from eval.benchmarks.base import Benchmark, EvalContext, read_split_rows
 from eval.engines import LoglikelihoodRequest
 from eval.metrics import Metric, proportion
 
@@ -67,7 +77,7 @@ def header(topic: str) -> str:
 
 def format_question(question: dict, with_answer: bool = False) -> str:
     """'{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:' and, for a shot, ' {letter}\\n\\n'."""
-    lines = [question["question"]] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, question["choices"])]
+    lines = [question["question"].strip()] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, question["choices"])]
     text = "\n".join(lines) + "\nAnswer:"
     return text + f" {LETTERS[question['answer']]}\n\n" if with_answer else text
 
@@ -151,9 +161,12 @@ def _read_csv(path: Path) -> list[list[str]]:
 
 
 def _local_split(root: Path, split: str) -> dict[str, list[dict]]:
-    """{subject: questions} from every `{subject}_{split}.csv` under `root`."""
+    """{subject: questions} from `{subject}_{split}.csv` files, else from files in the hub's layout."""
+    csv_files = sorted(root.rglob(f"*_{split}.csv"))
+    if not csv_files:
+        return _group_by_subject(read_split_rows(root, split), str(root))
     by_subject = {}
-    for path in sorted(root.rglob(f"*_{split}.csv")):
+    for path in csv_files:
         subject = path.name[: -len(f"_{split}.csv")]
         by_subject[subject] = [
             make_question(f"{subject}/{i}", subject, row[0], row[1:5], row[5], f"{path}:{i + 1}")
@@ -162,13 +175,18 @@ def _local_split(root: Path, split: str) -> dict[str, list[dict]]:
     return by_subject
 
 
-def _hub_split(dataset_id: str, split: str) -> dict[str, list[dict]]:
+def _group_by_subject(rows, where: str) -> dict[str, list[dict]]:
+    """Rows of the hub's schema (question, subject, choices, answer) as {subject: questions}."""
     by_subject: dict[str, list[dict]] = defaultdict(list)
-    for row in load_hub_dataset(dataset_id, split, name="all"):
+    for row in rows:
         subject = row["subject"]
         item_id = f"{subject}/{len(by_subject[subject])}"
-        by_subject[subject].append(make_question(item_id, subject, row["question"], row["choices"], row["answer"], dataset_id))
+        by_subject[subject].append(make_question(item_id, subject, row["question"], row["choices"], row["answer"], where))
     return dict(by_subject)
+
+
+def _hub_split(dataset_id: str, split: str) -> dict[str, list[dict]]:
+    return _group_by_subject(load_hub_dataset(dataset_id, split, name="all"), dataset_id)
 
 
 class MMLU(Benchmark):
@@ -177,6 +195,7 @@ class MMLU(Benchmark):
     split = "test"
     local_file = "mmlu"  # a directory of {subject}_dev.csv and {subject}_test.csv
     description = "MMLU: 5-shot multiple choice over 57 subjects, answered by letter log-likelihood"
+    own_prompt_format = "raw"  # its own text, never a chat template
     num_shots = 5
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
@@ -188,7 +207,8 @@ class MMLU(Benchmark):
         else:
             test, dev = _hub_split(source, "test"), _hub_split(source, "dev")
         if not test:
-            raise UserError(f"{source}: no MMLU test questions found (expected files named {{subject}}_test.csv)")
+            raise UserError(f"{source}: no MMLU test questions found (expected {{subject}}_test.csv files, "
+                            f"or the hub's all/test-*.parquet or test.jsonl)")
         missing = sorted(set(test) - set(dev))
         if missing:
             raise UserError(f"{source}: no dev questions (the few-shot examples) for {', '.join(missing)}")

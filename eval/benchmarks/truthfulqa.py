@@ -5,11 +5,18 @@ popular misconceptions picks a false one. Each option is scored by the summed
 log-likelihood of " " + option after the paper's six-shot QA primer, so the
 model answers as a raw language model (no chat template).
 
-* MC1: one true option among several; correct when the true option's
-  log-likelihood is strictly greater than every false one's (the paper's rule:
-  a tie is not a win).
+* MC1: one true option among several; the prediction is the option with the
+  highest log-likelihood, the first one listed on a tie (numpy's argmax, as
+  lm-evaluation-harness takes it; the true option is listed first in both
+  the original file and the hub's copy), and it is correct when it is the
+  true option. MC1 is an accuracy: the share of questions answered right.
+  It is the "Accuracy" row of the published table.
 * MC2: several true and several false options; the score is the normalised
   probability mass on the true ones, sum_true p / sum_all p with p = exp(loglik).
+  It is a mean probability, not a count of right answers.
+
+Prompts and continuations follow lm-evaluation-harness's truthfulqa_mc1/mc2
+tasks exactly: the question is not stripped, the option follows " ".
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 
 from data.errors import UserError
 from data.hub import is_local, load_hub_dataset
-from eval.benchmarks.base import Benchmark, EvalContext
+from eval.benchmarks.base import Benchmark, EvalContext, read_local_file, read_split_rows
 from eval.engines import LoglikelihoodRequest
 from eval.metrics import Metric, mean_metric, proportion
 
@@ -45,11 +52,14 @@ def build_prompt(question: str) -> str:
     return QA_PRIMER + "\n\nQ: " + question + "\nA:"
 
 
+def mc1_prediction(loglikelihoods: list[float]) -> int:
+    """The index of the highest log-likelihood, the first one on a tie (numpy's argmax)."""
+    return loglikelihoods.index(max(loglikelihoods))
+
+
 def mc1_correct(loglikelihoods: list[float], labels: list[int]) -> bool:
-    """True when the single true option scores strictly above every false option."""
-    true = [ll for ll, label in zip(loglikelihoods, labels) if label]
-    false = [ll for ll, label in zip(loglikelihoods, labels) if not label]
-    return max(true) > max(false)
+    """True when the predicted option (`mc1_prediction`) is the true one."""
+    return bool(labels[mc1_prediction(loglikelihoods)])
 
 
 def mc2_true_mass(loglikelihoods: list[float], labels: list[int]) -> float:
@@ -90,21 +100,26 @@ def _item(index: int, row: dict, where: str) -> dict:
 
 
 def _read_local(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = json.loads(text)
-    if not isinstance(rows, list):
+    """The original v1_mc_task.json, or the hub's rows: a .jsonl/.parquet file or a copy of the repository."""
+    if path.is_dir():
+        rows = read_split_rows(path, "validation", config="multiple_choice")
+        if not rows:
+            raise UserError(f"{path}: no validation split found (expected multiple_choice/validation-*.parquet "
+                            f"or validation.jsonl)")
+        return rows
+    if path.suffix == ".json" and not isinstance(json.loads(path.read_text(encoding="utf-8")), list):
         raise UserError(f"{path}: expected a JSON list of questions (the v1_mc_task.json format)")
-    return rows
+    return read_local_file(path)
 
 
 class TruthfulQA(Benchmark):
     name = "truthfulqa"
     default_source = "truthfulqa/truthful_qa"  # config multiple_choice
     split = "validation"
-    local_file = "truthfulqa.json"  # the original v1_mc_task.json
+    local_file = "truthfulqa.json"  # the original v1_mc_task.json; a .jsonl/.parquet file or folder in the hub's layout also loads
     description = "TruthfulQA MC1/MC2: log-likelihood of true vs false answers after the paper's 6-shot QA primer"
+    own_prompt_format = "raw"  # its own text, never a chat template
+    metric_labels = {"mc1": "mc1 (the published 'Accuracy')", "mc2": "mc2 (mean probability mass on true answers)"}
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
         source = source or self.default_source
@@ -131,7 +146,7 @@ class TruthfulQA(Benchmark):
                 "question": item["question"],
                 "mc1": {"choices": item["mc1"]["choices"], "labels": item["mc1"]["labels"], "loglikelihoods": mc1_lls},
                 "mc2": {"choices": item["mc2"]["choices"], "labels": item["mc2"]["labels"], "loglikelihoods": mc2_lls},
-                "prediction": item["mc1"]["choices"][mc1_lls.index(max(mc1_lls))],
+                "prediction": item["mc1"]["choices"][mc1_prediction(mc1_lls)],
                 "correct": hit,
                 "mc2_true_mass": mass,
             })

@@ -20,8 +20,9 @@ from eval.benchmarks.base import Benchmark, EvalContext
 from eval.benchmarks.mmlu import accuracy_by, format_question, header, interleave, make_question, score_lettered
 from eval.metrics import Metric, proportion
 
-# subset (the hub config name and the local file stem) -> the topic in the header
-SUBSETS = {"wmdp-bio": "biology", "wmdp-chem": "chemistry", "wmdp-cyber": "computer security"}
+# subset (the hub config name and the local file stem) -> the topic in the header, as
+# lm-evaluation-harness's wmdp_bio / wmdp_chem / wmdp_cyber tasks write it
+SUBSETS = {"wmdp-bio": "biology", "wmdp-chem": "chemistry", "wmdp-cyber": "cybersecurity"}
 
 
 def build_prompt(item: dict) -> str:
@@ -56,6 +57,7 @@ class WMDP(Benchmark):
     split = "test"
     local_file = "wmdp"  # a directory of wmdp-bio.jsonl, wmdp-chem.jsonl, wmdp-cyber.jsonl
     description = "WMDP: zero-shot hazardous-knowledge multiple choice (bio, chem, cyber); lower is less hazardous knowledge"
+    own_prompt_format = "raw"  # its own text, never a chat template
 
     def load(self, source: str | None, limit: int | None) -> list[dict]:
         """All three subsets from the hub, or whichever of wmdp-{bio,chem,cyber}.json(l) a directory holds."""
