@@ -101,8 +101,8 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
     device = resolve_device(device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     pairs_per_step = micro_batch_size * grad_accum_steps
-    pair_lengths = _pair_lengths(lengths, seq_len, prompt_len, steps * pairs_per_step)
-    max_length, max_prompt_length = (seq_len, prompt_len) if lengths == "fixed" else (1024, 512)
+    pair_lengths = pair_lengths_of(lengths, seq_len, prompt_len, steps * pairs_per_step)
+    max_length, max_prompt_length = dpo_truncation(lengths, seq_len, prompt_len)
     with tempfile.TemporaryDirectory() as out_dir:
         config = make_config(DPOConfig, dict(
             model=architecture, out_dir=out_dir, max_steps=steps, micro_batch_size=micro_batch_size,
@@ -122,9 +122,6 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
         train(recipe, config, Path(out_dir), final_checkpoint=False)
         records = _read_metrics(Path(out_dir))
     measured = records[warmup_steps:] or records  # the first steps pay for warm-up (allocator, kernels)
-    times = [r["step_time_s"] for r in measured]
-    tokens = sum(r["tokens"] for r in measured)
-    median = statistics.median(times)
     shape = f"fixed {prompt_len}+2x{seq_len - prompt_len}" if lengths == "fixed" else lengths
     return {
         "benchmark": "dpo", "architecture": architecture, "device": _device_name(device), "lengths": shape,
@@ -132,13 +129,28 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
         "tokens_per_pass": config.max_tokens_per_pass if config.layout in ("packed", "packed_shared_prompt") else None,
         "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
         "logprob_chunk_size": logprob_chunk_size, "steps": steps, "warmup_steps": len(records) - len(measured),
-        "tokens_per_step": round(tokens / len(measured)), "tokens_per_s": round(tokens / sum(times), 1),
-        "step_s_min": round(min(times), 3), "step_s_median": round(median, 3), "step_s_max": round(max(times), 3),
-        "slowest_over_median": round(max(times) / median, 2), "peak_memory_gib": round(_peak_gib(device), 2),
+        **step_spread([r["step_time_s"] for r in measured], [r["tokens"] for r in measured]),
+        "peak_memory_gib": round(_peak_gib(device), 2),
     }  # fmt: skip
 
 
-def _pair_lengths(lengths: str, seq_len: int, prompt_len: int, count: int) -> list[tuple[int, int, int]]:
+def step_spread(step_seconds: list[float], step_tokens: list[int]) -> dict:
+    """Tokens a step and per second over the measured steps, and their step-time spread."""
+    median = statistics.median(step_seconds)
+    return {
+        "tokens_per_step": round(sum(step_tokens) / len(step_tokens)),
+        "tokens_per_s": round(sum(step_tokens) / sum(step_seconds), 1),
+        "step_s_min": round(min(step_seconds), 3), "step_s_median": round(median, 3),
+        "step_s_max": round(max(step_seconds), 3), "slowest_over_median": round(max(step_seconds) / median, 2),
+    }  # fmt: skip
+
+
+def dpo_truncation(lengths: str, seq_len: int, prompt_len: int) -> tuple[int, int]:
+    """(max_length, max_prompt_length): Phase 1's 1024 / 512 for real lengths; the fixed shape is never cut."""
+    return (seq_len, prompt_len) if lengths == "fixed" else (1024, 512)
+
+
+def pair_lengths_of(lengths: str, seq_len: int, prompt_len: int, count: int) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) token counts of the benchmark's pairs, before truncation."""
     if lengths == "fixed":
         return [(prompt_len, seq_len - prompt_len, seq_len - prompt_len)] * count
@@ -191,26 +203,33 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     }  # fmt: skip
 
 
+def synthetic_pair(index: int, lengths: tuple[int, int, int], vocab_size: int, max_length: int, max_prompt_length: int):
+    """Pair `index` of a synthetic benchmark: random ids of the (prompt, chosen, rejected) `lengths`.
+
+    The prompt starts with BOS and each reply ends with EOS, as the collator makes them,
+    and the pair is cut by the trainer's truncation rule. The same index always gives the
+    same ids (launch/trl_baseline.py feeds TRL exactly these pairs).
+    """
+    from data.collators import TokenizedPair, truncate_pair
+
+    generator = torch.Generator().manual_seed(index)
+    prompt, chosen, rejected = (_random_ids(1, n - 1, vocab_size, generator)[0].tolist() for n in lengths)
+    pair = TokenizedPair([BOS_ID, *prompt], [*chosen, EOS_ID], [*rejected, EOS_ID])
+    return truncate_pair(pair, max_length, max_prompt_length, bos_id=BOS_ID)
+
+
 def _synthetic_dpo_class():
     """Defined on demand so that importing this module does not import the trainers."""
-    from data.collators import TokenizedPair, truncate_pair
     from trainers.dpo import DPORecipe
 
     class SyntheticDPO(DPORecipe):
-        """DPORecipe whose pair i is random token ids of the lengths `pair_lengths[i]`, cut like a real pair.
-
-        The prompt starts with BOS and each reply ends with EOS, as the collator makes them;
-        the rest of the recipe (layouts, passes, loss, reference) is the real one.
-        """
+        """DPORecipe whose pair i is `synthetic_pair(i, pair_lengths[i], ...)`; the rest of the recipe is the real one."""
 
         pair_lengths: list[tuple[int, int, int]]
 
         def tokenized_pair(self, index):
-            generator = torch.Generator().manual_seed(index)
-            vocab = self.model.config.vocab_size
-            prompt, chosen, rejected = (_random_ids(1, n - 1, vocab, generator)[0].tolist() for n in self.pair_lengths[index])
-            pair = TokenizedPair([BOS_ID, *prompt], [*chosen, EOS_ID], [*rejected, EOS_ID])
-            return truncate_pair(pair, self.config.max_length, self.config.max_prompt_length, bos_id=BOS_ID)
+            vocab, config = self.model.config.vocab_size, self.config
+            return synthetic_pair(index, self.pair_lengths[index], vocab, config.max_length, config.max_prompt_length)
 
     return SyntheticDPO
 
@@ -255,7 +274,8 @@ def bench_group():
                    "harmless-base pair lengths, truncated at 1024/512 as in Phase 1.")
 @click.option("--steps", default=5, show_default=True)
 @click.option("--warmup-steps", default=1, show_default=True, help="First steps left out of every figure.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="How a pass holds its pairs [default: DPOConfig's].")
+@click.option("--layout", "layouts", type=click.Choice(LAYOUTS), multiple=True,
+              help="How a pass holds its pairs [default: DPOConfig's]; repeat it to compare layouts in one process.")
 @click.option("--tokens-per-pass", type=int, default=None, help="Packed layouts: tokens in one pass [default: DPOConfig's].")
 @click.option("--micro-batch-size", default=4, show_default=True, help="Pairs per forward pass (padded layouts).")
 @click.option("--grad-accum-steps", default=4, show_default=True)
@@ -265,15 +285,22 @@ def bench_group():
 @click.option("--logprob-chunk-size", default=256, show_default=True, help="Rows projected onto the vocabulary at once.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_dpo_command(arch, lengths, steps, warmup_steps, layout, tokens_per_pass, micro_batch_size, grad_accum_steps,
+def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pass, micro_batch_size, grad_accum_steps,
                       seq_len, precompute, optimizer, logprob_chunk_size, device, out):  # fmt: skip
     """Phase 1 setting: LoRA r=64, 4 x 4 pairs a step, checkpointing, 8-bit AdamW.
 
     Tokens are counted as TRL counts them (prompt twice, replies once, no padding), whatever the layout.
+    Each layout gets a freshly built model, so one result never carries memory of another.
     """
-    _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
-                    device=device, logprob_chunk_size=logprob_chunk_size, layout=layout, lengths=lengths,
-                    tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps), out)  # fmt: skip
+    import gc
+
+    for layout in layouts or [None]:
+        _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
+                        device=device, logprob_chunk_size=logprob_chunk_size, layout=layout, lengths=lengths,
+                        tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps), out)  # fmt: skip
+        gc.collect()  # the last model's weights go before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @bench_group.command("grpo")

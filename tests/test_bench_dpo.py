@@ -76,3 +76,21 @@ def test_hh_benchmark_counts_tokens_as_trl_does():
     assert result["layout"] == "packed_shared_prompt" and result["lengths"] == "hh-rlhf"
     assert result["step_s_min"] == result["step_s_median"] == result["step_s_max"]  # one measured step
     assert result["tokens_per_s"] == pytest.approx(expected / result["step_s_median"], rel=1e-2)
+
+
+@pytest.mark.parametrize("lengths", ["fixed", "hh-rlhf"])
+def test_trl_baseline_gets_the_benchmark_pairs_token_for_token(lengths):
+    """TRL tokenizes prompt, prompt + chosen + EOS text and prompt + rejected + EOS text; those must be our ids."""
+    from launch.bench import dpo_truncation, pair_lengths_of, synthetic_pair
+    from launch.trl_baseline import dpo_rows
+
+    tokenizer = synthetic_tokenizer(2048)
+    rows = dpo_rows(lengths, 8, seq_len=64, vocab_size=2048)
+    pair_lengths = pair_lengths_of(lengths, 64, 32, 8)
+    order = EpochSampler(len(pair_lengths), seed=0).indices(0, 8)  # the benchmark's first steps, in order
+    for row, index in zip(rows, order):
+        pair = synthetic_pair(index, pair_lengths[index], 2048, *dpo_truncation(lengths, 64, 32))
+        ids = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+        assert ids(row["prompt"]) == pair.prompt
+        assert ids(row["prompt"] + row["chosen"] + "</s>") == pair.prompt + pair.chosen
+        assert ids(row["prompt"] + row["rejected"] + "</s>") == pair.prompt + pair.rejected
