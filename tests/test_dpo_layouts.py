@@ -17,6 +17,7 @@ import torch
 from data.errors import UserError
 from trainers.config import DPOConfig, make_config
 from trainers.dpo import DPORecipe
+from trainers.loop import _reduce
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
 LAYOUTS = ("stacked", "shared_prompt", "packed", "packed_shared_prompt")
@@ -45,18 +46,20 @@ def _recipe(model_dir, out_dir, layout: str, **overrides) -> DPORecipe:
 def _run_step(recipe: DPORecipe, step: int) -> dict:
     """The step's passes, its loss and LoRA gradients, and every pair's (chosen, rejected) log-probabilities."""
     passes = recipe.step_batches(step)
-    loss = 0.0
+    loss, metrics = 0.0, []
     for micro_batch in passes:
-        part, _ = recipe.loss(micro_batch)
+        part, part_metrics = recipe.loss(micro_batch)
         part.backward()
         loss += float(part.detach())
+        metrics.append(part_metrics)
     logps = {}
     with torch.no_grad():
         for micro_batch in passes:
             values, n = recipe.pair_logprobs(recipe.model, micro_batch["batch"]), len(micro_batch["indices"])
             logps.update({index: (values[i], values[n + i]) for i, index in enumerate(micro_batch["indices"])})
     grads = {name: p.grad.clone() for name, p in recipe.model.named_parameters() if p.grad is not None}
-    return {"passes": [mb["indices"] for mb in passes], "loss": loss, "grads": grads, "logps": logps}
+    logged = _reduce(metrics)  # what the loop logs for the step
+    return {"passes": [mb["indices"] for mb in passes], "loss": loss, "grads": grads, "logps": logps, "logged": logged}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,10 @@ def test_every_layout_gives_the_stacked_step_in_float64(steps, layout):
     for index, (chosen, rejected) in expected["logps"].items():
         torch.testing.assert_close(torch.stack(got["logps"][index]), torch.stack([chosen, rejected]), rtol=0, atol=1e-10)
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+    for key in ("rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected", "tokens"):
+        assert got["logged"][key] == pytest.approx(expected["logged"][key], rel=1e-9, abs=1e-12), key
+    mean_chosen = sum(float(chosen) for chosen, _ in expected["logps"].values()) / 16
+    assert expected["logged"]["logps/chosen"] == pytest.approx(mean_chosen, rel=1e-12)  # a mean over the 16 pairs
     assert got["grads"].keys() == expected["grads"].keys() and len(expected["grads"]) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
     for name, grad in expected["grads"].items():
         assert float((got["grads"][name] - grad).norm() / grad.norm()) < GRADIENT_TOLERANCE, name

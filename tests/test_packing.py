@@ -138,3 +138,41 @@ def test_a_packed_model_refuses_a_call_without_segments(float64_models):
     _, packed = float64_models
     with pytest.raises(RuntimeError, match="packed_segments"):
         packed(torch.tensor([[1, 5, 6]]))
+
+
+def _kernel_emulation(bottom_right: bool):
+    """A stand-in for the GPU kernel on the CPU: exact segments in float32, causal aligned as asked."""
+    import torch.nn.functional as F
+
+    def attend(q, k, v, segments, scale):
+        pieces = []
+        q_cut, k_cut = segments.cu_seq_q.tolist(), segments.cu_seq_k.tolist()
+        for q0, q1, k0, k1 in zip(q_cut, q_cut[1:], k_cut, k_cut[1:]):
+            shift = (k1 - k0) - (q1 - q0) if bottom_right else 0
+            allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril(diagonal=shift)
+            inputs = (x.float().transpose(0, 1) for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+            out = F.scaled_dot_product_attention(*inputs, attn_mask=allowed, scale=scale)
+            pieces.append(out.transpose(0, 1).to(q.dtype))
+        return torch.cat(pieces)
+
+    return attend
+
+
+def test_the_kernel_check_passes_a_right_kernel_and_stops_a_wrong_one(monkeypatch):
+    import trainers.packed_attention as packed_attention
+    from data.errors import UserError
+
+    monkeypatch.setattr(packed_attention, "_kernel_applies", lambda q: q.dtype == torch.bfloat16)
+    monkeypatch.setattr(packed_attention, "_flash_varlen", _kernel_emulation(bottom_right=True))
+    assert packed_attention.verify_packed_attention(torch.device("cpu")) < 0.05  # bf16 rounding only
+
+    monkeypatch.setattr(packed_attention, "_flash_varlen", _kernel_emulation(bottom_right=False))
+    with pytest.raises(UserError, match="disagrees with the reference"):
+        packed_attention.verify_packed_attention(torch.device("cpu"))
+
+    def missing_kernel(*args):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(packed_attention, "_flash_varlen", missing_kernel)
+    with pytest.raises(UserError, match="Ampere GPUs or newer.*use layout: shared_prompt"):
+        packed_attention.verify_packed_attention(torch.device("cpu"))

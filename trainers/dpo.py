@@ -92,13 +92,16 @@ class DPORecipe:
             beta=self.config.beta, loss_type=self.config.loss_type, label_smoothing=self.config.label_smoothing,
         )  # fmt: skip
         share = n / self.pairs_per_step  # this micro-batch's part of the step's mean
+        # The loop averages metrics over a step's passes; weighting each pass by its pairs makes
+        # that average the mean over the step's pairs, also when packed passes hold unequal numbers.
+        weight = share * micro_batch["passes_in_step"]
         metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": policy[:n].detach().mean().item(),
-            "logps/rejected": policy[n:].detach().mean().item(),
+            "rewards/chosen": chosen_rewards.mean().item() * weight,
+            "rewards/rejected": rejected_rewards.mean().item() * weight,
+            "rewards/accuracy": float((chosen_rewards > rejected_rewards).sum()) / n * weight,
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item() * weight,
+            "logps/chosen": policy[:n].detach().mean().item() * weight,
+            "logps/rejected": policy[n:].detach().mean().item() * weight,
             "tokens": micro_batch["pair_tokens"],
         }
         return losses.mean() * share, metrics
@@ -161,7 +164,10 @@ class DPORecipe:
         """
         pairs = [self.tokenized_pair(i) for i in indices]
         passes = split_into_passes(pairs, self.config.layout, pairs_per_pass, tokens_per_pass)
-        return [self._on_device([indices[j] for j in group], [pairs[j] for j in group]) for group in passes]
+        batches = [self._on_device([indices[j] for j in group], [pairs[j] for j in group]) for group in passes]
+        for batch in batches:
+            batch["passes_in_step"] = len(batches)
+        return batches
 
     def tokenized_pair(self, index: int) -> TokenizedPair:
         """The token ids of pair `index`, truncated as configured."""

@@ -34,6 +34,8 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
+from data.errors import UserError
+
 PACKED_ATTENTION = "twophase_packed"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_TOLERANCE = 0.05  # bf16 outputs of unit-variance values; a wrong mask is off by O(1)
@@ -66,8 +68,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, head_dim)
     if packed_segments.key_index is not None:
         k, v = k.index_select(0, packed_segments.key_index), v.index_select(0, packed_segments.key_index)
-    attend = _flash_varlen if q.is_cuda and q.dtype in _KERNEL_DTYPES else segment_by_segment
+    attend = _flash_varlen if _kernel_applies(q) else segment_by_segment
     return attend(q, k, v, packed_segments, scaling).unsqueeze(0), None
+
+
+def _kernel_applies(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in _KERNEL_DTYPES
 
 
 def _flash_varlen(q, k, v, segments: PackedSegments, scale) -> torch.Tensor:
@@ -118,12 +124,17 @@ def verify_packed_attention(device: torch.device) -> float:
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (1, 4, batch["input_ids"].shape[1], 128)
     q, k, v = (torch.randn(shape, generator=generator, device=device).to(torch.bfloat16) for _ in range(3))
-    fast = packed_attention(None, q, k, v, None, scaling=128**-0.5, packed_segments=segments)[0]
+    try:
+        fast = packed_attention(None, q, k, v, None, scaling=128**-0.5, packed_segments=segments)[0]
+    except RuntimeError as err:  # e.g. a GPU older than FlashAttention's minimum
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"packed layouts need FlashAttention's variable-length kernel, which failed here ({reason}); "
+                        f"use layout: shared_prompt or stacked") from None  # fmt: skip
     exact = packed_attention(None, q.float(), k.float(), v.float(), None, scaling=128**-0.5, packed_segments=segments)[0]
     error = float((fast.float() - exact).abs().max())  # float32 inputs take the reference path
     if not error <= _KERNEL_TOLERANCE:
-        raise RuntimeError(
+        raise UserError(
             f"the variable-length attention kernel of this torch build ({torch.__version__}) disagrees with the "
-            f"reference by {error:.3g}; packed layouts would train on wrong numbers. Use layout: stacked or shared_prompt."
+            f"reference by {error:.3g}; packed layouts would train on wrong numbers: use layout: shared_prompt or stacked"
         )
     return error
