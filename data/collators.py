@@ -1,8 +1,19 @@
-"""Turn preference pairs into one padded batch for a single forward pass.
+"""Turn preference pairs into the batch of one forward pass, in one of four layouts.
 
-`PreferenceCollator(tokenizer)(pairs)` returns tensors of shape (2B, T): rows 0..B-1
-are prompt + chosen reply, rows B..2B-1 are prompt + rejected reply, so the policy
-(and the reference model) score both halves of every pair in one call.
+`PreferenceCollator(tokenizer, layout=...)(pairs)` tokenizes and truncates the pairs,
+then lays them out (`LAYOUTS`):
+
+- "stacked": (2B, T) padded rows; rows 0..B-1 are prompt + chosen reply, rows B..2B-1
+  prompt + rejected reply, so the policy (and the reference model) score both halves of
+  every pair in one call. This is what TRL does.
+- "shared_prompt": (B, T) padded rows [prompt][chosen][rejected] with a (B, T, T) mask,
+  so each prompt is computed once (`pack_shared_prompt`).
+- "packed" and "packed_shared_prompt": all pairs end to end in one unpadded row, with
+  variable-length attention segments instead of a mask (data/packing.py).
+
+Every layout gives the same per-pair log-probabilities; `split_into_passes` decides
+which pairs of a step share a forward pass (a number of pairs for the padded layouts, a
+token budget for the packed ones).
 
 Rules:
 - The prompt (formatted by `data.prompts.format_transcript`) and each reply are tokenized separately,
@@ -35,9 +46,12 @@ from data.errors import UserError
 from data.hh_rlhf import PreferencePair
 from data.prompts import DPO_FORMATS, DPO_OLD_NAMES, check_format, format_transcript
 from data.tokens import encode_prompt
+from data.packing import group_by_token_budget, pack_pairs, packed_length
+from losses.logprobs import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label value that cross-entropy skips
 TRUNCATION_SIDES = ("left", "right")
+LAYOUTS = ("stacked", "shared_prompt", "packed", "packed_shared_prompt")
+PACKED_LAYOUTS = ("packed", "packed_shared_prompt")
 
 
 class TokenizedPair(NamedTuple):
@@ -47,11 +61,11 @@ class TokenizedPair(NamedTuple):
 
 
 class PreferenceCollator:
-    """Callable that tokenizes, truncates and pads a list of `PreferencePair`s.
+    """Callable that tokenizes, truncates and lays out a list of `PreferencePair`s.
 
     `truncation_side_prompt="left"` drops the start of a long prompt (keeps its end);
-    "right" drops its end. Returns `input_ids`, `attention_mask`, `labels` (2B, T),
-    `prompt_lengths` (B,) and `num_pairs` (B).
+    "right" drops its end. The batch's keys depend on `layout` (see `collate_pairs`);
+    every layout has `num_pairs` and `pair_tokens` (prompt twice, replies once).
     """
 
     def __init__(
@@ -61,7 +75,7 @@ class PreferenceCollator:
         max_prompt_length: int = 512,
         prompt_format: str = "hh",
         truncation_side_prompt: str = "left",
-        share_prompt: bool = False,
+        layout: str = "stacked",
     ):
         if not 0 < max_prompt_length < max_length:
             raise UserError(
@@ -72,6 +86,7 @@ class PreferenceCollator:
             raise UserError(
                 f"unknown truncation_side_prompt '{truncation_side_prompt}'; use one of: {', '.join(TRUNCATION_SIDES)}"
             )
+        check_layout(layout)
         prompt_format = DPO_OLD_NAMES.get(prompt_format, prompt_format)
         check_format(prompt_format, DPO_FORMATS, tokenizer)
         if tokenizer.eos_token_id is None:
@@ -81,68 +96,121 @@ class PreferenceCollator:
         self.max_prompt_length = max_prompt_length
         self.prompt_format = prompt_format
         self.keep_prompt_end = truncation_side_prompt == "left"
-        self.share_prompt = share_prompt
+        self.layout = layout
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, pairs: list[PreferencePair]) -> dict:
         if not pairs:
             raise ValueError("PreferenceCollator got an empty batch")
-        tokenized = [self.tokenize_pair(pair) for pair in pairs]
-        if self.share_prompt:
-            return pack_shared_prompt(tokenized, self.pad_id)
-        prompts = [t.prompt for t in tokenized]
-        sequences = [t.prompt + t.chosen for t in tokenized] + [t.prompt + t.rejected for t in tokenized]
-        prompt_lengths = [len(p) for p in prompts] * 2
-        batch = self._pad(sequences, prompt_lengths)
-        batch["prompt_lengths"] = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        batch["num_pairs"] = len(pairs)
-        return batch
+        return collate_pairs([self.tokenize_pair(pair) for pair in pairs], self.layout, self.pad_id)
 
     def tokenize_pair(self, pair: PreferencePair) -> TokenizedPair:
         """Token ids of one pair's prompt and replies, truncated to fit `max_length`."""
+        return truncate_pair(
+            self.token_ids(pair), self.max_length, self.max_prompt_length, self.keep_prompt_end, self.tokenizer.bos_token_id
+        )
+
+    def token_ids(self, pair: PreferencePair) -> TokenizedPair:
+        """Token ids of one pair's prompt (with BOS) and replies (with EOS), before truncation."""
         prompt = encode_prompt(self.tokenizer, format_transcript(pair.prompt, self.prompt_format, self.tokenizer))
         chosen = tokenize_response(self.tokenizer, self._response_text(pair.chosen))
         rejected = tokenize_response(self.tokenizer, self._response_text(pair.rejected))
-        return self._truncate(TokenizedPair(prompt, chosen, rejected))
+        return TokenizedPair(prompt, chosen, rejected)
 
     def _response_text(self, response: str) -> str:
         # A chat template ends its generation prompt with its own separator; HH's leading
         # space belongs to the hh "Assistant: reply" layout only.
         return response.lstrip() if self.prompt_format == "chat" else response
 
-    def _truncate(self, pair: TokenizedPair) -> TokenizedPair:
-        prompt, chosen, rejected = pair
-        longer_reply = max(len(chosen), len(rejected))
-        if len(prompt) + longer_reply > self.max_length:
-            prompt = self._shorten_prompt(prompt)
-        if len(prompt) + longer_reply > self.max_length:
-            reply_budget = self.max_length - self.max_prompt_length
-            chosen, rejected = chosen[:reply_budget], rejected[:reply_budget]
-        return TokenizedPair(prompt, chosen, rejected)
 
-    def _shorten_prompt(self, prompt: list[int]) -> list[int]:
-        keep = self.max_prompt_length
-        if len(prompt) <= keep:
-            return prompt
-        if not self.keep_prompt_end:
-            return prompt[:keep]
-        bos_id = self.tokenizer.bos_token_id
-        if bos_id is not None and prompt[0] == bos_id:
-            # Keep BOS first: the model has only ever seen sequences that start with it.
-            return [bos_id] + prompt[len(prompt) - (keep - 1) :]
-        return prompt[len(prompt) - keep :]
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout '{layout}'; use one of: {', '.join(LAYOUTS)}")
 
-    def _pad(self, sequences: list[list[int]], prompt_lengths: list[int]) -> dict:
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
-            ids_tensor = torch.tensor(ids, dtype=torch.long)
-            input_ids[row, : len(ids)] = ids_tensor
-            attention_mask[row, : len(ids)] = 1
-            labels[row, prompt_length : len(ids)] = ids_tensor[prompt_length:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+def truncate_pair(
+    pair: TokenizedPair, max_length: int, max_prompt_length: int, keep_prompt_end: bool = True, bos_id: int | None = None
+) -> TokenizedPair:
+    """The pair cut to fit `max_length`, as the original DPO reference implementation cuts it.
+
+    When prompt + longer reply exceed `max_length`, the prompt is cut to
+    `max_prompt_length` (keeping its end, and its leading BOS, when `keep_prompt_end`);
+    if that is still too long, both replies are cut to `max_length - max_prompt_length`.
+    """
+    prompt, chosen, rejected = pair
+    longer_reply = max(len(chosen), len(rejected))
+    if len(prompt) + longer_reply > max_length:
+        prompt = _shorten_prompt(prompt, max_prompt_length, keep_prompt_end, bos_id)
+    if len(prompt) + longer_reply > max_length:
+        reply_budget = max_length - max_prompt_length
+        chosen, rejected = chosen[:reply_budget], rejected[:reply_budget]
+    return TokenizedPair(prompt, chosen, rejected)
+
+
+def _shorten_prompt(prompt: list[int], keep: int, keep_end: bool, bos_id: int | None) -> list[int]:
+    if len(prompt) <= keep:
+        return prompt
+    if not keep_end:
+        return prompt[:keep]
+    if bos_id is not None and prompt[0] == bos_id:
+        # Keep BOS first: the model has only ever seen sequences that start with it.
+        return [bos_id] + prompt[len(prompt) - (keep - 1) :]
+    return prompt[len(prompt) - keep :]
+
+
+def pair_tokens(pair: TokenizedPair) -> int:
+    """The tokens a pair puts through the model as TRL counts them: the prompt twice, each reply once."""
+    return packed_length(pair, share_prompt=False)
+
+
+def collate_pairs(pairs: list[TokenizedPair], layout: str, pad_id: int) -> dict:
+    """The batch of one forward pass over `pairs` in `layout` (see the module docstring)."""
+    if layout == "stacked":
+        return pad_stacked(pairs, pad_id)
+    if layout == "shared_prompt":
+        return pack_shared_prompt(pairs, pad_id)
+    check_layout(layout)
+    return pack_pairs(pairs, share_prompt=layout == "packed_shared_prompt")
+
+
+def split_into_passes(pairs: list[TokenizedPair], layout: str, pairs_per_pass: int, tokens_per_pass: int) -> list[list[int]]:
+    """Which of a step's pairs share a forward pass: consecutive groups of positions in `pairs`.
+
+    Padded layouts take `pairs_per_pass` pairs at a time; packed layouts as many
+    consecutive pairs as fit in `tokens_per_pass` tokens. The grouping never changes the
+    step's loss (each pass contributes its share of the mean over the step's pairs).
+    """
+    if layout in PACKED_LAYOUTS:
+        share_prompt = layout == "packed_shared_prompt"
+        return group_by_token_budget([packed_length(pair, share_prompt) for pair in pairs], tokens_per_pass)
+    return [list(range(start, min(start + pairs_per_pass, len(pairs)))) for start in range(0, len(pairs), pairs_per_pass)]
+
+
+def pad_stacked(pairs: list[TokenizedPair], pad_id: int) -> dict:
+    """(2B, T) rows, prompt + chosen then prompt + rejected, padded on the right.
+
+    Returns `input_ids`, `attention_mask`, `labels` (2B, T), `prompt_lengths` (B,),
+    `num_pairs` and `pair_tokens`.
+    """
+    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    prompt_lengths = [len(p.prompt) for p in pairs] * 2
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+        ids_tensor = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids_tensor
+        attention_mask[row, : len(ids)] = 1
+        labels[row, prompt_length : len(ids)] = ids_tensor[prompt_length:]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "prompt_lengths": torch.tensor([len(p.prompt) for p in pairs], dtype=torch.long),
+        "num_pairs": len(pairs),
+        "pair_tokens": sum(pair_tokens(p) for p in pairs),
+    }
 
 
 def tokenize_response(tokenizer, text: str) -> list[int]:
@@ -194,7 +262,7 @@ def pack_shared_prompt(pairs: list[TokenizedPair], pad_id: int) -> dict:
         "chosen_labels": chosen_labels,
         "rejected_labels": rejected_labels,
         "num_pairs": n,
-        "pair_tokens": sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs),
+        "pair_tokens": sum(pair_tokens(p) for p in pairs),
     }
 
 

@@ -9,9 +9,17 @@ The step code is the real one: the DPO and GRPO recipes on the shared loop.
 Only the data is synthetic — random token ids of exactly the benchmark's
 lengths — because speed must not depend on what the tokens say.
 
+DPO pairs have either one fixed shape (`--lengths fixed`: a --seq-len/2 prompt
+and two --seq-len/2 replies) or the lengths of real HH-RLHF harmless-base pairs
+(`--lengths hh-rlhf`: drawn from the token-length profile in launch/profiles/,
+launch/length_profile.py, and cut by the trainer's own truncation rule at
+max_length 1024 / max_prompt_length 512, as in Phase 1).
+
 Definitions, printed with every result:
-    DPO tokens/s   non-padding tokens through the policy per second of step
-                   time: 2 × pairs × sequence length per step (chosen + rejected)
+    DPO tokens/s   tokens as TRL counts them — each pair's prompt twice, its two
+                   replies once, no padding — over the steps after warm-up,
+                   divided by their total step time; the step-time spread
+                   (min / median / max) is over the same steps
     GRPO           generation tokens/s = completion tokens / generation time;
                    update tokens/s = prompt + completion tokens / update time
     peak memory    torch.cuda.max_memory_allocated over the run
@@ -27,6 +35,8 @@ from pathlib import Path
 
 import click
 import torch
+
+from data.collators import LAYOUTS
 
 ARCHITECTURES = {
     "deepseek-prover-v2-7b": dict(
@@ -57,19 +67,23 @@ def random_model(architecture: str, device: torch.device, dtype: torch.dtype):
 
 
 def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer over exactly the model's ids: <pad> 0, <s> 1, </s> 2, then t3 … t{V−1}.
+    """A word-level tokenizer over exactly the model's vocabulary: any id decodes, every id it gives is < vocab_size.
 
-    Every id it can produce, BOS and EOS included, is inside the vocabulary, and
-    it adds BOS to a prompt as Llama's tokenizer does.
+    Ids 0, 1 and 2 are <pad>, <s> (BOS) and </s> (EOS), and id i >= 3 is the word "t{i}".
+    The special tokens are part of the vocabulary itself: registered on top of it, they
+    would get the ids vocab_size and up, past the end of the model's embedding. It adds
+    nothing by itself: a text that should start with BOS says "<s>".
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+BOS_ID, EOS_ID = 1, 2  # as in synthetic_tokenizer and random_model
 
 
 def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,7 +92,8 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
               prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=256,
-              share_prompt=True) -> dict:  # fmt: skip
+              layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1) -> dict:  # fmt: skip
+    """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
     from data.hh_rlhf import PreferencePair
     from trainers.config import DPOConfig, make_config
     from trainers.loop import train
@@ -86,35 +101,63 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
 
     device = resolve_device(device)
     precision = "bf16" if device.type == "cuda" else "fp32"
+    pairs_per_step = micro_batch_size * grad_accum_steps
+    pair_lengths = pair_lengths_of(lengths, seq_len, prompt_len, steps * pairs_per_step)
+    max_length, max_prompt_length = dpo_truncation(lengths, seq_len, prompt_len)
     with tempfile.TemporaryDirectory() as out_dir:
         config = make_config(DPOConfig, dict(
             model=architecture, out_dir=out_dir, max_steps=steps, micro_batch_size=micro_batch_size,
             grad_accum_steps=grad_accum_steps, lora_r=lora_r, lora_alpha=2 * lora_r, precision=precision,
             device=str(device), optimizer=optimizer, save_every=0, log_every=1, merge_after=False,
-            max_length=seq_len, max_prompt_length=prompt_len, lr=5e-7, logprob_chunk_size=logprob_chunk_size,
-            share_prompt=share_prompt,
+            max_length=max_length, max_prompt_length=max_prompt_length, lr=5e-7, logprob_chunk_size=logprob_chunk_size,
+            **{k: v for k, v in dict(layout=layout, max_tokens_per_pass=tokens_per_pass).items() if v is not None},
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
         tokenizer = synthetic_tokenizer(model.config.vocab_size)
-        pairs = [PreferencePair("p", " c", " r")] * (steps * micro_batch_size * grad_accum_steps)
+        pairs = [PreferencePair("p", " c", " r")] * len(pair_lengths)  # only their number matters: the sampler's range
         recipe = _synthetic_dpo_class()(config, Path(out_dir), policy=(model, tokenizer, device), pairs=pairs)
-        recipe.seq_len, recipe.prompt_len = seq_len, prompt_len
+        recipe.pair_lengths = pair_lengths
         if precompute:  # reference log-probs read from a table, as with precompute_ref_logps
             recipe.reference_logps = torch.randn(len(pairs), 2) - 300
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
         records = _read_metrics(Path(out_dir))
-    measured = records[1:] or records  # the first step pays for warm-up (allocator, kernels)
-    step_time = statistics.median(r["step_time_s"] for r in measured)
-    tokens = 2 * micro_batch_size * grad_accum_steps * seq_len
+    measured = records[warmup_steps:] or records  # the first steps pay for warm-up (allocator, kernels)
+    shape = f"fixed {prompt_len}+2x{seq_len - prompt_len}" if lengths == "fixed" else lengths
     return {
-        "benchmark": "dpo", "architecture": architecture, "device": _device_name(device),
-        "pairs_per_step": micro_batch_size * grad_accum_steps, "micro_batch_size": micro_batch_size,
-        "seq_len": seq_len, "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
-        "logprob_chunk_size": logprob_chunk_size, "share_prompt": share_prompt,
-        "steps": steps, "median_step_s": round(step_time, 3), "tokens_per_s": round(tokens / step_time, 1),
+        "benchmark": "dpo", "architecture": architecture, "device": _device_name(device), "lengths": shape,
+        "layout": config.layout, "pairs_per_step": pairs_per_step, "micro_batch_size": micro_batch_size,
+        "tokens_per_pass": config.max_tokens_per_pass if config.layout in ("packed", "packed_shared_prompt") else None,
+        "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
+        "logprob_chunk_size": logprob_chunk_size, "steps": steps, "warmup_steps": len(records) - len(measured),
+        **step_spread([r["step_time_s"] for r in measured], [r["tokens"] for r in measured]),
         "peak_memory_gib": round(_peak_gib(device), 2),
     }  # fmt: skip
+
+
+def step_spread(step_seconds: list[float], step_tokens: list[int]) -> dict:
+    """Tokens a step and per second over the measured steps, and their step-time spread."""
+    median = statistics.median(step_seconds)
+    return {
+        "tokens_per_step": round(sum(step_tokens) / len(step_tokens)),
+        "tokens_per_s": round(sum(step_tokens) / sum(step_seconds), 1),
+        "step_s_min": round(min(step_seconds), 3), "step_s_median": round(median, 3),
+        "step_s_max": round(max(step_seconds), 3), "slowest_over_median": round(max(step_seconds) / median, 2),
+    }  # fmt: skip
+
+
+def dpo_truncation(lengths: str, seq_len: int, prompt_len: int) -> tuple[int, int]:
+    """(max_length, max_prompt_length): Phase 1's 1024 / 512 for real lengths; the fixed shape is never cut."""
+    return (seq_len, prompt_len) if lengths == "fixed" else (1024, 512)
+
+
+def pair_lengths_of(lengths: str, seq_len: int, prompt_len: int, count: int) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of the benchmark's pairs, before truncation."""
+    if lengths == "fixed":
+        return [(prompt_len, seq_len - prompt_len, seq_len - prompt_len)] * count
+    from launch.length_profile import load_length_profile
+
+    return load_length_profile(lengths)
 
 
 COMPLETION_LENGTHS = ("full", "mixed")
@@ -151,7 +194,8 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         tasks = [LeanTask(id=f"task{i}", statement="theorem t : True := by\n", header="", informal="") for i in range(prompts * steps)]
         recipe = GRPORecipe(config, Path(out_dir), policy=(model, tokenizer, device), tasks=tasks)
         generator = torch.Generator().manual_seed(0)
-        recipe.prompts = [" ".join(f"t{i}" for i in _random_ids(1, prompt_len - 1, 1000, generator)[0].tolist()) for _ in tasks]
+        # BOS and prompt_len − 1 random words: prompts of exactly prompt_len tokens
+        recipe.prompts = ["<s> " + " ".join(f"t{i}" for i in _random_ids(1, prompt_len - 1, 1000, generator)[0].tolist()) for _ in tasks]
         recipe.generator = _scripted_generator(recipe, completion_lengths)
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
@@ -201,35 +245,33 @@ def _scripted_generator(recipe, completion_lengths: str):
     )  # fmt: skip
 
 
+def synthetic_pair(index: int, lengths: tuple[int, int, int], vocab_size: int, max_length: int, max_prompt_length: int):
+    """Pair `index` of a synthetic benchmark: random ids of the (prompt, chosen, rejected) `lengths`.
+
+    The prompt starts with BOS and each reply ends with EOS, as the collator makes them,
+    and the pair is cut by the trainer's truncation rule. The same index always gives the
+    same ids (launch/trl_baseline.py feeds TRL exactly these pairs).
+    """
+    from data.collators import TokenizedPair, truncate_pair
+
+    generator = torch.Generator().manual_seed(index)
+    prompt, chosen, rejected = (_random_ids(1, n - 1, vocab_size, generator)[0].tolist() for n in lengths)
+    pair = TokenizedPair([BOS_ID, *prompt], [*chosen, EOS_ID], [*rejected, EOS_ID])
+    return truncate_pair(pair, max_length, max_prompt_length, bos_id=BOS_ID)
+
+
 def _synthetic_dpo_class():
     """Defined on demand so that importing this module does not import the trainers."""
-    from data.collators import TokenizedPair, pack_shared_prompt
     from trainers.dpo import DPORecipe
 
     class SyntheticDPO(DPORecipe):
-        """DPORecipe whose micro-batches are random tokens of exactly seq_len, prompt_len of them prompt."""
+        """DPORecipe whose pair i is `synthetic_pair(i, pair_lengths[i], ...)`; the rest of the recipe is the real one."""
 
-        def step_batches(self, step):
-            generator = torch.Generator().manual_seed(step)
-            size, vocab = self.config.micro_batch_size, self.model.config.vocab_size
-            reply = self.seq_len - self.prompt_len
-            batches = []
-            for first in range(0, self.pairs_per_step, size):
-                pairs = [
-                    TokenizedPair(*(_random_ids(1, n, vocab, generator)[0].tolist() for n in (self.prompt_len, reply, reply)))
-                    for _ in range(size)
-                ]
-                if self.config.share_prompt:
-                    batch = pack_shared_prompt(pairs, pad_id=0)
-                else:
-                    ids = torch.tensor([p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs])
-                    labels = ids.clone()
-                    labels[:, : self.prompt_len] = -100
-                    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-                tensors = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-                start = step * self.pairs_per_step + first
-                batches.append({"indices": list(range(start, start + size)), "batch": tensors, "pair_tokens": 2 * size * self.seq_len})
-            return batches
+        pair_lengths: list[tuple[int, int, int]]
+
+        def tokenized_pair(self, index):
+            vocab, config = self.model.config.vocab_size, self.config
+            return synthetic_pair(index, self.pair_lengths[index], vocab, config.max_length, config.max_prompt_length)
 
     return SyntheticDPO
 
@@ -269,25 +311,38 @@ def bench_group():
 
 @bench_group.command("dpo")
 @click.option("--arch", type=ARCH, default="deepseek-prover-v2-7b", show_default=True)
+@click.option("--lengths", type=click.Choice(["fixed", "hh-rlhf"]), default="fixed", show_default=True,
+              help="fixed: every pair a --seq-len/2 prompt and two --seq-len/2 replies; hh-rlhf: real HH-RLHF "
+                   "harmless-base pair lengths, truncated at 1024/512 as in Phase 1.")
 @click.option("--steps", default=5, show_default=True)
-@click.option("--micro-batch-size", default=4, show_default=True, help="Pairs per forward pass.")
+@click.option("--warmup-steps", default=1, show_default=True, help="First steps left out of every figure.")
+@click.option("--layout", "layouts", type=click.Choice(LAYOUTS), multiple=True,
+              help="How a pass holds its pairs [default: DPOConfig's]; repeat it to compare layouts in one process.")
+@click.option("--tokens-per-pass", type=int, default=None, help="Packed layouts: tokens in one pass [default: DPOConfig's].")
+@click.option("--micro-batch-size", default=4, show_default=True, help="Pairs per forward pass (padded layouts).")
 @click.option("--grad-accum-steps", default=4, show_default=True)
-@click.option("--seq-len", default=512, show_default=True)
+@click.option("--seq-len", default=512, show_default=True, help="--lengths fixed: prompt + one reply.")
 @click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
 @click.option("--logprob-chunk-size", default=256, show_default=True, help="Rows projected onto the vocabulary at once.")
-@click.option("--share-prompt/--no-share-prompt", default=True, show_default=True,
-              help="One pass over each prompt for both replies (the default layout of twophase dpo).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_dpo_command(arch, steps, micro_batch_size, grad_accum_steps, seq_len, precompute, optimizer, logprob_chunk_size,
-                      share_prompt, device, out):  # fmt: skip
-    """Phase 1 setting: LoRA r=64, 16 pairs x 512 tokens a step, checkpointing, 8-bit AdamW.
+def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pass, micro_batch_size, grad_accum_steps,
+                      seq_len, precompute, optimizer, logprob_chunk_size, device, out):  # fmt: skip
+    """Phase 1 setting: LoRA r=64, 4 x 4 pairs a step, checkpointing, 8-bit AdamW.
 
-    Each pair is a 256-token prompt with two 256-token replies: 2 x 512 tokens of work, however it is laid out.
+    Tokens are counted as TRL counts them (prompt twice, replies once, no padding), whatever the layout.
+    Each layout gets a freshly built model, so one result never carries memory of another.
     """
-    _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
-                    device=device, logprob_chunk_size=logprob_chunk_size, share_prompt=share_prompt), out)  # fmt: skip
+    import gc
+
+    for layout in layouts or [None]:
+        _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
+                        device=device, logprob_chunk_size=logprob_chunk_size, layout=layout, lengths=lengths,
+                        tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps), out)  # fmt: skip
+        gc.collect()  # the last model's weights go before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @bench_group.command("grpo")

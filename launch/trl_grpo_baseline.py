@@ -20,7 +20,7 @@ new_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 512
 model = random_model("deepseek-prover-v2-7b", torch.device("cuda"), torch.bfloat16)
 tokenizer = synthetic_tokenizer(model.config.vocab_size)
 g = torch.Generator().manual_seed(0)
-prompts = [" ".join(f"t{i}" for i in torch.randint(3, 1000, (199,), generator=g).tolist()) for _ in range(2 * steps)]
+prompts = ["<s> " + " ".join(f"t{i}" for i in torch.randint(3, 1000, (199,), generator=g).tolist()) for _ in range(2 * steps)]
 
 def random_reward(completions, **_):
     return [random.random() for _ in completions]

@@ -35,7 +35,7 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """log p(labels[:, t+1] | prefix) for every position t, from (B, T, V) logits.
 
-    Returns a (B, T−1) float32 tensor with 0 at masked positions.
+    Returns a (B, T−1) float32 tensor (float64 for float64 logits) with 0 at masked positions.
     """
     mask = response_mask(labels)
     rows = logits[:, :-1][mask]  # (N, V): only response positions, still in the logits' dtype
@@ -72,15 +72,15 @@ def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, average: bo
 
 
 def _logprobs_of_rows(logits_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] for each row, in float32: logit_target − logsumexp(logits)."""
-    logits_rows = logits_rows.float()
+    """log softmax(logits)[target] for each row, in float32 or wider: logit_target − logsumexp(logits)."""
+    logits_rows = logits_rows.to(torch.promote_types(logits_rows.dtype, torch.float32))  # float64 stays float64
     target_logits = logits_rows.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return target_logits - torch.logsumexp(logits_rows, dim=-1)
 
 
 def _chunked(fn: Callable, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     if rows.shape[0] == 0:
-        return rows.new_zeros(0, dtype=torch.float32)
+        return rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
     needs_grad = torch.is_grad_enabled() and rows.requires_grad
     pieces = []
     for start in range(0, rows.shape[0], chunk_size):
@@ -94,5 +94,5 @@ def _chunked(fn: Callable, rows: torch.Tensor, targets: torch.Tensor, chunk_size
 
 
 def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
     return out.masked_scatter(mask, values)

@@ -54,3 +54,13 @@ def test_bad_yaml_and_non_mapping(tmp_path):
         load_config(DPOConfig, listing)
     with pytest.raises(UserError, match="key=value"):
         load_config(DPOConfig, None, ["lr"])
+
+
+def test_dpo_layout_is_one_line_to_switch_and_checked():
+    c = load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml", ["layout=packed_shared_prompt"])
+    assert (c.layout, c.max_tokens_per_pass) == ("packed_shared_prompt", 8192)
+    assert load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml").layout == DPOConfig().layout == "shared_prompt"
+    with pytest.raises(UserError, match="layout = 'packd' is not one of: stacked, shared_prompt, packed"):
+        load_config(DPOConfig, None, ["layout=packd"])
+    with pytest.raises(UserError, match="share_prompt .* was replaced by layout .*false is layout: stacked"):
+        load_config(DPOConfig, None, ["share_prompt=false"])

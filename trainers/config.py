@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from data.collators import LAYOUTS
 from data.errors import UserError
 from data.prompts import DPO_FORMATS, DPO_OLD_NAMES, GRPO_FORMATS, check_format_name
 
@@ -75,7 +76,11 @@ class DPOConfig(TrainConfig):
     loss_type: str = "sigmoid"  # sigmoid | robust | ipo | hinge
     label_smoothing: float = 0.0
     precompute_ref_logps: bool = False
-    share_prompt: bool = True  # run each prompt once for both replies (data/collators.py: pack_shared_prompt)
+    # How a forward pass holds its pairs (README: "DPO batch layouts"): stacked | shared_prompt | packed |
+    # packed_shared_prompt. Padded layouts take micro_batch_size pairs a pass; packed ones as many as fit
+    # in max_tokens_per_pass tokens (at least 2 x max_length, so that any pair fits).
+    layout: str = "shared_prompt"
+    max_tokens_per_pass: int = 8192
     merge_after: bool = True  # write out_dir/merged when training ends
     merge_dtype: str | None = None  # dtype of out_dir/merged: None = the trained weights' own; bfloat16 | float16 | float32
 
@@ -122,7 +127,11 @@ CHOICES = {
     "advantage_scale": ("group", "batch", "none"),
     "aggregation": ("token", "sequence", "constant"),
     "merge_dtype": (None, "bfloat16", "float16", "float32"),
+    "layout": LAYOUTS,
 }
+
+# Keys that were renamed: an old config gets told what to write instead.
+REPLACED_KEYS = {"share_prompt": "layout (share_prompt: true is layout: shared_prompt; false is layout: stacked)"}
 
 
 def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()):
@@ -143,6 +152,9 @@ def make_config(cls, values: dict, source: str = "config"):
     valid = {f.name: f for f in dataclasses.fields(cls)}
     values = _renamed(values, source)
     unknown = sorted(set(values) - set(valid))
+    replaced = [key for key in unknown if key in REPLACED_KEYS]
+    if replaced:
+        raise UserError(f"config key {replaced[0]} in {source} was replaced by {REPLACED_KEYS[replaced[0]]}")
     if unknown:
         raise UserError(
             f"unknown config key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(sorted(valid))}"

@@ -1,11 +1,14 @@
 """Phase 1: Direct Preference Optimization with LoRA, as a recipe for the shared loop.
 
 Each optimizer step takes `micro_batch_size × grad_accum_steps` preference
-pairs. For each micro-batch the chosen and rejected replies go through the
-policy in one forward pass — by default as rows [prompt][chosen][rejected],
-so each prompt is computed once (data/collators.py: pack_shared_prompt) — and
-through the reference model, which is the same network with the LoRA adapter switched
-off: no second copy of the 7B weights. With `precompute_ref_logps` the
+pairs. `layout` (data/collators.py) decides how they are laid out and grouped
+into forward passes: `micro_batch_size` padded pairs a pass, either as two rows
+a pair ("stacked") or as one row [prompt][chosen][rejected] so each prompt is
+computed once ("shared_prompt", the default); or, packed, as many pairs end to
+end in one unpadded row as fit in `max_tokens_per_pass` tokens ("packed",
+"packed_shared_prompt"; data/packing.py). Each pass goes through the policy and
+through the reference model, which is the same network with the LoRA adapter
+switched off: no second copy of the 7B weights. With `precompute_ref_logps` the
 reference log-probabilities of every pair the run will use are computed once
 before training and cached in the output directory.
 
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data.collators import PreferenceCollator
+from data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
 from data.errors import UserError
 from data.hh_rlhf import describe_skips, load_hh_rlhf
 from data.sampler import EpochSampler
@@ -30,14 +33,15 @@ from trainers.config import DPOConfig, save_config
 from trainers.loop import autocast_context, train
 from trainers.merge import merge_in_memory
 from trainers.models import (
+    causal_lm_of,
     count_trainable,
     frozen_copy,
     load_policy,
+    pair_logprobs_of,
     reference_model,
     save_trained,
-    sequence_logprobs_of,
-    shared_prompt_logprobs_of,
 )
+from trainers.packed_attention import use_packed_attention, verify_packed_attention
 
 
 class DPORecipe:
@@ -45,7 +49,17 @@ class DPORecipe:
         """`policy` = (model, tokenizer, device) and `pairs` may be given (benchmarks); else they are loaded."""
         self.config = config
         self.out_dir = Path(out_dir)
+        packed = config.layout in PACKED_LAYOUTS
+        if packed and config.max_tokens_per_pass < 2 * config.max_length:
+            raise UserError(
+                f"max_tokens_per_pass ({config.max_tokens_per_pass}) must be at least 2 x max_length "
+                f"({2 * config.max_length}) so that any pair fits in one pass"
+            )
         self.model, self.tokenizer, self.device = policy or load_policy(config)
+        if packed:
+            use_packed_attention(causal_lm_of(self.model))
+            if self.device.type == "cuda":
+                verify_packed_attention(self.device)
         self.reference = None if config.lora else frozen_copy(self.model)
         if pairs is None:
             pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
@@ -53,7 +67,7 @@ class DPORecipe:
         self.pairs = pairs
         self.collator = PreferenceCollator(
             self.tokenizer, config.max_length, config.max_prompt_length, prompt_format=config.prompt_format,
-            share_prompt=config.share_prompt,
+            layout=config.layout,
         )
         self.sampler = EpochSampler(len(self.pairs), config.seed)
         self.pairs_per_step = config.micro_batch_size * config.grad_accum_steps
@@ -66,8 +80,7 @@ class DPORecipe:
     def step_batches(self, step: int) -> list[dict]:
         indices = self.sampler.indices(step * self.pairs_per_step, self.pairs_per_step)
         self.pairs_seen = (step + 1) * self.pairs_per_step
-        size = self.config.micro_batch_size
-        return [self._micro_batch(indices[i : i + size]) for i in range(0, len(indices), size)]
+        return self._micro_batches(indices, self.config.micro_batch_size, self.config.max_tokens_per_pass)
 
     def loss(self, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         batch, indices = micro_batch["batch"], micro_batch["indices"]
@@ -79,13 +92,16 @@ class DPORecipe:
             beta=self.config.beta, loss_type=self.config.loss_type, label_smoothing=self.config.label_smoothing,
         )  # fmt: skip
         share = n / self.pairs_per_step  # this micro-batch's part of the step's mean
+        # The loop averages metrics over a step's passes; weighting each pass by its pairs makes
+        # that average the mean over the step's pairs, also when packed passes hold unequal numbers.
+        weight = share * micro_batch["passes_in_step"]
         metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": policy[:n].detach().mean().item(),
-            "logps/rejected": policy[n:].detach().mean().item(),
+            "rewards/chosen": chosen_rewards.mean().item() * weight,
+            "rewards/rejected": rejected_rewards.mean().item() * weight,
+            "rewards/accuracy": float((chosen_rewards > rejected_rewards).sum()) / n * weight,
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item() * weight,
+            "logps/chosen": policy[:n].detach().mean().item() * weight,
+            "logps/rejected": policy[n:].detach().mean().item() * weight,
             "tokens": micro_batch["pair_tokens"],
         }
         return losses.mean() * share, metrics
@@ -95,9 +111,7 @@ class DPORecipe:
 
     def pair_logprobs(self, model, batch: dict) -> torch.Tensor:
         """(2n,) summed response log-probabilities: the n chosen replies, then the n rejected ones."""
-        if self.config.share_prompt:
-            return torch.cat(shared_prompt_logprobs_of(model, batch, self.config.logprob_chunk_size))
-        return sequence_logprobs_of(model, batch, self.config.logprob_chunk_size)
+        return pair_logprobs_of(model, batch, self.config.layout, self.config.logprob_chunk_size)
 
     def state_dict(self) -> dict:
         """The data position. The order is a pure function of (seed, position), so this is all it takes."""
@@ -130,23 +144,39 @@ class DPORecipe:
         used = self.config.max_steps * self.pairs_per_step
         needed = sorted(set(self.sampler.indices(0, used))) if used < len(self.pairs) else list(range(len(self.pairs)))
         table = torch.full((len(self.pairs), 2), float("nan"))
-        size = self.config.micro_batch_size * 2  # no activations are kept: twice the training micro-batch fits
+        # No activations are kept, so a pass can hold twice the training pass's pairs or tokens.
+        pairs_per_pass, tokens_per_pass = 2 * self.config.micro_batch_size, 2 * self.config.max_tokens_per_pass
+        chunk = 2 * self.pairs_per_step  # pairs collated at a time: bounds the host and device memory
         with torch.no_grad():
-            for start in tqdm(range(0, len(needed), size), desc="reference log-probs"):
-                chunk = needed[start : start + size]
-                mb = self._micro_batch(chunk)
-                with autocast_context(self.device, self.config.precision):
-                    logps = self._reference_logps_live(mb["batch"]).float().cpu()
-                table[chunk, 0], table[chunk, 1] = logps[: len(chunk)], logps[len(chunk) :]
+            for start in tqdm(range(0, len(needed), chunk), desc="reference log-probs"):
+                for mb in self._micro_batches(needed[start : start + chunk], pairs_per_pass, tokens_per_pass):
+                    with autocast_context(self.device, self.config.precision):
+                        logps = self._reference_logps_live(mb["batch"]).float().cpu()
+                    n = len(mb["indices"])
+                    table[mb["indices"], 0], table[mb["indices"], 1] = logps[:n], logps[n:]
         atomic_torch_save(table, cache)
         return table
 
-    def _micro_batch(self, indices: list[int]) -> dict:
-        """Collated pairs on the device; `pair_tokens` counts both sequences, prompt twice, whatever the layout."""
-        batch = self.collator([self.pairs[i] for i in indices])
-        pair_tokens = batch.get("pair_tokens", int(batch["attention_mask"].sum()))
-        tensors = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-        return {"indices": indices, "batch": tensors, "pair_tokens": pair_tokens}
+    def _micro_batches(self, indices: list[int], pairs_per_pass: int, tokens_per_pass: int) -> list[dict]:
+        """These pairs, grouped into forward passes by the layout, on the device (order kept).
+
+        `pair_tokens` counts the prompt twice and each reply once, whatever the layout.
+        """
+        pairs = [self.tokenized_pair(i) for i in indices]
+        passes = split_into_passes(pairs, self.config.layout, pairs_per_pass, tokens_per_pass)
+        batches = [self._on_device([indices[j] for j in group], [pairs[j] for j in group]) for group in passes]
+        for batch in batches:
+            batch["passes_in_step"] = len(batches)
+        return batches
+
+    def tokenized_pair(self, index: int) -> TokenizedPair:
+        """The token ids of pair `index`, truncated as configured."""
+        return self.collator.tokenize_pair(self.pairs[index])
+
+    def _on_device(self, indices: list[int], pairs: list[TokenizedPair]) -> dict:
+        batch = collate_pairs(pairs, self.config.layout, self.collator.pad_id)
+        on_device = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {"indices": indices, "batch": on_device, "pair_tokens": batch["pair_tokens"]}
 
     # --- outputs ---------------------------------------------------------------------------
     def save_final(self) -> Path:

@@ -15,6 +15,7 @@ import torch
 from data.hub import load_causal_lm, load_tokenizer
 from losses.logprobs import response_mask, token_logprobs_from_hidden
 from trainers.config import TrainConfig
+from trainers.packed_attention import PackedSegments
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,6 +134,35 @@ def shared_prompt_logprobs_of(model, batch: dict, chunk_size: int) -> tuple[torc
         logps = token_logprobs_from_hidden(hidden, head, labels, chunk_size)
         sums.append((logps * response_mask(labels)).sum(-1))
     return sums[0], sums[1]
+
+
+def packed_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """(2n,) summed chosen then rejected log-probabilities of the n pairs of one packed row.
+
+    See data/packing.py for the layout; the model must use packed attention
+    (trainers/packed_attention.py: use_packed_attention).
+    """
+    lm = causal_lm_of(model)
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+        packed_segments=PackedSegments.of_batch(batch),
+    ).last_hidden_state  # fmt: skip
+    head = lm.get_output_embeddings()
+    owner = batch["pair_of_token"][0, 1:]  # the state at t predicts the label at t + 1, which belongs to that pair
+    sums = []
+    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
+        logps = token_logprobs_from_hidden(hidden, head, labels, chunk_size)[0]
+        sums.append(logps.new_zeros(batch["num_pairs"]).index_add(0, owner, logps))
+    return torch.cat(sums)
+
+
+def pair_logprobs_of(model, batch: dict, layout: str, chunk_size: int) -> torch.Tensor:
+    """(2n,) summed reply log-probabilities of a collated batch: the n chosen replies, then the n rejected ones."""
+    if layout == "stacked":
+        return sequence_logprobs_of(model, batch, chunk_size)
+    if layout == "shared_prompt":
+        return torch.cat(shared_prompt_logprobs_of(model, batch, chunk_size))
+    return packed_logprobs_of(model, batch, chunk_size)
 
 
 def sequence_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""The DPO recipe gives the same step whatever its layout: same pairs, log-probabilities, loss and gradients.
+
+A step's gradient must be the gradient of the mean loss over its 16 pairs however the
+pairs are grouped into forward passes. Each layout runs the real recipe (LoRA, gradient
+checkpointing, the reference with the adapter off) in float64 on the tiny model, with
+max_length 64 / max_prompt_length 40 so that several pairs are cut by the truncation
+rules, and packed passes of 256 tokens so that a step takes several passes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.errors import UserError
+from trainers.config import DPOConfig, make_config
+from trainers.dpo import DPORecipe
+from trainers.loop import _reduce
+
+SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
+LAYOUTS = ("stacked", "shared_prompt", "packed", "packed_shared_prompt")
+GRADIENT_TOLERANCE = 1e-6  # the float32 floor of Llama's RMSNorm; see tests/test_packing.py
+
+
+def _recipe(model_dir, out_dir, layout: str, **overrides) -> DPORecipe:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.models import prepare_policy
+
+    values = dict(
+        model=model_dir, dataset=SAMPLES, out_dir=str(out_dir), max_steps=2, micro_batch_size=4, grad_accum_steps=4,
+        lora_r=4, lora_alpha=8, max_length=64, max_prompt_length=40, precision="fp32", device="cpu", save_every=0,
+        log_every=0, optimizer="adamw", merge_after=False, layout=layout, max_tokens_per_pass=256, logprob_chunk_size=16,
+    )  # fmt: skip
+    config = make_config(DPOConfig, values | overrides)
+    torch.manual_seed(3)  # LoRA's initialisation draws from the global generator
+    model = prepare_policy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64), config)
+    with torch.no_grad():  # a non-trivial adapter on sharper weights, identical for every layout
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return DPORecipe(config, Path(out_dir), policy=(model, AutoTokenizer.from_pretrained(model_dir), torch.device("cpu")))
+
+
+def _run_step(recipe: DPORecipe, step: int) -> dict:
+    """The step's passes, its loss and LoRA gradients, and every pair's (chosen, rejected) log-probabilities."""
+    passes = recipe.step_batches(step)
+    loss, metrics = 0.0, []
+    for micro_batch in passes:
+        part, part_metrics = recipe.loss(micro_batch)
+        part.backward()
+        loss += float(part.detach())
+        metrics.append(part_metrics)
+    logps = {}
+    with torch.no_grad():
+        for micro_batch in passes:
+            values, n = recipe.pair_logprobs(recipe.model, micro_batch["batch"]), len(micro_batch["indices"])
+            logps.update({index: (values[i], values[n + i]) for i, index in enumerate(micro_batch["indices"])})
+    grads = {name: p.grad.clone() for name, p in recipe.model.named_parameters() if p.grad is not None}
+    logged = _reduce(metrics)  # what the loop logs for the step
+    return {"passes": [mb["indices"] for mb in passes], "loss": loss, "grads": grads, "logps": logps, "logged": logged}
+
+
+@pytest.fixture(scope="module")
+def steps(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("layouts")
+    return {layout: _run_step(_recipe(tiny_model_dir, out / layout, layout), step=1) for layout in LAYOUTS}
+
+
+def test_the_layouts_group_the_same_pairs_differently(steps):
+    order = [i for group in steps["stacked"]["passes"] for i in group]
+    assert len(order) == 16
+    for layout in LAYOUTS:
+        assert [i for group in steps[layout]["passes"] for i in group] == order, layout
+    assert [len(group) for group in steps["stacked"]["passes"]] == [4, 4, 4, 4]
+    assert len(steps["packed"]["passes"]) > len(steps["packed_shared_prompt"]["passes"]) > 1  # the prompt once: fewer passes
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_every_layout_gives_the_stacked_step_in_float64(steps, layout):
+    expected, got = steps["stacked"], steps[layout]
+    for index, (chosen, rejected) in expected["logps"].items():
+        torch.testing.assert_close(torch.stack(got["logps"][index]), torch.stack([chosen, rejected]), rtol=0, atol=1e-10)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+    for key in ("rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected", "tokens"):
+        assert got["logged"][key] == pytest.approx(expected["logged"][key], rel=1e-9, abs=1e-12), key
+    mean_chosen = sum(float(chosen) for chosen, _ in expected["logps"].values()) / 16
+    assert expected["logged"]["logps/chosen"] == pytest.approx(mean_chosen, rel=1e-12)  # a mean over the 16 pairs
+    assert got["grads"].keys() == expected["grads"].keys() and len(expected["grads"]) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
+    for name, grad in expected["grads"].items():
+        assert float((got["grads"][name] - grad).norm() / grad.norm()) < GRADIENT_TOLERANCE, name
+
+
+def test_some_pairs_of_the_step_are_truncated(tiny_model_dir, tmp_path):
+    recipe = _recipe(tiny_model_dir, tmp_path / "t", "stacked")
+    indices = recipe.sampler.indices(16, 16)  # step 1
+    untruncated = [recipe.collator.token_ids(recipe.pairs[i]) for i in indices]
+    assert any(len(pair.prompt) > 40 for pair in untruncated)  # prompts cut to max_prompt_length
+    assert any(len(pair.prompt) + max(len(pair.chosen), len(pair.rejected)) > 64 for pair in untruncated)
+
+
+def test_a_token_budget_smaller_than_two_sequences_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="max_tokens_per_pass"):
+        _recipe(tiny_model_dir, tmp_path / "small", "packed", max_tokens_per_pass=127)
