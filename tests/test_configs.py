@@ -57,9 +57,9 @@ def test_bad_yaml_and_non_mapping(tmp_path):
 
 
 def test_dpo_layout_is_one_line_to_switch_and_checked():
-    c = load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml", ["layout=packed_shared_prompt"])
-    assert (c.layout, c.max_tokens_per_pass) == ("packed_shared_prompt", 8192)
-    assert load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml").layout == DPOConfig().layout == "shared_prompt"
+    c = load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml", ["layout=shared_prompt"])
+    assert (c.layout, c.max_tokens_per_pass) == ("shared_prompt", 8192)
+    assert load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml").layout == DPOConfig().layout == "packed_shared_prompt"
     with pytest.raises(UserError, match="layout = 'packd' is not one of: stacked, shared_prompt, packed"):
         load_config(DPOConfig, None, ["layout=packd"])
     with pytest.raises(UserError, match="share_prompt .* was replaced by layout .*false is layout: stacked"):

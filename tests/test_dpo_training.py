@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data.collators import PACKED_LAYOUTS
 from data.errors import UserError
 from trainers.config import DPOConfig, make_config
 from trainers.dpo import DPORecipe, run_dpo
 from trainers.loop import MetricsLog
+from trainers.packed_attention import use_packed_attention
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
 
@@ -105,6 +107,8 @@ def test_disabled_adapter_reference_equals_base_model(tiny_model_dir, tmp_path):
                 p.normal_(0, 0.5)
     mb = recipe.step_batches(0)[0]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    if recipe.config.layout in PACKED_LAYOUTS:
+        use_packed_attention(base)  # as the recipe set up its own model
     with torch.no_grad():
         expected = recipe.pair_logprobs(base, mb["batch"])
         reference = recipe._reference_logps(mb["batch"], mb["indices"])

@@ -79,7 +79,7 @@ class DPOConfig(TrainConfig):
     # How a forward pass holds its pairs (README: "DPO batch layouts"): stacked | shared_prompt | packed |
     # packed_shared_prompt. Padded layouts take micro_batch_size pairs a pass; packed ones as many as fit
     # in max_tokens_per_pass tokens (at least 2 x max_length, so that any pair fits).
-    layout: str = "shared_prompt"
+    layout: str = "packed_shared_prompt"
     max_tokens_per_pass: int = 8192
     merge_after: bool = True  # write out_dir/merged when training ends
     merge_dtype: str | None = None  # dtype of out_dir/merged: None = the trained weights' own; bfloat16 | float16 | float32
