@@ -1,104 +1,83 @@
-"""Run an untrusted Python program in a separate, limited process.
+"""Run untrusted Python and decide whether it passed its tests, with a verdict it cannot forge.
 
-Code benchmarks execute what a model wrote. Whatever that code does (loop
-forever, exhaust memory, kill itself, fork, exit early, print megabytes), the
-evaluator must get a verdict back within the timeout and keep running. So each
-program runs as its own interpreter process:
+Two processes take part in each HumanEval check (`check_function`):
 
-* `sys.executable -I`: isolated mode, so PYTHON* environment variables, the
-  user's site-packages and the current directory cannot change what it imports;
-* in a fresh temporary directory as its working directory, deleted afterwards,
-  so files it writes land nowhere that matters;
-* in a new session, so the wall-clock timeout can kill its whole process group,
-  including any children it started;
-* under resource limits set in the child before the interpreter starts: address
-  space (a memory bomb becomes a MemoryError), CPU seconds (a backstop if the
-  wall-clock kill were ever missed), no core files, bounded file size (which also
-  bounds how much output it can write, since its stdout and stderr are files);
-* with stdin at end-of-file, and only a minimal environment.
+* the candidate: the prompt + completion, run by `eval/candidate_server.py`
+  inside the sandbox (`eval.sandbox`), which answers calls of its function;
+* the checker: `eval/check_runner.py`, a separate, limited process outside the
+  sandbox that runs the problem's `check(candidate)` with a proxy that sends
+  each call's arguments to the candidate and gets plain data back.
 
-This is containment against accidents, not a security boundary against a
-determined adversary: the program still runs as the evaluator's user and can
-read files and open sockets, and a child that starts a session of its own
-escapes the group kill. Run the evaluator in a container for that. Limits
-use `resource` and therefore need Linux (or another POSIX system).
+The verdict is the checker's: "passed" only if `check` returned. Nothing the
+candidate does in its own process (print a sentinel, exit early with status 0,
+run again under `python -O`, patch builtins, return an object whose `__eq__`
+is always true) can make `check` return, since no code of it runs where the
+asserts are. `run_python` runs a whole program in the same sandbox and reports
+how it ended; it serves plain execution (and the tests of the sandbox).
+
+A run never raises for what the program does: it ends within its timeout, with
+everything it started, and its temporary files go with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-MEMORY_LIMIT_BYTES = 2 * 1024**3
-FILE_SIZE_LIMIT_BYTES = 16 * 1024**2
+from eval.sandbox import ENVIRONMENT, ContainedPython, Ended, Limits
+
+HERE = Path(__file__).parent
+CANDIDATE_SERVER = HERE / "candidate_server.py"
+CHECK_RUNNER = HERE / "check_runner.py"
+PLAIN_DATA = HERE / "plain_data.py"
 KEPT_OUTPUT_CHARS = 2000  # the tail of stdout/stderr kept for the report
 REASON_CHARS = 300
+GONE_GRACE_SECONDS = 1.0  # how long a candidate that stopped answering may take to finish exiting
 
 # The last stderr line of an uncaught exception, e.g. "AssertionError" or
 # "NameError: name 'x' is not defined". A SyntaxError has no "Traceback" header.
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
 
 
+class SandboxError(RuntimeError):
+    """The sandbox could not be built for one run (after it worked at the start): a fault of the machine, not the program."""
+
+
 @dataclass(frozen=True)
 class ExecutionResult:
     """What happened to one program: how it ended, and the tail of what it printed."""
 
-    returncode: int | None  # negative: killed by that signal
+    returncode: int | None  # negative: killed by that signal; None: stopped at the timeout
     timed_out: bool
     stdout: str
     stderr: str
     seconds: float
 
 
-def _clamped(limit_id: int, value: int) -> tuple[int, int]:
-    """(soft, hard) at most the current hard limit, which an unprivileged process cannot raise."""
-    _, hard = resource.getrlimit(limit_id)
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    return value, value
+@dataclass(frozen=True)
+class CheckResult:
+    """A verdict on one completion, and the tail of what the candidate printed."""
+
+    passed: bool
+    reason: str  # "passed", or why not
+    stdout: str
+    stderr: str
+    seconds: float
 
 
-def _limit_setter(cpu_seconds: int):
-    """The function the child runs between fork and exec; limits are computed here, in the parent.
-
-    It only calls `setrlimit` (a module imported long before the fork) and takes no
-    locks, which is what makes a `preexec_fn` safe to use from worker threads.
-    """
-    limits = [
-        (resource.RLIMIT_AS, _clamped(resource.RLIMIT_AS, MEMORY_LIMIT_BYTES)),
-        (resource.RLIMIT_CPU, _clamped(resource.RLIMIT_CPU, cpu_seconds)),
-        (resource.RLIMIT_CORE, (0, 0)),
-        (resource.RLIMIT_FSIZE, _clamped(resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES)),
-    ]
-
-    def set_limits() -> None:
-        for limit_id, values in limits:
-            resource.setrlimit(limit_id, values)
-
-    return set_limits
+def limits_for(timeout: float) -> Limits:
+    return replace(Limits(), cpu_seconds=int(timeout) + 1)
 
 
-def _minimal_env() -> dict[str, str]:
-    # Nothing from the evaluator's environment (tokens, CUDA settings) is passed on.
-    return {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": "/nonexistent"}
-
-
-def _kill_group(pgid: int) -> None:
-    """Kill every process left in the program's group (it may have started children)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the whole group has already exited
-
-
-def _tail(path: str) -> str:
+def _tail(path: Path) -> str:
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 4 * KEPT_OUTPUT_CHARS))
@@ -106,40 +85,112 @@ def _tail(path: str) -> str:
     return text[-KEPT_OUTPUT_CHARS:]
 
 
-def run_python(source: str, timeout: float = 3.0) -> ExecutionResult:
-    """Run `source` as a Python program under the limits above; never raises for what the program does."""
+def _raise_on_setup_error(ended: Ended) -> None:
+    if ended.setup_error:
+        raise SandboxError(f"the sandbox could not be built: {ended.setup_error}")
+
+
+def run_python(source: str, timeout: float = 3.0, sandbox: str = "namespaces") -> ExecutionResult:
+    """Run `source` as a contained Python program; never raises for what the program does."""
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="twophase-exec-") as workdir:
-        program = os.path.join(workdir, "program.py")
-        out_path, err_path = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
-        with open(program, "w", encoding="utf-8") as f:
-            f.write(source)
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            process = subprocess.Popen(
-                [sys.executable, "-I", program],
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=_minimal_env(),
-                start_new_session=True,
-                preexec_fn=_limit_setter(int(timeout) + 1),
-            )
-            timed_out = False
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_group(process.pid)  # after a normal exit too: orphaned children die with it
-                process.wait()
+    with tempfile.TemporaryDirectory(prefix="twophase-exec-", ignore_cleanup_errors=True) as private:
+        folder = Path(private)  # the evaluator's own files: the program never sees this folder
+        (folder / "program.py").write_text(source, encoding="utf-8")
+        with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
+            program = ContainedPython(folder / "program.py", mode=sandbox, limits=limits_for(timeout), stdout=out, stderr=err)
+            finished = program.wait(timeout)
+            ended = program.stop()
+        _raise_on_setup_error(ended)
         return ExecutionResult(
-            returncode=process.returncode,
-            timed_out=timed_out,
-            stdout=_tail(out_path),
-            stderr=_tail(err_path),
+            returncode=ended.returncode,
+            timed_out=not finished,
+            stdout=_tail(folder / "stdout"),
+            stderr=_tail(folder / "stderr"),
             seconds=time.monotonic() - start,
         )
+
+
+def check_function(
+    program: str, entry_point: str, prompt: str, test: str, timeout: float = 3.0, sandbox: str = "namespaces"
+) -> CheckResult:
+    """Run the problem's `check` (in `test`) against `entry_point` of `program`; see the module docstring."""
+    start = time.monotonic()
+    limits = limits_for(timeout)
+    job = {"program": program, "entry_point": entry_point, "prompt": prompt, "test": test}
+    job = json.dumps({**job, "memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds}).encode()
+    with tempfile.TemporaryDirectory(prefix="twophase-exec-", ignore_cleanup_errors=True) as private:
+        folder = Path(private)  # the evaluator's own files: the program never sees this folder
+        with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err, open(folder / "checker", "wb") as checker_err:
+            candidate, checker = _start_both(sandbox, limits, out, err, checker_err)
+            verdict, timed_out = _await_verdict(checker, job, timeout)
+            if verdict.get("candidate_gone"):
+                candidate.wait(GONE_GRACE_SECONDS)  # let its exit status arrive
+            ended = candidate.stop()
+        _raise_on_setup_error(ended)
+        run = ExecutionResult(ended.returncode, timed_out, _tail(folder / "stdout"), _tail(folder / "stderr"), time.monotonic() - start)
+        passed = verdict.get("passed") is True and not timed_out
+        return CheckResult(passed, _reason(verdict, run, timeout, folder / "checker"), run.stdout, run.stderr, run.seconds)
+
+
+def _start_both(sandbox: str, limits: Limits, out, err, checker_err) -> tuple[ContainedPython, subprocess.Popen]:
+    """The candidate server in the sandbox and the checker beside it, joined by two pipes."""
+    requests_in, requests_out = os.pipe()
+    replies_in, replies_out = os.pipe()
+    candidate = None
+    try:
+        candidate = ContainedPython(
+            CANDIDATE_SERVER, [str(requests_in), str(replies_out)], mode=sandbox, limits=limits,
+            stdout=out, stderr=err, pass_fds=(requests_in, replies_out), installs=[PLAIN_DATA],
+        )
+        return candidate, _start_checker(requests_out, replies_in, checker_err)
+    except BaseException:
+        if candidate is not None:
+            candidate.stop()
+        raise
+    finally:
+        for fd in (requests_in, requests_out, replies_in, replies_out):
+            os.close(fd)  # each pipe end now lives only in the one process that uses it
+
+
+def _reason(verdict: dict, run: ExecutionResult, timeout: float, checker_stderr: Path) -> str:
+    if run.timed_out or verdict.get("candidate_gone"):
+        return describe_failure(run, timeout)  # how the candidate ended says more than "it stopped answering"
+    if "passed" in verdict:
+        return str(verdict["reason"])[:REASON_CHARS]
+    return f"error: the checker failed: {_tail(checker_stderr).strip()[-REASON_CHARS:]}"
+
+
+def _start_checker(requests_out: int, replies_in: int, stderr) -> subprocess.Popen:
+    # Trusted code that limits itself: no preexec_fn, so the start stays cheap in a large evaluator process.
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", str(CHECK_RUNNER), str(requests_out), str(replies_in)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        pass_fds=(requests_out, replies_in),
+        env=ENVIRONMENT,
+        start_new_session=True,
+    )
+
+
+def _await_verdict(checker: subprocess.Popen, job: bytes, timeout: float) -> tuple[dict, bool]:
+    """The checker's verdict ({} if it gave none) and whether the time ran out first."""
+    timed_out = False
+    try:
+        output, _ = checker.communicate(job, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out, output = True, b""
+    finally:
+        try:
+            os.killpg(checker.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        checker.wait()
+    try:
+        verdict = json.loads(output.decode("utf-8").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        verdict = {}
+    return (verdict if isinstance(verdict, dict) else {}), timed_out
 
 
 def _last_line(text: str) -> str:
@@ -163,4 +214,6 @@ def describe_failure(result: ExecutionResult, timeout: float) -> str:
         return f"failed: {last}"
     if code == 0:
         return "exited with status 0 before the checks finished"
+    if code is None:
+        return "stopped answering the checks"
     return f"exited with status {code}"

@@ -150,6 +150,7 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
     items = benchmark.load(source, limit)
     if not items:
         raise UserError(f"{benchmark.name}: no items to evaluate in {settings['source']}")
+    benchmark.check_ready(options)
     generator, scorer, tokenizer = runtime.engines()
     hasher = hashlib.sha256()
     generator.prompt_hasher = scorer.prompt_hasher = hasher

@@ -1,14 +1,18 @@
-"""pass@k and the sandboxed executor that HumanEval's verdicts rest on."""
+"""pass@k, the plain data that crosses the sandbox, and HumanEval verdicts that the program cannot forge.
+
+The containment of the programs themselves (network, files, processes,
+limits) is tested in test_sandbox.py.
+"""
 
 import math
 import time
-from pathlib import Path
+from collections import namedtuple
 
 import pytest
 
 from eval.benchmarks.humaneval import STOP_SEQUENCES, build_program, check_completion, check_completions, truncate_completion
-from eval.execution import run_python
 from eval.metrics import pass_at_k
+from eval.plain_data import MAX_LINE_BYTES, UnreadableData, decode, encode, to_plain
 
 # --------------------------------------------------------------------------- pass@k
 
@@ -59,7 +63,80 @@ def test_completion_is_cut_at_the_earliest_stop():
     assert truncate_completion("    if a:\n        return 1\n    return 2") == "    if a:\n        return 1\n    return 2"
 
 
-# --------------------------------------------------------------------------- the executor
+# --------------------------------------------------------------------------- plain data
+
+
+@pytest.fixture
+def big_int_text():
+    """Integers of any size as text, as the checker and the candidate server allow (Python >= 3.11 caps it)."""
+    import sys
+
+    if not hasattr(sys, "set_int_max_str_digits"):
+        yield
+        return
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    yield
+    sys.set_int_max_str_digits(before)
+
+
+def test_plain_data_round_trips_exactly_including_non_literal_floats(big_int_text):
+    value = {
+        "ints": [0, -7, 10**5000, True, False],
+        "floats": (0.1, -0.0, 1e308, float("inf"), float("-inf")),
+        "complex": [1 + 2j, complex(0, float("inf"))],
+        "text": ["line\nbreak", "tab\t", "\u2028 and \x85", "héllo", "\ud800"],
+        "bytes": b"\x00\n\xff",
+        "nested": {(1, 2): {3, 4}, "empty": [set(), {}, (), ""]},
+        None: None,
+    }
+    line = encode(to_plain(value))
+    assert line.count(b"\n") == 1 and line.endswith(b"\n")  # one message, one line
+    back = decode(line)
+    assert back == value
+    assert math.copysign(1.0, back["floats"][1]) == -1.0
+    assert math.isnan(decode(encode(float("nan"))))
+
+
+def test_to_plain_sends_the_plain_type_never_an_overridden_eq():
+    class Yes(int):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    class Anything:
+        def __eq__(self, other):
+            return True
+
+    point = namedtuple("Point", "x y")
+    assert type(to_plain(Yes(0))) is int and to_plain(Yes(0)) == 0 and to_plain(Yes(0)) != 3
+    assert type(to_plain(point(1, 2))) is tuple
+    assert to_plain([frozenset({1})]) == [{1}]
+    for value in (Anything(), [Anything()], iter([1]), range(3), print):
+        with pytest.raises(TypeError, match="cannot be checked"):
+            to_plain(value)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"__import__('os').system('true')\n",
+        b"print\n",
+        b"(lambda: 1)()\n",
+        b"[1, 2\n",
+        b"{[1]: 2}\n",  # unhashable key
+        b"(1, 2)",  # no line end: cut off
+        b"[" + b"0, " * (MAX_LINE_BYTES // 3) + b"]\n",  # over the size limit
+        b"\xff\n",
+    ],
+)
+def test_decode_reads_data_and_nothing_else(line):
+    with pytest.raises(UnreadableData):
+        decode(line)
+
+
+# --------------------------------------------------------------------------- verdicts
 
 ADD = {
     "task_id": "Test/0",
@@ -70,16 +147,15 @@ ADD = {
 }
 
 
-def verdict(completion, timeout=3.0):
+def verdict(completion, timeout=3.0, problem=ADD):
     start = time.monotonic()
-    passed, reason = check_completion(ADD, completion, timeout=timeout)
+    passed, reason = check_completion(problem, completion, timeout=timeout)
     return passed, reason, time.monotonic() - start
 
 
-def test_program_layout_is_prompt_completion_test_check_then_sentinel():
-    program = build_program(ADD, "    return a + b\n", "SENTINEL")
-    expected = ADD["prompt"] + "    return a + b\n" + "\n" + ADD["test"] + "\n" + "check(add)" + "\n" + "print('SENTINEL', flush=True)\n"
-    assert program == expected
+def test_program_is_the_prompt_then_the_completion():
+    # The tests are not part of it: they run in the checker, outside the sandbox.
+    assert build_program(ADD, "    return a + b\n") == ADD["prompt"] + "    return a + b\n" + "\n"
 
 
 def test_correct_completion_passes():
@@ -90,13 +166,57 @@ def test_correct_completion_passes():
 
 def test_wrong_completion_fails_with_the_assertion():
     passed, reason, _ = verdict("    return a - b\n")
-    assert not passed
-    assert reason.startswith("failed: AssertionError")
+    assert (passed, reason) == (False, "failed: AssertionError")
 
 
 def test_syntax_error_is_a_failure():
     passed, reason, _ = verdict("    return a +\n")
     assert not passed and reason.startswith("failed: SyntaxError")
+
+
+def test_exception_in_the_candidate_reaches_the_test_as_its_builtin_type():
+    problem = {
+        **ADD,
+        "test": "def check(candidate):\n    try:\n        candidate(1, None)\n    except TypeError:\n        return\n    assert False\n",
+    }
+    assert verdict("    return a + b\n", problem=problem)[:2] == (True, "passed")  # the test catches it
+    passed, reason, _ = verdict("    return [][a]\n")  # uncaught: the reason names it
+    assert (passed, reason) == (False, "failed: IndexError: list index out of range")
+
+
+def test_the_test_sees_the_prompts_helpers_and_the_function_by_name():
+    # HumanEval/32 calls the prompt's `poly`; HumanEval/33 calls the entry point by its name.
+    problem = {
+        **ADD,
+        "prompt": "def double(x):\n    return 2 * x\n\n\ndef add(a, b):\n    \"\"\"a + b\"\"\"\n",
+        "test": "def check(candidate):\n    assert candidate(2, 2) == double(2)\n    assert add(1, 2) == 3\n",
+    }
+    assert verdict("    return a + b\n", problem=problem)[:2] == (True, "passed")
+    assert verdict("    return a * b\n", problem=problem)[:2] == (False, "failed: AssertionError")
+
+
+def test_values_cross_the_sandbox_exactly():
+    # inf, nan, integers past 4300 digits, line breaks in strings, list versus tuple.
+    problem = {
+        **ADD,
+        "test": (
+            "import math\n"
+            "def check(candidate):\n"
+            "    assert candidate(float('inf'), 1) == float('inf')\n"
+            "    assert math.isnan(candidate(float('nan'), 1))\n"
+            "    assert candidate(10 ** 5000, 1) == 10 ** 5000 + 1\n"
+            "    assert candidate('a\\n', 'b') == 'a\\nb'\n"
+            "    assert type(candidate([1], [2])) is list and candidate((1,), (2,)) == (1, 2)\n"
+        ),
+    }
+    assert verdict("    return a + b\n", problem=problem)[:2] == (True, "passed")
+    assert verdict("    return list(a + b) if isinstance(a, tuple) else a + b\n", problem=problem)[:2] == (False, "failed: AssertionError")
+
+
+def test_a_broken_problem_is_reported_as_such():
+    problem = {**ADD, "test": "def not_check(candidate):\n    pass\n"}
+    passed, reason, _ = verdict(ADD["canonical_solution"], problem=problem)
+    assert (passed, reason) == (False, "error: the problem's prompt and test do not run: KeyError: 'check'")
 
 
 def test_hanging_program_times_out_promptly():
@@ -105,35 +225,10 @@ def test_hanging_program_times_out_promptly():
     assert seconds < 3.0
 
 
-def process_is_gone(pid: int, wait: float = 2.0) -> bool:
-    """No such process, or only a zombie waiting to be reaped (killed all the same)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_timeout_kills_the_programs_children_too():
-    program = "import subprocess, time\nchild = subprocess.Popen(['sleep', '30'])\nprint(child.pid, flush=True)\ntime.sleep(30)\n"
-    start = time.monotonic()
-    result = run_python(program, timeout=1.0)
-    assert result.timed_out and time.monotonic() - start < 3.0
-    child = int(result.stdout.split()[0])
-    assert process_is_gone(child), "the program's child outlived the timeout"
-
-
 @pytest.mark.parametrize("exit_code", ["import os; os._exit(0)", "import sys; sys.exit(0)", "exit()"])
 def test_exiting_with_status_zero_before_the_checks_is_not_a_pass(exit_code):
-    # Status 0 alone would count these as passed; the sentinel after check() does not.
     passed, reason, seconds = verdict("    return a - b\n" + exit_code + "\n")
-    assert not passed
-    assert reason == "exited with status 0 before the checks finished"
+    assert (passed, reason) == (False, "exited with status 0 before the checks finished")
     assert seconds < 2.0
 
 
@@ -155,7 +250,7 @@ def test_memory_hungry_program_hits_the_address_space_limit():
 
 def test_flood_of_output_is_stopped_by_the_file_size_limit():
     passed, reason, seconds = verdict("    return a + b\nwhile True:\n    print('x' * 100000)\n", timeout=5.0)
-    assert not passed and "File too large" in reason
+    assert (passed, reason) == (False, "failed: OSError: [Errno 27] File too large")
     assert seconds < 4.0
 
 
@@ -164,15 +259,13 @@ def test_program_reading_stdin_sees_end_of_file():
     assert (passed, reason) == (False, "failed: EOFError: EOF when reading a line")
 
 
-def test_program_runs_in_a_fresh_directory_and_isolated_mode():
-    # cwd is an empty temporary directory, and -I keeps the current directory off sys.path.
+def test_program_runs_in_an_empty_private_folder_in_isolated_mode():
     completion = (
         "    return a + b\nimport os, sys\n"
-        "assert sorted(os.listdir('.')) == ['program.py', 'stderr', 'stdout'], os.listdir('.')\n"
+        "assert os.getcwd() == '/tmp' and os.listdir('.') == [], (os.getcwd(), os.listdir('.'))\n"
         "assert sys.flags.isolated == 1\n"
     )
-    passed, reason, _ = verdict(completion)
-    assert (passed, reason) == (True, "passed")
+    assert verdict(completion)[:2] == (True, "passed")
 
 
 def test_checks_run_in_parallel_and_keep_their_order():
@@ -182,3 +275,74 @@ def test_checks_run_in_parallel_and_keep_their_order():
     assert [passed for passed, _ in results] == [True, False, False, True]
     assert results[2][1] == "timed out after 1s"
     assert time.monotonic() - start < 3.0
+
+
+# --------------------------------------------------------------------------- forged verdicts
+
+WRONG = "    return a - b\n"
+FAKE_VERDICT = '{"passed": true, "reason": "passed", "candidate_gone": false}'
+
+# Each completion is wrong and tries to be counted as passed anyway; (completion, expected reason).
+FORGERIES = {
+    "prints a verdict": (WRONG + f"print('passed'); print({FAKE_VERDICT!r}, flush=True)\n", "failed: AssertionError"),
+    "prints every string in its source and memory": (
+        WRONG
+        + "import gc\nfor o in gc.get_objects():\n"
+        + "    for c in getattr(o, 'co_consts', ()):\n        print(c)\n"
+        + "print(open('/sandbox/candidate_server.py').read(), flush=True)\n",
+        "failed: AssertionError",
+    ),
+    "prints a verdict from an atexit hook": (WRONG + f"import atexit; atexit.register(print, {FAKE_VERDICT!r})\n", "failed: AssertionError"),
+    "writes a verdict to every descriptor": (
+        WRONG + f"import os\nfor fd in range(1, 1024):\n    try: os.write(fd, b'{FAKE_VERDICT}\\n')\n    except OSError: pass\n",
+        "failed: the candidate sent not plain data",
+    ),
+    "re-runs itself under python -O": (
+        WRONG + "import os, sys\nif not sys.flags.optimize:\n    os.execv(sys.executable, [sys.executable, '-O', *sys.argv])\n",
+        "timed out after 1.5s",
+    ),
+    "exits with status 0 during the call": ("    import os; os._exit(0)\n", "exited with status 0 before the checks finished"),
+    "patches builtins": (
+        WRONG + "import builtins\nbuiltins.AssertionError = type('Quiet', (Exception,), {})\nbuiltins.isinstance = lambda *a: True\n",
+        "failed: ",  # it breaks its own server, which then stops answering
+    ),
+    "returns an object equal to everything": (
+        "    return Anything()\nclass Anything:\n    def __eq__(self, other): return True\n",
+        "failed: TypeError: the function returned a Anything, which cannot be checked",
+    ),
+    "returns an int subclass equal to everything": (
+        "    return Yes(0)\nclass Yes(int):\n    def __eq__(self, other): return True\n    __hash__ = int.__hash__\n",
+        "failed: AssertionError",
+    ),
+    "kills its parent and process 1": (
+        WRONG + "import os\nfor pid in (os.getppid(), 1, -1):\n    try: os.kill(pid, 9)\n    except OSError: pass\n",
+        "failed: AssertionError",  # its parent is process 1 of the sandbox, which ignores it
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def forged_verdicts():
+    """All the forgeries at once (with an honest completion among them), so the module stays fast."""
+    names = list(FORGERIES)
+    completions = [FORGERIES[name][0] for name in names] + [ADD["canonical_solution"]]
+    verdicts = check_completions([ADD] * len(completions), completions, timeout=1.5, workers=len(completions))
+    assert verdicts[-1] == (True, "passed")
+    return dict(zip(names, verdicts))
+
+
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_a_wrong_completion_cannot_forge_a_pass(name, forged_verdicts):
+    passed, reason = forged_verdicts[name]
+    assert not passed
+    assert reason.startswith(FORGERIES[name][1]), reason
+
+
+def test_the_verdict_cannot_be_forged_with_the_sandbox_off_either():
+    # The verdict comes from the checker in both modes; "none" only drops the containment.
+    names = ["prints a verdict", "prints a verdict from an atexit hook", "re-runs itself under python -O", "returns an object equal to everything"]
+    completions = [FORGERIES[name][0] for name in names] + [ADD["canonical_solution"]]
+    verdicts = check_completions([ADD] * len(completions), completions, timeout=1.5, workers=len(completions), sandbox="none")
+    assert verdicts[-1] == (True, "passed")
+    for name, (passed, reason) in zip(names, verdicts):
+        assert not passed and reason.startswith(FORGERIES[name][1]), (name, reason)

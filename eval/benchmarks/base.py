@@ -57,6 +57,9 @@ class Benchmark:
     def evaluate(self, items: list[dict], ctx: EvalContext) -> dict[str, Metric]:
         raise NotImplementedError
 
+    def check_ready(self, options: dict) -> None:
+        """Raise UserError if this machine cannot run the benchmark; called before the model loads."""
+
     def settings(self, options: dict) -> dict:
         """The options that change this benchmark's results; they go into the settings hash.
 

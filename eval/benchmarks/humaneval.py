@@ -2,9 +2,10 @@
 
 164 hand-written problems (Chen et al., 2021). The model sees the raw prompt (a
 signature and docstring) as plain code completion, not as a chat message. Its
-completion is cut where a new top-level statement begins, appended to the prompt,
-followed by the problem's `check(candidate)` test function and a call to it, and
-run in a separate limited process (`eval.execution`).
+completion is cut where a new top-level statement begins and appended to the
+prompt; that program runs in a sandbox (`eval.sandbox`) while the problem's
+`check(candidate)` runs in a separate process and calls it through a proxy
+(`eval.execution`), so the verdict cannot be forged from inside the program.
 
 Default: one greedy completion per problem and pass@1. With `n_samples` > 1 and
 a temperature, it reports the unbiased pass@k of Chen et al. for each k <= n.
@@ -14,15 +15,16 @@ from __future__ import annotations
 
 import gzip
 import json
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data.errors import UserError
 from data.hub import is_local, load_hub_dataset
 from eval.benchmarks.base import Benchmark, EvalContext
+from eval.execution import check_function
 from eval.generation import GenerationRequest
-from eval.execution import describe_failure, run_python
+from eval.sandbox import MODES as SANDBOX_MODES
+from eval.sandbox import isolation_problem
 from eval.metrics import Metric, mean_metric, pass_at_k, proportion
 
 # A completion ends where the model starts a new top-level statement: the
@@ -40,7 +42,9 @@ DEFAULTS = {
     "max_new_tokens": 512,
     "timeout": 3.0,
     "workers": 4,
+    "sandbox": "namespaces",  # or "none": run programs unisolated (README, "Executed code")
 }
+OPT_OUT = "--option humaneval.sandbox=none"
 
 
 def resolve_options(options: dict) -> dict:
@@ -50,7 +54,20 @@ def resolve_options(options: dict) -> dict:
     opts["ks"] = (int(ks),) if isinstance(ks, (int, str)) else tuple(int(k) for k in ks)  # "--option humaneval.ks=10"
     if int(opts["n_samples"]) > 1 and float(opts["temperature"]) <= 0.0:
         raise UserError("humaneval: n_samples > 1 at temperature 0 gives n identical completions; set a temperature (e.g. 0.8)")
+    if opts["sandbox"] not in SANDBOX_MODES:
+        raise UserError(f"humaneval: unknown sandbox '{opts['sandbox']}': choose one of {', '.join(SANDBOX_MODES)}")
     return opts
+
+
+def require_isolation(sandbox: str) -> None:
+    """Refuse to run model-written programs unisolated unless the user chose to (sandbox "none")."""
+    problem = isolation_problem() if sandbox == "namespaces" else None
+    if problem:
+        raise UserError(
+            f"humaneval: this machine cannot isolate the programs HumanEval runs ({problem}). Run it where Linux "
+            f"namespaces work through util-linux `unshare`, or run the programs unisolated with {OPT_OUT} "
+            "(see README, 'Executed code')"
+        )
 
 
 def truncate_completion(completion: str) -> str:
@@ -63,40 +80,25 @@ def truncate_completion(completion: str) -> str:
     return completion[:cut]
 
 
-def build_program(problem: dict, completion: str, sentinel: str) -> str:
-    """Prompt + completion + tests + the call of the tests + the sentinel print.
-
-    A program that leaves early with status 0 (`sys.exit(0)`, `os._exit(0)`, or
-    `exit()` in the completion) never runs `check`, yet its exit status looks like
-    success. So success is instead the sentinel, printed only after `check`
-    returns: it is random per run, so the completion cannot print it by accident.
-    """
-    return (
-        problem["prompt"]
-        + completion
-        + "\n"
-        + problem["test"]
-        + "\n"
-        + f"check({problem['entry_point']})"
-        + "\n"
-        + f"print({sentinel!r}, flush=True)\n"
-    )
+def build_program(problem: dict, completion: str) -> str:
+    """Prompt + completion: the program the sandbox runs (the tests run elsewhere, in the checker)."""
+    return problem["prompt"] + completion + "\n"
 
 
-def check_completion(problem: dict, completion: str, timeout: float = 3.0) -> tuple[bool, str]:
+def check_completion(problem: dict, completion: str, timeout: float = 3.0, sandbox: str = "namespaces") -> tuple[bool, str]:
     """Run the problem's tests on `completion`; (passed, reason), reason 'passed' or why not."""
-    sentinel = f"twophase-checks-passed-{uuid.uuid4().hex}"
-    result = run_python(build_program(problem, completion, sentinel), timeout=timeout)
-    finished = not result.timed_out and result.returncode == 0 and result.stdout.rstrip().endswith(sentinel)
-    return (True, "passed") if finished else (False, describe_failure(result, timeout))
+    result = check_function(
+        build_program(problem, completion), problem["entry_point"], problem["prompt"], problem["test"], timeout, sandbox
+    )
+    return result.passed, result.reason
 
 
 def check_completions(
-    problems: list[dict], completions: list[str], timeout: float = 3.0, workers: int = 4
+    problems: list[dict], completions: list[str], timeout: float = 3.0, workers: int = 4, sandbox: str = "namespaces"
 ) -> list[tuple[bool, str]]:
-    """`check_completion` for many pairs at once; each run is its own process, so threads suffice."""
+    """`check_completion` for many pairs at once; each check runs in processes of its own, so threads suffice."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda pair: check_completion(*pair, timeout=timeout), zip(problems, completions)))
+        return list(pool.map(lambda pair: check_completion(*pair, timeout=timeout, sandbox=sandbox), zip(problems, completions)))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -129,6 +131,9 @@ class HumanEval(Benchmark):
         problems = [_problem(dict(row), source) for row in rows]
         return problems[:limit] if limit is not None else problems
 
+    def check_ready(self, options: dict) -> None:
+        require_isolation(resolve_options(options)["sandbox"])
+
     def settings(self, options: dict) -> dict:
         resolved = resolve_options(options)
         del resolved["workers"]  # how many checks run at once changes no result
@@ -136,11 +141,14 @@ class HumanEval(Benchmark):
 
     def evaluate(self, items: list[dict], ctx: EvalContext) -> dict[str, Metric]:
         opts = resolve_options(ctx.options)
+        require_isolation(opts["sandbox"])  # before generating: the runner checks too, callers may not
         n = int(opts["n_samples"])
         samples = ctx.generator.generate([self._request(p, opts) for p in items], desc="humaneval")
         flat_problems = [p for p, completions in zip(items, samples) for _ in completions]
         flat_completions = [truncate_completion(c) for completions in samples for c in completions]
-        verdicts = check_completions(flat_problems, flat_completions, float(opts["timeout"]), int(opts["workers"]))
+        verdicts = check_completions(
+            flat_problems, flat_completions, float(opts["timeout"]), int(opts["workers"]), opts["sandbox"]
+        )
         passed_counts = self._audit(items, samples, flat_completions, verdicts, ctx)
         return self._metrics(passed_counts, n, opts["ks"])
 

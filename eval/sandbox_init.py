@@ -1,0 +1,220 @@
+"""Process 1 of a sandbox: build its file system view, then run the program without privileges.
+
+`eval/sandbox.py` starts this script through util-linux `unshare`, already in
+new mount, pid, network, IPC and UTS namespaces (and, for an evaluator that is
+not root, a new user namespace in which it is root). It runs as a plain file
+with `python -I` and imports only the standard library, everything before the
+root is switched: afterwards the evaluator's files, its Python included, are
+out of reach.
+
+Steps, with the configuration as one JSON argument:
+
+1. A new root on a small tmpfs holding read-only bind mounts of the listed
+   paths only (system libraries, the interpreter's installation, a few device
+   nodes), copies of the files the program needs under /sandbox, a fresh
+   /proc of the new pid namespace, and an empty writable tmpfs at /tmp; then
+   `pivot_root` and detach the old root, so nothing else is reachable at all.
+2. The program runs as a child in its own session and in a further user
+   namespace where it is uid 1000 with no capabilities (for a root evaluator
+   it first becomes the unprivileged `nobody`), with `no_new_privs`, with
+   stdin at /dev/null, with fixed resource limits (soft = hard, which an
+   unprivileged process cannot raise), and with a fixed environment.
+3. This process reaps every orphan (it is their parent now) and exits as soon
+   as the program exits or its stdin reaches end-of-file (the evaluator asks
+   it to stop, or died). Its exit ends the pid namespace: the kernel kills
+   every process left in it, however it was detached.
+
+How the program ended goes to the status file descriptor as one line:
+"exit N", "signal N", or "setup REASON" when the sandbox could not be built.
+"""
+
+import ctypes
+import json
+import os
+import re
+import resource
+import sys
+import threading
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+MNT_DETACH = 0x2
+CLONE_NEWUSER = 0x10000000
+PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 4, 38
+PROGRAM_UID = 1000  # who the program is inside its own user namespace
+
+ENVIRONMENT = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+STAGING = "/tmp"  # where the new root is assembled, in this mount namespace only
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source, target: str, fstype, flags: int, data=None) -> None:
+    encode = lambda text: text.encode() if text is not None else None  # noqa: E731
+    _check(_libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
+
+
+# --------------------------------------------------------------------------- the new root
+
+
+def _open_sources(paths: list[str]) -> list[tuple[str, object]]:
+    """(path, symlink target or O_PATH descriptor), taken before anything is mounted over them.
+
+    A path inside another one listed is visible through it already; it is left
+    out, so that building the root never creates anything inside a bind mount.
+    """
+    sources, kept = [], []
+    for path in sorted(os.path.normpath(p) for p in paths):
+        if any(path == outer or path.startswith(outer.rstrip("/") + "/") for outer in kept):
+            continue
+        kept.append(path)
+        if os.path.islink(path):
+            sources.append((path, os.readlink(path)))
+        elif os.path.exists(path):
+            sources.append((path, os.open(path, os.O_PATH)))
+    return sources
+
+
+def _build_root(root: str, sources, installs: dict[str, bytes]) -> None:
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+    for path, source in sources:
+        target = root + path
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if isinstance(source, str):
+            os.symlink(source, target)
+            continue
+        if os.path.isdir(f"/proc/self/fd/{source}"):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # a mount point, never an existing file
+        _mount(f"/proc/self/fd/{source}", target, None, MS_BIND | MS_REC)
+    os.makedirs(root + "/sandbox")
+    for name, content in installs.items():
+        with open(f"{root}/sandbox/{name}", "wb") as f:
+            f.write(content)
+    os.makedirs(root + "/proc")
+    os.makedirs(root + "/tmp")
+
+
+def _switch_root(root: str) -> None:
+    """pivot_root into `root` and detach the old root: afterwards it is not reachable by any path."""
+    os.chdir(root)
+    _check(_libc.pivot_root(b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+    os.chdir("/")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def _make_read_only() -> None:
+    """Remount every mount read-only and nosuid, keeping the flags a user namespace may not drop."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        target, options = fields[4], fields[5].split(",")
+        if target == "/proc":
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+        flags |= (MS_NODEV if "nodev" in options else 0) | (MS_NOEXEC if "noexec" in options else 0)
+        _mount(None, _unescape(target), None, flags)
+
+
+def build_file_system(config: dict) -> None:
+    installs = {}
+    for name, path in config["installs"].items():
+        with open(path, "rb") as f:
+            installs[name] = f.read()
+    sources = _open_sources(config["visible"])
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _build_root(STAGING, sources, installs)
+    # Before the old root goes: a user namespace may mount a proc only while it can see a complete one.
+    _mount("proc", STAGING + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _switch_root(STAGING)
+    _make_read_only()
+    owner = f"uid={config.get('uid', 0)},gid={config.get('gid', 0)}"
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['work_bytes']},mode=0700,{owner}")
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def _enter_unprivileged_user_namespace() -> None:
+    """Become uid 1000 of a fresh user namespace: no capability survives the exec that follows."""
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    _check(_libc.unshare(CLONE_NEWUSER), "unshare a user namespace")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{PROGRAM_UID} {outer_uid} 1"), ("gid_map", f"{PROGRAM_UID} {outer_gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    # While it still may: no namespaces of any kind below this one. A program cannot then use up the
+    # machine's namespace counts (which other sandboxes need), nor reach the kernel code they expose.
+    for name in os.listdir("/proc/sys/user"):
+        if name.startswith("max_") and name.endswith("_namespaces"):
+            with open(f"/proc/sys/user/{name}", "w") as f:
+                f.write("0")
+
+
+def _become_program(config: dict, status_fd: int) -> None:
+    """In the forked child: drop everything, then exec the program. Never returns."""
+    try:
+        os.setsid()  # its own process group: kill(0, ...) reaches only the sandbox's processes
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        if "uid" in config:  # a root evaluator: become an unprivileged user of the real system first
+            os.setgroups([])
+            os.setresgid(config["gid"], config["gid"], config["gid"])
+            os.setresuid(config["uid"], config["uid"], config["uid"])
+            _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")  # to write its own uid_map
+        _enter_unprivileged_user_namespace()
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        # Set after the user namespace exists, so that the process count is this sandbox's alone.
+        for limit_id, value in config["limits"]:
+            resource.setrlimit(limit_id, (value, value))
+        os.chdir("/tmp")
+        os.execve(config["command"][0], config["command"], ENVIRONMENT)
+    except BaseException as err:  # noqa: BLE001 - report anything, then leave without running Python's cleanup
+        os.write(status_fd, f"setup cannot start the program: {err}\n".encode())
+        os._exit(127)
+
+
+def _report_when_done(program: int, status_fd: int) -> None:
+    """Reap every child (orphans land here); when the program itself ends, report and end the sandbox."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == program:
+            ended = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}"
+            os.write(status_fd, f"{ended}\n".encode())
+            os._exit(0)
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    status_fd = config["status_fd"]
+    os.set_inheritable(status_fd, False)  # the program must not be able to write a status
+    try:
+        build_file_system(config)
+    except Exception as err:  # noqa: BLE001 - any failure here means this machine cannot isolate
+        os.write(status_fd, f"setup {err}\n".encode())
+        os._exit(1)
+    program = os.fork()
+    if program == 0:
+        _become_program(config, status_fd)
+    threading.Thread(target=_report_when_done, args=(program, status_fd), daemon=True).start()
+    while os.read(0, 4096):  # end-of-file: the evaluator wants the sandbox gone
+        pass
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
