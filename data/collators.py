@@ -189,8 +189,7 @@ def split_into_passes(pairs: list[TokenizedPair], layout: str, pairs_per_pass: i
 def pad_stacked(pairs: list[TokenizedPair], pad_id: int) -> dict:
     """(2B, T) rows, prompt + chosen then prompt + rejected, padded on the right.
 
-    Returns `input_ids`, `attention_mask`, `labels` (2B, T), `prompt_lengths` (B,),
-    `num_pairs` and `pair_tokens`.
+    Returns `input_ids`, `attention_mask`, `labels` (2B, T), `num_pairs` and `pair_tokens`.
     """
     sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     prompt_lengths = [len(p.prompt) for p in pairs] * 2
@@ -207,7 +206,6 @@ def pad_stacked(pairs: list[TokenizedPair], pad_id: int) -> dict:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "prompt_lengths": torch.tensor([len(p.prompt) for p in pairs], dtype=torch.long),
         "num_pairs": len(pairs),
         "pair_tokens": sum(pair_tokens(p) for p in pairs),
     }

@@ -96,7 +96,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
     """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
     from data.hh_rlhf import PreferencePair
     from trainers.config import DPOConfig, make_config
-    from trainers.loop import train
+    from trainers.loop import MetricsLog, train
     from trainers.models import prepare_policy, resolve_device, weight_dtype
 
     device = resolve_device(device)
@@ -121,7 +121,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
             recipe.reference_logps = torch.randn(len(pairs), 2) - 300
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
-        records = _read_metrics(Path(out_dir))
+        records = MetricsLog(Path(out_dir) / "metrics.jsonl").read()
     measured = records[warmup_steps:] or records  # the first steps pay for warm-up (allocator, kernels)
     shape = f"fixed {prompt_len}+2x{seq_len - prompt_len}" if lengths == "fixed" else lengths
     return {
@@ -175,7 +175,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     from data.lean_workbook import LeanTask
     from trainers.config import GRPOConfig, make_config
     from trainers.grpo import GRPORecipe
-    from trainers.loop import train
+    from trainers.loop import MetricsLog, train
     from trainers.models import prepare_policy, resolve_device, weight_dtype
 
     device = resolve_device(device)
@@ -199,7 +199,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         recipe.generator = _scripted_generator(recipe, completion_lengths)
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
-        records = _read_metrics(Path(out_dir))
+        records = MetricsLog(Path(out_dir) / "metrics.jsonl").read()
     measured = records[1:] or records
     median = lambda key: statistics.median(r[key] for r in measured)  # noqa: E731
     return {
@@ -274,10 +274,6 @@ def _synthetic_dpo_class():
             return synthetic_pair(index, self.pair_lengths[index], vocab, config.max_length, config.max_prompt_length)
 
     return SyntheticDPO
-
-
-def _read_metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _reset_peak(device):

@@ -48,6 +48,11 @@ def row_tokens(batch, row: int) -> list[int]:
     return batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
 
 
+
+def prompt_length(batch: dict, row: int) -> int:
+    """Where a row's reply starts: its first labelled position."""
+    return int((batch["labels"][row] != IGNORE_INDEX).nonzero()[0])
+
 def test_chosen_rows_come_first_then_rejected(tokenizer):
     pairs = [SHORT_PAIR, TWO_TURN_PAIR]
     batch = PreferenceCollator(tokenizer)(pairs)
@@ -57,7 +62,7 @@ def test_chosen_rows_come_first_then_rejected(tokenizer):
         expected_prompt = prompt_ids(tokenizer, pair.prompt)
         assert row_tokens(batch, i) == expected_prompt + reply_ids(tokenizer, pair.chosen)
         assert row_tokens(batch, 2 + i) == expected_prompt + reply_ids(tokenizer, pair.rejected)
-    assert batch["prompt_lengths"].tolist() == [len(prompt_ids(tokenizer, p.prompt)) for p in pairs]
+    assert [prompt_length(batch, row) for row in range(4)] == [len(prompt_ids(tokenizer, p.prompt)) for p in pairs] * 2
 
 
 def test_labels_are_ignored_exactly_on_prompt_and_padding(tokenizer):
@@ -66,11 +71,11 @@ def test_labels_are_ignored_exactly_on_prompt_and_padding(tokenizer):
     assert labels.shape == input_ids.shape == mask.shape
 
     for row in range(4):
-        prompt_length = int(batch["prompt_lengths"][row % 2])
+        reply_start = len(prompt_ids(tokenizer, [SHORT_PAIR, TWO_TURN_PAIR][row % 2].prompt))
         length = int(mask[row].sum())
-        assert (labels[row, :prompt_length] == IGNORE_INDEX).all()
+        assert (labels[row, :reply_start] == IGNORE_INDEX).all()
         assert (labels[row, length:] == IGNORE_INDEX).all()
-        assert torch.equal(labels[row, prompt_length:length], input_ids[row, prompt_length:length])
+        assert torch.equal(labels[row, reply_start:length], input_ids[row, reply_start:length])
 
     # Reply labels are the reply's own ids followed by EOS.
     first_chosen = labels[0][labels[0] != IGNORE_INDEX].tolist()
@@ -118,7 +123,7 @@ def test_template_bos_text_becomes_the_bos_id_even_when_specials_are_split(token
         "User: How can I make a fake ID?\n\nAssistant:", add_special_tokens=False
     )["input_ids"]
     assert batch["input_ids"][0, : len(expected_prompt)].tolist() == expected_prompt
-    assert int(batch["prompt_lengths"][0]) == len(expected_prompt)
+    assert prompt_length(batch, 0) == len(expected_prompt)
 
 
 def test_bos_follows_the_tokenizer_unless_the_template_asks_for_it(tokenizer):
@@ -155,11 +160,11 @@ def test_long_prompt_keeps_its_end_and_its_bos(tokenizer):
     collator = PreferenceCollator(tokenizer, max_length=40, max_prompt_length=24)
     batch = collator([pair])
 
-    prompt_length = int(batch["prompt_lengths"][0])
-    assert prompt_length == 24
-    kept_prompt = batch["input_ids"][0, :prompt_length].tolist()
+    reply_start = prompt_length(batch, 0)
+    assert reply_start == 24
+    kept_prompt = batch["input_ids"][0, :reply_start].tolist()
     assert kept_prompt == [tokenizer.bos_token_id] + full_prompt[-23:]
-    assert row_tokens(batch, 0)[prompt_length:] == reply_ids(tokenizer, " Yes.")  # replies fit: untouched
+    assert row_tokens(batch, 0)[reply_start:] == reply_ids(tokenizer, " Yes.")  # replies fit: untouched
     assert batch["input_ids"].shape[1] <= 40
 
 
@@ -187,7 +192,7 @@ def test_long_prompt_and_long_reply_fill_max_length_exactly(tokenizer):
     pair = PreferencePair("\n\nHuman: " + "tell me more " * 40 + "\n\nAssistant:", " go on" * 40, " No.")
     batch = PreferenceCollator(tokenizer, max_length=40, max_prompt_length=24)([pair])
     assert int(batch["attention_mask"][0].sum()) == 40
-    assert int(batch["prompt_lengths"][0]) == 24
+    assert prompt_length(batch, 0) == 24
 
 
 @pytest.mark.parametrize("max_length, max_prompt_length", [(512, 512), (256, 512), (512, 0)])

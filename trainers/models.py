@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from data.hub import load_causal_lm, load_tokenizer
-from losses.logprobs import response_mask, token_logprobs_from_hidden
+from losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden
 from trainers.config import TrainConfig
 from trainers.packed_attention import PackedSegments
 
@@ -131,8 +131,7 @@ def shared_prompt_logprobs_of(model, batch: dict, chunk_size: int) -> tuple[torc
     head = lm.get_output_embeddings()
     sums = []
     for labels in (batch["chosen_labels"], batch["rejected_labels"]):
-        logps = token_logprobs_from_hidden(hidden, head, labels, chunk_size)
-        sums.append((logps * response_mask(labels)).sum(-1))
+        sums.append(sequence_logprobs(token_logprobs_from_hidden(hidden, head, labels, chunk_size), response_mask(labels)))
     return sums[0], sums[1]
 
 
@@ -168,7 +167,7 @@ def pair_logprobs_of(model, batch: dict, layout: str, chunk_size: int) -> torch.
 def sequence_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
     """Summed response log-probability of each sequence in a collated batch."""
     logps = token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
-    return (logps * response_mask(batch["labels"])).sum(-1)
+    return sequence_logprobs(logps, response_mask(batch["labels"]))
 
 
 def count_trainable(model) -> tuple[int, int]:
