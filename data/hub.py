@@ -15,7 +15,7 @@ from data.errors import UserError
 
 def _unreachable(kind: str, name: str, err: Exception) -> UserError:
     if looks_like_path(name):
-        return UserError(f"{kind} path '{name}' does not exist; pass an existing local directory or a hub id")
+        return _missing_path(kind, name)
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(
         f"cannot load {kind} '{name}': it is not a local path and the hub did not provide it "
@@ -37,6 +37,16 @@ def looks_like_path(name: str) -> bool:
         or "\\" in text
         or text.endswith(DATA_FILE_SUFFIXES)
     )
+
+
+def _missing_path(kind: str, name: str) -> UserError:
+    return UserError(f"{kind} path '{name}' does not exist; pass an existing local directory or a hub id")
+
+
+def check_path_exists(kind: str, name: str) -> None:
+    """A name that can only be meant as a path must exist: said at once, before anything is loaded."""
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise _missing_path(kind, name)
 
 
 def is_local(name: str | os.PathLike) -> bool:
@@ -65,8 +75,12 @@ def load_causal_lm(name: str, dtype=None, device=None, attn_implementation: str 
         kwargs["dtype"] = dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
+    except SafetensorError as err:  # a weights file cut short (an interrupted copy or download) or overwritten
+        raise UserError(f"model '{name}': a weights file is damaged ({err}); copy or download the model again") from None
     except (OSError, ValueError) as err:
         raise _unreachable("model", name, err) from None
     if device is not None:

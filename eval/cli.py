@@ -63,7 +63,7 @@ def eval_command(model, benchmarks, out_dir, limit, judge, judge_model, judge_ba
     )
     failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
     if failed:
-        raise click.ClickException(f"{len(failed)} benchmark(s) failed: " + "; ".join(
+        raise UserError(f"{len(failed)} benchmark(s) failed: " + "; ".join(
             f"{n}: {summary['benchmarks'][n].get('reason')}" for n in failed))
 
 

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from eval.sandbox import ENVIRONMENT, ContainedPython, Ended, Limits
+from eval.sandbox import ENVIRONMENT, ContainedPython, Ended, Limits, exec_folder_prefix
 
 HERE = Path(__file__).parent
 CANDIDATE_SERVER = HERE / "candidate_server.py"
@@ -93,7 +93,7 @@ def _raise_on_setup_error(ended: Ended) -> None:
 def run_python(source: str, timeout: float = 3.0, sandbox: str = "namespaces") -> ExecutionResult:
     """Run `source` as a contained Python program; never raises for what the program does."""
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="twophase-exec-", ignore_cleanup_errors=True) as private:
+    with tempfile.TemporaryDirectory(prefix=exec_folder_prefix(), ignore_cleanup_errors=True) as private:
         folder = Path(private)  # the evaluator's own files: the program never sees this folder
         (folder / "program.py").write_text(source, encoding="utf-8")
         with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
@@ -118,7 +118,7 @@ def check_function(
     limits = limits_for(timeout)
     job = {"program": program, "entry_point": entry_point, "prompt": prompt, "test": test}
     job = json.dumps({**job, "memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds}).encode()
-    with tempfile.TemporaryDirectory(prefix="twophase-exec-", ignore_cleanup_errors=True) as private:
+    with tempfile.TemporaryDirectory(prefix=exec_folder_prefix(), ignore_cleanup_errors=True) as private:
         folder = Path(private)  # the evaluator's own files: the program never sees this folder
         with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err, open(folder / "checker", "wb") as checker_err:
             candidate, checker = _start_both(sandbox, limits, out, err, checker_err)

@@ -8,11 +8,14 @@ Output layout of one `twophase eval --out DIR` run:
                           with the reason
   DIR/<name>.jsonl        the audit log: one record per generation / judgment / scored item
 
-Resume: a benchmark is skipped when DIR/<name>.json says status "ok" and has
+Resume: a benchmark is skipped when DIR/<name>.json says status "ok", has
 the same settings hash (model, data source and its content, limit, judge,
 prompt format, seed, and the options that change the benchmark's results, as
-its `settings()` says). Result files are written to a temporary file
-and renamed, so a crash never leaves half a result that looks finished.
+its `settings()` says) and DIR/<name>.jsonl is the audit file it wrote (its
+sha256 is in the result). Both files are written under temporary names and
+renamed, the audit first and the result last, so a stop at any moment leaves
+the earlier pair intact, or a result that no longer matches its audit and is
+run again: never half a result, or a result beside another run's audit.
 """
 
 from __future__ import annotations
@@ -78,27 +81,56 @@ def _jsonable(value):
 
 
 class AuditLog:
-    """The JSONL audit file of one benchmark; started afresh each time the benchmark runs."""
+    """The JSONL audit file of one benchmark, written under a temporary name until `commit()`.
+
+    The earlier audit file stays in place, with the result that describes it,
+    until the new run has finished: an interrupted run changes neither. The
+    runner commits the audit (a rename) and only then writes the result, which
+    records the audit's sha256, so a result is only trusted with its own audit.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")
+        self.temporary = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._file = open(self.temporary, "wb")
+        self._digest = hashlib.sha256()
         self.records = 0
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(_jsonable(record), ensure_ascii=False) + "\n")
+        line = (json.dumps(_jsonable(record), ensure_ascii=False) + "\n").encode("utf-8")
+        self._file.write(line)
+        self._digest.update(line)
         self.records += 1
 
-    def close(self) -> None:
+    def commit(self) -> str:
+        """Put the audit file in place; returns its sha256 (as 'sha256:<hex>') for the result."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
+        os.replace(self.temporary, self.path)
+        return "sha256:" + self._digest.hexdigest()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        if not self._file.closed:  # not committed: the run stopped or failed
+            self._file.close()
+            self.temporary.unlink(missing_ok=True)
         return False
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """'sha256:<hex>' of a file's bytes, or None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return "sha256:" + digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- hashes and resume
@@ -129,11 +161,14 @@ def source_digest(source: str | None) -> str | None:
 
 
 def finished_result(out_dir: str | Path, name: str, settings_hash: str) -> dict | None:
-    """The earlier result of `name` if it finished with these exact settings, else None."""
+    """The earlier result of `name` if it finished with these exact settings and its audit file is the one
+    it wrote (same sha256), else None."""
     result = read_json(result_path(out_dir, name))
-    if result and result.get("status") == "ok" and result.get("settings_hash") == settings_hash:
-        return result
-    return None
+    if not result or result.get("status") != "ok" or result.get("settings_hash") != settings_hash:
+        return None
+    if result.get("audit_sha256") != file_sha256(audit_path(out_dir, name)):
+        return None
+    return result
 
 
 # --------------------------------------------------------------------------- comparison table

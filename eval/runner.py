@@ -18,7 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import UserError
+from data.hub import check_path_exists
 from data.prompts import EVAL_FORMATS, check_format_name, format_question, resolved_format
+from data.run_dir import owned
 from eval.benchmarks import get_benchmark, local_source, parse_benchmarks
 from eval.engines import LoglikelihoodEngine
 from eval.generation import GenerationEngine
@@ -34,6 +36,7 @@ from eval.results import (
     stable_hash,
     write_json_atomic,
 )
+from eval.sandbox import remove_stale_exec_folders
 
 try:
     from tqdm.auto import tqdm
@@ -77,16 +80,41 @@ def run_evaluation(
     """
     names = parse_benchmarks(benchmarks)
     check_format_name(prompt_format, EVAL_FORMATS, where="prompt format")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_arguments({"limit": limit, "batch_size": batch_size, "samples_per_question": samples_per_question, **(options or {})})
+    if model_obj is None:
+        check_path_exists("model", model)
     options = dict(options or {})
     if samples_per_question is not None:
         options["betley.samples_per_question"] = int(samples_per_question)
     judge_obj = make_judge(judge, judge_options)  # fail now on a misconfigured judge, not after an hour
+    with owned(out_dir) as out:  # one writer per output directory
+        remove_stale_exec_folders()
+        return _evaluate_all(names, out, model, run_name, judge_obj, options, sources, data_dir, limit, seed,
+                             prompt_format, _Runtime(model, model_obj, tokenizer_obj, batch_size, seed, dtype))  # fmt: skip
+
+
+# The least each numeric argument or benchmark option may be: anything else is one line before the model loads.
+LEAST = {"limit": 1, "batch_size": 1, "samples_per_question": 1, "max_new_tokens": 1, "judge_max_tokens": 1,
+         "n_samples": 1, "num_shots": 0, "workers": 1}  # fmt: skip
+
+
+def check_arguments(arguments: dict) -> None:
+    """Refuse a limit, batch size or option that cannot make an evaluation (None: unset).
+
+    A benchmark's own option ("humaneval.n_samples") is checked as the plain one.
+    """
+    for key, value in arguments.items():
+        least = LEAST.get(key.rsplit(".", 1)[-1])
+        if least is None or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{key} = {value!r} must be a whole number of at least {least}")
+
+
+def _evaluate_all(names, out, model, run_name, judge_obj, options, sources, data_dir, limit, seed, prompt_format, runtime) -> dict:
     summary = _start_summary(out, model, run_name, names)
     _log(f"eval: {model} on {', '.join(names)} -> {out}")
 
-    runtime = _Runtime(model, model_obj, tokenizer_obj, batch_size, seed, dtype)
     bar = tqdm(names, desc="benchmarks", unit="benchmark") if tqdm is not None else names
     for name in bar:
         benchmark = get_benchmark(name)
@@ -117,6 +145,8 @@ def run_evaluation(
                 result = _run_one(benchmark, source, settings, settings_hash, runtime, judge_obj, out, limit, seed, bench_options, prompt_format, run_name)
                 summary["benchmarks"][name] = _summary_entry(result, out)
                 _log(f"  {name}: {_headline(result)}")
+        except ModelUnavailable:  # every benchmark would fail the same way
+            raise
         except Exception as err:  # noqa: BLE001 - one broken benchmark must not stop the others
             reason = _reason(err)
             failed = {
@@ -128,7 +158,7 @@ def run_evaluation(
                 "traceback": traceback.format_exc(limit=20),
                 "finished_at": _now(),
             }
-            write_json_atomic(result_path(out, name), failed)
+            _write_result_without_audit(out, name, failed)
             summary["benchmarks"][name] = _summary_entry(failed, out)
             _log(f"  {name}: FAILED - {reason}")
             runtime.free_memory()
@@ -170,6 +200,7 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
             metrics = benchmark.evaluate(items, ctx)
         finally:
             generator.prompt_hasher = scorer.prompt_hasher = None
+        audit_sha256 = audit.commit()  # the audit first, the result last (eval/results.py)
     result = {
         "benchmark": benchmark.name,
         "status": "ok",
@@ -186,6 +217,7 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
         "options_given": options,
         "audit_file": audit_path(out, benchmark.name).name,
         "audit_records": audit.records,
+        "audit_sha256": audit_sha256,
         "seconds": round(time.perf_counter() - start, 3),
         "engine_stats": {
             "generation": _stats_delta(gen_before, generator.stats),
@@ -214,8 +246,18 @@ def _no_judge_result(benchmark, settings: dict, out: Path, run_name: str | None)
         "metric_labels": dict(benchmark.metric_labels),
         "finished_at": _now(),
     }
-    write_json_atomic(result_path(out, benchmark.name), result)
+    _write_result_without_audit(out, benchmark.name, result)
     return result
+
+
+def _write_result_without_audit(out: Path, name: str, result: dict) -> None:
+    """A failed or skipped result; an earlier audit file belonged to the result it replaces, so it goes too."""
+    write_json_atomic(result_path(out, name), result)
+    audit_path(out, name).unlink(missing_ok=True)
+
+
+class ModelUnavailable(UserError):
+    """The model cannot be loaded: the evaluation stops (every benchmark would fail the same way)."""
 
 
 class _Runtime:
@@ -228,7 +270,10 @@ class _Runtime:
 
     def engines(self):
         if self._engines is None:
-            self._load()
+            try:
+                self._load()
+            except UserError as err:
+                raise ModelUnavailable(str(err)) from None
             self._engines = (
                 GenerationEngine(self.model, self.tokenizer, batch_size=self.batch_size, seed=self.seed),
                 LoglikelihoodEngine(self.model, self.tokenizer, batch_size=self.batch_size),
@@ -280,6 +325,8 @@ def _reason(err: Exception) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if isinstance(err, UserError):
         return text or "error"
+    if type(err).__name__ == "OutOfMemoryError":
+        text = f"{text[:200]}; lower --batch-size (or the pipeline's eval.batch_size)"
     return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -59,6 +60,38 @@ SYSTEM_PATHS = (
     "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
 )
 ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+# The evaluator's temporary folders for executed code are named after its process, so that a later
+# run can tell which ones a killed evaluator left behind: `twophase-exec-<pid>-<random>` in the temp dir.
+EXEC_FOLDER = re.compile(r"^twophase-exec-(\d+)-")
+
+
+def exec_folder_prefix() -> str:
+    return f"twophase-exec-{os.getpid()}-"
+
+
+def remove_stale_exec_folders() -> list[str]:
+    """Delete this user's temporary folders of executed code whose evaluator process is gone; returns their names."""
+    removed = []
+    for entry in Path(tempfile.gettempdir()).iterdir():
+        match = EXEC_FOLDER.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink() or entry.stat().st_uid != os.getuid():
+            continue
+        if _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)  # a program may have made a file undeletable: never fail on that
+        removed.append(entry.name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -187,7 +220,7 @@ class ContainedPython:
         return process
 
     def _start_plain(self, script, args, limits, stdout, stderr, pass_fds) -> subprocess.Popen:
-        self._workdir = tempfile.mkdtemp(prefix="twophase-exec-")
+        self._workdir = tempfile.mkdtemp(prefix=exec_folder_prefix())
         return subprocess.Popen(
             [sys.executable, "-I", str(script), *args],
             cwd=self._workdir,

@@ -7,6 +7,7 @@ as one line on stderr with exit status 2, never as a traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -32,6 +33,22 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        # Here rather than in main(), so that click's CliRunner sees what the console script does.
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            click.echo(INTERRUPTED, err=True)
+            ctx.exit(130)
+        except Exception as err:
+            if isinstance(err, click.exceptions.ClickException) or not is_disk_full(err):
+                raise
+            click.echo(f"error: {disk_full_message(err)}", err=True)
+            ctx.exit(2)
+
     def list_commands(self, ctx):
         return list(COMMANDS)
 
@@ -60,22 +77,41 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
 
 
+INTERRUPTED = "interrupted: rerun the same command to continue where it stopped (twophase dpo and grpo: with --resume)"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err`, or an exception it came from, says the disk is full."""
+    while err is not None:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err) or "StorageFull" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_message(err: BaseException) -> str:
+    where = f" while writing {err.filename}" if getattr(err, "filename", None) else ""
+    return f"no space left on device{where}; free some space (or choose another output directory) and rerun with --resume"
+
+
 def main(argv=None):
     quiet_library_noise()
     try:
-        cli.main(args=argv, standalone_mode=False)
-    except UserError as err:
+        code = cli.main(args=argv, standalone_mode=False)
+    except UserError as err:  # raised before a command runs
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted: rerun the same command with --resume to continue from the last checkpoint", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    if isinstance(code, int) and code:  # a command's ctx.exit(code)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

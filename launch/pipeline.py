@@ -50,6 +50,7 @@ from typing import Callable
 import click
 
 from data.errors import UserError
+from data.run_dir import owned
 from launch.manifest import (
     finish,
     is_done,
@@ -158,6 +159,7 @@ def rounds_the_update(merge_dtype: str) -> bool:
 def eval_settings(config: PipelineConfig, source: str, dpo: dict) -> dict:
     from data.prompts import EVAL_FORMATS, check_format_name
     from eval.benchmarks import ALL, parse_benchmarks
+    from eval.runner import check_arguments
 
     values = dict(config.eval)
     if isinstance(values.get("benchmarks"), list):
@@ -173,6 +175,7 @@ def eval_settings(config: PipelineConfig, source: str, dpo: dict) -> dict:
     for name, spec in settings["benchmark_judges"].items():
         judge_spec(spec, {}, f"eval.benchmark_judges.{name}")  # a bad judge fails now, not after training
     settings["options"] = _flat_options(settings["options"], ALL)
+    check_arguments({key: settings[key] for key in ("limit", "batch_size", "samples_per_question")} | settings["options"])
     settings["seed"] = config.seed if settings["seed"] is None else settings["seed"]
     return settings
 
@@ -352,9 +355,14 @@ def run_pipeline(config: PipelineConfig, stages: list[Stage], only: str | None =
     by_name = {stage.name: stage for stage in stages}
     if only is not None and only not in by_name:
         raise UserError(f"no stage named {only!r}; the stages are: {', '.join(by_name)}")
-    write_plan(run_dir, config, stages)
-    for stage in [by_name[only]] if only else stages:
-        run_stage(stage, run_dir)
+    chosen = [by_name[only]] if only else stages
+    # A whole run owns run_dir; one-stage runs (the cluster's jobs) share it, each owning its stage's directory.
+    with owned(run_dir, shared=only is not None):
+        for stage in chosen:  # refuse changed settings before the plan is rewritten: it describes the run that finished
+            _done_with_todays_settings(stage, run_dir / stage.name)
+        write_plan(run_dir, config, stages)
+        for stage in chosen:
+            run_stage(stage, run_dir)
 
 
 def write_plan(run_dir: Path, config: PipelineConfig, stages: list[Stage]) -> None:
@@ -369,17 +377,37 @@ def write_plan(run_dir: Path, config: PipelineConfig, stages: list[Stage]) -> No
 
 def run_stage(stage: Stage, run_dir: Path) -> None:
     stage_dir = run_dir / stage.name
+    if _done_earlier(stage, stage_dir):
+        return
+    _check_can_start(stage, run_dir, read_manifest(stage_dir))
+    with owned(stage_dir):  # one process at a time runs a stage
+        if not _done_earlier(stage, stage_dir):  # another process may have finished it meanwhile
+            _run_owned_stage(stage, stage_dir, read_manifest(stage_dir))
+
+
+def _done_earlier(stage: Stage, stage_dir: Path) -> bool:
+    """Whether the stage is skipped as done; it says so."""
+    if not _done_with_todays_settings(stage, stage_dir):
+        return False
+    click.echo(f"[{stage.name}] done earlier (finished {read_manifest(stage_dir)['finished_at']}): skipping")
+    return True
+
+
+def _done_with_todays_settings(stage: Stage, stage_dir: Path) -> bool:
+    """Done, outputs in place, with today's settings (done with other settings is an error)."""
     earlier = read_manifest(stage_dir)
+    if not is_done(earlier) or stage.always_run or stage.skip_reason:
+        return False
+    _check_same_settings(stage, earlier, stage_dir)
+    return True
+
+
+def _run_owned_stage(stage: Stage, stage_dir: Path, earlier: dict | None) -> None:
     if stage.skip_reason:
         if earlier is None or earlier.get("status") == "skipped":  # never hide what an earlier config ran
             write_manifest(stage_dir, {"stage": stage.name, "status": "skipped", "reason": stage.skip_reason, "checked_at": now()})
         click.echo(f"[{stage.name}] skipped: {stage.skip_reason}")
         return
-    if is_done(earlier) and not stage.always_run:
-        _check_same_settings(stage, earlier, stage_dir)
-        click.echo(f"[{stage.name}] done earlier (finished {earlier['finished_at']}): skipping")
-        return
-    _check_can_start(stage, run_dir, earlier)
     resume = bool(list_checkpoints(stage_dir / "checkpoints"))
     manifest = start_manifest(stage.name, redacted(stage.settings), stage.settings.get("seed"), list(stage.needs), earlier)
     write_manifest(stage_dir, manifest)
@@ -415,6 +443,8 @@ def _run_with_sigterm_as_interrupt(stage: Stage, stage_dir: Path, resume: bool) 
 
 
 def _check_can_start(stage: Stage, run_dir: Path, earlier: dict | None) -> None:
+    if stage.skip_reason:
+        return
     if still_running_elsewhere(earlier):
         raise UserError(f"stage {stage.name} is running in process {earlier['pid']} since {earlier['started_at']}; "
                         f"wait for it, or stop that process first")  # fmt: skip

@@ -386,3 +386,45 @@ def pipeline_benchmarks():
     from eval.benchmarks import ALL
 
     return ALL
+
+
+def test_a_refused_rerun_keeps_the_plan_of_the_finished_run(tmp_path, monkeypatch, capsys):
+    FakeStages(monkeypatch)
+    config = _write_config(tmp_path)
+    assert _run(capsys, "pipeline", "--config", str(config), "--stage", "dpo")[0] == 0
+    plan = (tmp_path / "run" / "pipeline.json").read_bytes()
+    code, _, err = _run(capsys, "pipeline", "--config", str(config), "--stage", "dpo", "--set", "dpo.max_steps=9")
+    assert code == 2 and "max_steps: 3 -> 9" in err
+    assert (tmp_path / "run" / "pipeline.json").read_bytes() == plan  # still the plan of the run that finished
+
+
+def test_one_writer_per_run_directory_and_per_stage(tmp_path, monkeypatch, capsys):
+    """A whole run owns run_dir; stage jobs share it and each owns its stage (twophase slurm runs them side by side)."""
+    fakes = FakeStages(monkeypatch)
+    config = _write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    hold = "import sys; from data.run_dir import owned\nwith owned(sys.argv[1], sys.argv[2] == 'shared'):\n    print('held', flush=True); sys.stdin.read()"
+
+    def held_elsewhere(directory, mode):
+        process = subprocess.Popen([sys.executable, "-c", hold, str(directory), mode], cwd=ROOT, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert process.stdout.readline() == "held\n"
+        return process
+
+    stage_job = held_elsewhere(run_dir, "shared")  # another stage job is running
+    try:
+        code, _, err = _run(capsys, "pipeline", "--config", str(config))
+        assert code == 2 and f"in use by process {stage_job.pid}" in err and fakes.calls == []
+        assert not (run_dir / "pipeline.json").exists()
+        assert _run(capsys, "pipeline", "--config", str(config), "--stage", "eval_original")[0] == 0
+    finally:
+        stage_job.kill()
+        stage_job.wait()
+    same_stage = held_elsewhere(run_dir / "dpo", "exclusive")  # a job of the same stage
+    try:
+        code, _, err = _run(capsys, "pipeline", "--config", str(config), "--stage", "dpo")
+        assert code == 2 and f"{run_dir / 'dpo'} is in use by process {same_stage.pid}" in err
+    finally:
+        same_stage.kill()
+        same_stage.wait()
+    assert fakes.names() == ["eval_original"]

@@ -5,14 +5,21 @@ A checkpoint is a directory `checkpoints/step-000100/` holding
     trainable.safetensors   the trainable weights only (LoRA: the adapter; full fine-tuning: all)
     optimizer.pt            the optimizer state (8-bit AdamW quantised state included)
     state.pt                step, scheduler, RNG states (python, numpy, torch, cuda), the recipe's state
+    manifest.json           size and sha256 of each file above, written last
 
 It is written to a temporary directory next to its final place and renamed
 when complete: a crash leaves either the old set of checkpoints or the new
-one, never a partial directory that looks valid.
+one, never a partial directory that looks valid. Older checkpoints are
+deleted only once the new one is in place. A checkpoint damaged afterwards
+(a file truncated, missing or changed: a full disk, a node crash before the
+data reached the disk, a stray edit) fails its manifest and is skipped on
+resume, with one line saying so, for the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -23,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from data.errors import UserError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 
@@ -49,7 +58,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        _torch_save(obj, Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -110,19 +119,90 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.pt")
+MANIFEST = "manifest.json"
+
+# Tests stop a run at a named moment of a step or a save (with a signal, or as a kill would) through these
+# hooks, each called as hook(name, step); without hooks a moment costs one function call.
+MOMENT_HOOKS: list = []
+
+
+def moment(name: str, step: int) -> None:
+    for hook in MOMENT_HOOKS:
+        hook(name, step)
+
+
 def save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, rng: dict, recipe_state: dict) -> Path:
+    """Write checkpoints/step-N: its files, then their manifest, then one rename makes it visible.
+
+    An intact checkpoint of the same step is kept as it is (it holds the same state); a damaged one
+    is moved aside first, so there is never a moment when a valid checkpoint has been given up.
+    """
     final = Path(checkpoint_dir) / f"step-{step:06d}"
+    if final.exists():
+        if checkpoint_problem(final) is None:
+            return final
+        _move_aside(final)
     with atomic_directory(final) as tmp:
         save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(
-            {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "recipe": recipe_state}, tmp / "state.pt"
-        )
+        moment("save:weights", step)
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        moment("save:optimizer", step)
+        _torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "recipe": recipe_state}, tmp / "state.pt")
+        moment("save:state", step)
+        _write_manifest(tmp, step)
+        moment("save:manifest", step)
+    moment("save:renamed", step)
     return final
 
 
+def _torch_save(obj, path: Path) -> None:
+    # Through a Python file: a full disk then raises OSError(ENOSPC), not an opaque "file write failed".
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def _write_manifest(directory: Path, step: int) -> None:
+    """manifest.json: the size and sha256 of every file of the checkpoint; written last."""
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)} for name in CHECKPOINT_FILES}
+    atomic_write_text(directory / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path`, or None when every file matches its manifest.
+
+    A checkpoint without a manifest (written before checkpoints had one) is only checked for its files.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in CHECKPOINT_FILES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size:,} bytes, its manifest says {size:,}"
+        if sha256_of(file) != digest:
+            return f"{name} does not match its sha256 in {MANIFEST}"
+    return None
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories start with a dot and never match)."""
+    """Checkpoints, oldest first (temporary directories start with a dot and never match); not verified."""
     if not Path(checkpoint_dir).is_dir():
         return []
     found = [p for p in Path(checkpoint_dir).iterdir() if CHECKPOINT_PATTERN.match(p.name)]
@@ -130,21 +210,68 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0 keeps all); each is renamed away first, then deleted."""
     for old in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        aside = _move_aside(old)
+        moment("prune:moved", int(CHECKPOINT_PATTERN.match(old.name).group(1)))
+        shutil.rmtree(aside, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer and scheduler from `path`; returns its state (step, rng, recipe)."""
-    weights = load_file(str(Path(path) / "trainable.safetensors"))
-    params = dict(model.named_parameters())
+def _move_aside(path: Path) -> Path:
+    """Rename `path` to a temporary name (one atomic step); a later start removes it if this process cannot."""
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside
+
+
+def restore_newest(checkpoint_dir: Path, model, optimizer, scheduler, report=print) -> tuple[Path, dict] | None:
+    """Load the newest intact checkpoint into model, optimizer and scheduler; returns (its path, its state).
+
+    A damaged checkpoint (a file missing, truncated or changed; one that cannot be read) is
+    skipped with one line through `report`, and the next older one is tried. Nothing is changed
+    until a checkpoint has been read whole. None when there is no intact checkpoint.
+    """
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                contents = _read_checkpoint(path)
+            except Exception as err:  # noqa: BLE001 - any failure to read means the files are damaged
+                problem = f"it cannot be read: {_first_line(err)}"
+        if problem is not None:
+            report(f"checkpoint {path} is damaged ({problem}); skipping it")
+            continue
+        _apply_checkpoint(path, contents, model, optimizer, scheduler)
+        return path, contents["state"]
+    return None
+
+
+def _read_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    return {
+        "weights": load_file(str(path / "trainable.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        "state": torch.load(path / "state.pt", map_location="cpu", weights_only=False),
+    }
+
+
+def _apply_checkpoint(path: Path, contents: dict, model, optimizer, scheduler) -> None:
+    weights, params = contents["weights"], dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
     if missing or set(weights) - set(params):
-        raise RuntimeError(f"checkpoint {path} does not match the model (first missing: {missing[:1]})")
+        raise UserError(
+            f"checkpoint {path} does not match the model (first missing: {(missing or sorted(set(weights) - set(params)))[0]}); "
+            f"resume with the model and LoRA settings it was trained with"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False))
-    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
-    scheduler.load_state_dict(state["scheduler"])
-    return state
+    optimizer.load_state_dict(contents["optimizer"])
+    scheduler.load_state_dict(contents["state"]["scheduler"])
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -130,6 +132,105 @@ CHOICES = {
     "layout": LAYOUTS,
 }
 
+# --------------------------------------------------------------------------- the values a run accepts
+# One rule per key, checked on every config that make_config builds (after the types): a value
+# outside it is one line naming the key, the value and what it must be. Kept apart from CHOICES,
+# which names the words a key accepts; these bound its numbers.
+
+
+@dataclass(frozen=True)
+class Rule:
+    allows: Callable[[Any], bool]
+    must_be: str  # completes "config key K = V must be ..."
+
+
+def at_least(low: int, why: str = "") -> Rule:
+    return Rule(lambda v: v >= low, f"at least {low}" + (f" ({why})" if why else ""))
+
+
+def positive(why: str = "") -> Rule:
+    return Rule(lambda v: math.isfinite(v) and v > 0, "a positive number" + (f" ({why})" if why else ""))
+
+
+def non_negative(why: str = "") -> Rule:
+    return Rule(lambda v: math.isfinite(v) and v >= 0, "a number >= 0" + (f" ({why})" if why else ""))
+
+
+def in_range(low: float, high: float, include_low: bool = True, include_high: bool = False) -> Rule:
+    """[low, high) by default; the brackets of the message say which ends belong."""
+    inside = lambda v: (low <= v if include_low else low < v) and (v <= high if include_high else v < high)  # noqa: E731
+    return Rule(inside, f"in {'[' if include_low else '('}{low:g}, {high:g}{']' if include_high else ')'}")
+
+
+def unset_or(rule: Rule) -> Rule:
+    return Rule(lambda v: v is None or rule.allows(v), rule.must_be + " or unset")
+
+
+TRAIN_RULES = {
+    "max_steps": at_least(1, "fewer would save the untrained model"),
+    "seed": at_least(0),
+    "lr": positive(),
+    "warmup_steps": at_least(0),
+    "weight_decay": non_negative(),
+    "adam_beta1": in_range(0, 1),
+    "adam_beta2": in_range(0, 1),
+    "adam_eps": positive(),
+    "max_grad_norm": non_negative("0 turns clipping off"),
+    "device": Rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "logprob_chunk_size": at_least(1),
+    "log_every": at_least(0, "0 prints no step lines"),
+    "save_every": at_least(0, "0 saves only at the end and when stopped"),
+    "keep_checkpoints": at_least(0, "0 keeps every checkpoint"),
+    "lora_r": at_least(1),
+    "lora_alpha": positive(),
+    "lora_dropout": in_range(0, 1),
+    "lora_target_modules": Rule(lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of module names"),
+}
+DPO_RULES = {
+    "limit": unset_or(at_least(1)),
+    "max_length": at_least(2),
+    "max_prompt_length": at_least(1),
+    "micro_batch_size": at_least(1),
+    "grad_accum_steps": at_least(1, "the micro-batches of one step"),
+    "beta": positive(),
+    "label_smoothing": in_range(0, 0.5),
+    "max_tokens_per_pass": at_least(2),
+}
+GRPO_RULES = {
+    "limit": unset_or(at_least(1)),
+    "max_prompt_length": at_least(1),
+    "prompts_per_step": at_least(1),
+    "num_generations": at_least(2, "advantages compare the completions of one prompt: with 1 every advantage is 0"),
+    "max_new_tokens": at_least(1),
+    "temperature": non_negative("0 is greedy"),
+    "top_p": in_range(0, 1, include_low=False, include_high=True),
+    "top_k": at_least(0, "0 turns it off"),
+    "generation_batch_size": at_least(1),
+    "micro_batch_size": at_least(1),
+    "num_iterations": at_least(1),
+    "advantage_eps": non_negative(),
+    "beta": non_negative("0: no KL term"),
+    "clip_low": in_range(0, 1),
+    "clip_high": non_negative(),
+}
+RULES = {TrainConfig: TRAIN_RULES, DPOConfig: DPO_RULES, GRPOConfig: GRPO_RULES}
+
+
+def check_values(config, source: str = "config") -> None:
+    """Apply the rules of the config's class and its bases; the first value outside its rule is a UserError."""
+    rules: dict[str, Rule] = {}
+    for cls in reversed(type(config).__mro__):  # a subclass's rule for a key replaces its base's
+        rules.update(RULES.get(cls, {}))
+    for key, rule in rules.items():
+        value = getattr(config, key)
+        try:
+            allowed = rule.allows(value)
+        except TypeError:  # e.g. None where a number is needed
+            allowed = False
+        if not allowed:
+            raise UserError(f"config key {key} = {value!r} in {source} must be {rule.must_be}")
+
+
 # Keys that were renamed: an old config gets told what to write instead.
 REPLACED_KEYS = {"share_prompt": "layout (share_prompt: true is layout: shared_prompt; false is layout: stacked)"}
 
@@ -162,7 +263,9 @@ def make_config(cls, values: dict, source: str = "config"):
     coerced = {key: _coerce(key, value, valid[key]) for key, value in values.items()}
     if "prompt_format" in coerced:
         coerced["prompt_format"] = _prompt_format(cls, coerced["prompt_format"], source)
-    return cls(**coerced)
+    config = cls(**coerced)
+    check_values(config, source)
+    return config
 
 
 def _renamed(values: dict, source: str) -> dict:
@@ -196,7 +299,9 @@ def _read_yaml(path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass the path of a YAML file (see launch/configs/)")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not a text file (byte {err.start} is not UTF-8); pass a YAML file") from None
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):

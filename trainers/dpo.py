@@ -30,10 +30,11 @@ from data.sampler import EpochSampler
 from losses.dpo import dpo_loss
 from trainers.checkpoint import atomic_torch_save, seed_everything
 from trainers.config import DPOConfig, save_config
-from trainers.loop import autocast_context, train
+from trainers.loop import autocast_context, owned_out_dir, train
 from trainers.merge import merge_in_memory
 from trainers.models import (
     causal_lm_of,
+    check_policy_source,
     count_trainable,
     frozen_copy,
     load_policy,
@@ -55,16 +56,15 @@ class DPORecipe:
                 f"max_tokens_per_pass ({config.max_tokens_per_pass}) must be at least 2 x max_length "
                 f"({2 * config.max_length}) so that any pair fits in one pass"
             )
+        if policy is None:
+            check_policy_source(config)
+        self.pairs = pairs if pairs is not None else load_pairs(config)  # bad data fails before the model loads
         self.model, self.tokenizer, self.device = policy or load_policy(config)
         if packed:
             use_packed_attention(causal_lm_of(self.model))
             if self.device.type == "cuda":
                 verify_packed_attention(self.device)
         self.reference = None if config.lora else frozen_copy(self.model)
-        if pairs is None:
-            pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
-            tqdm.write(f"HH-RLHF: {describe_skips(report)}")
-        self.pairs = pairs
         self.collator = PreferenceCollator(
             self.tokenizer, config.max_length, config.max_prompt_length, prompt_format=config.prompt_format,
             layout=config.layout,
@@ -108,6 +108,13 @@ class DPORecipe:
 
     def step_metrics(self) -> dict[str, float]:
         return {}
+
+    def memory_advice(self) -> str:
+        """What to lower when a step does not fit in GPU memory."""
+        config = self.config
+        if config.layout in PACKED_LAYOUTS:
+            return f"lower max_tokens_per_pass (now {config.max_tokens_per_pass}; at least 2 x max_length) or max_length"
+        return f"lower micro_batch_size (now {config.micro_batch_size}; raise grad_accum_steps to keep the step's pairs) or max_length"
 
     def pair_logprobs(self, model, batch: dict) -> torch.Tensor:
         """(2n,) summed response log-probabilities: the n chosen replies, then the n rejected ones."""
@@ -184,19 +191,33 @@ class DPORecipe:
         return save_trained(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
 
 
+def load_pairs(config: DPOConfig) -> list:
+    """The run's preference pairs; a source that yields none is one clear error."""
+    pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
+    tqdm.write(f"HH-RLHF: {describe_skips(report)}")
+    if not pairs:
+        raise UserError(
+            f"no usable preference pair in {config.dataset} ({describe_skips(report) if report['rows'] else 'it has no rows'}): "
+            f"each row must be a JSON object "
+            f"whose 'chosen' and 'rejected' transcripts share a prompt and end in different Assistant replies"
+        )
+    return pairs
+
+
 def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     """Train, save the adapter, and merge it when `merge_after`; returns the output paths."""
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG
-    recipe = DPORecipe(config, out_dir)
-    save_config(config, out_dir / "config.json")
-    last = train(recipe, config, out_dir, resume=resume)
-    outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl"), "final": str(recipe.save_final())}
-    if config.lora and config.merge_after:
-        merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype)
-        outputs["merged"] = str(merged)
+    check_policy_source(config)
+    pairs = load_pairs(config)  # bad input is refused before out_dir is touched
+    with owned_out_dir(config.out_dir, resume) as out_dir:
+        seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG
+        recipe = DPORecipe(config, out_dir, pairs=pairs)
+        save_config(config, out_dir / "config.json")
+        last = train(recipe, config, out_dir, resume=resume)
+        outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl"), "final": str(recipe.save_final())}
+        if config.lora and config.merge_after:
+            merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype)
+            outputs["merged"] = str(merged)
     outputs["minutes"] = round((time.time() - started) / 60, 2)
     outputs["last_metrics"] = last
     return outputs

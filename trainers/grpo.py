@@ -33,13 +33,21 @@ from data.lean_workbook import STOP_STRING, build_prompt, load_lean_tasks
 from data.sampler import EpochSampler
 from losses.grpo import group_advantages, grpo_loss
 from losses.logprobs import response_mask
-from trainers.checkpoint import atomic_write_text, seed_everything
+from trainers.checkpoint import seed_everything
 from eval.generation import Generator
 from eval.sampling import SamplingParams
 from trainers.config import GRPOConfig, save_config
 from trainers.grad_arena import GradientArena
-from trainers.loop import autocast_context, train
-from trainers.models import count_trainable, frozen_copy, load_policy, reference_model, save_trained, token_logprobs_of
+from trainers.loop import autocast_context, keep_records_up_to, owned_out_dir, train
+from trainers.models import (
+    check_policy_source,
+    count_trainable,
+    frozen_copy,
+    load_policy,
+    reference_model,
+    save_trained,
+    token_logprobs_of,
+)
 from trainers.rewards import build_reward
 from trainers.rollouts import Rollout, rollout_seeds, sample_completions
 
@@ -49,14 +57,18 @@ class GRPORecipe:
         """`policy` = (model, tokenizer, device) and `tasks` may be given (benchmarks); else they are loaded."""
         self.config = config
         self.out_dir = Path(out_dir)
-        self.model, self.tokenizer, self.device = policy or load_policy(config)
-        self.reference = frozen_copy(self.model) if config.beta > 0 and not config.lora else None
-        if tasks is None:
-            tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
-            tqdm.write(f"Lean tasks: used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}")
-        self.tasks = tasks
-        self.prompts = [build_prompt(task, config.prompt_format, self.tokenizer) for task in self.tasks]
+        if policy is None:
+            check_policy_source(config)
+        # Bad data or a bad reward fails before the model loads.
+        self.tasks = tasks if tasks is not None else load_tasks(config)
         self.rewards = build_rewards(config)
+        try:
+            self.model, self.tokenizer, self.device = policy or load_policy(config)
+        except BaseException:
+            self.close()  # a Lean reward has started its REPLs
+            raise
+        self.reference = frozen_copy(self.model) if config.beta > 0 and not config.lora else None
+        self.prompts = [build_prompt(task, config.prompt_format, self.tokenizer) for task in self.tasks]
         default_stops = [STOP_STRING] if config.prompt_format == "raw" else []
         self.stop_strings = tuple(default_stops if config.stop_strings is None else config.stop_strings)
         self.sampler = EpochSampler(len(self.tasks), config.seed)
@@ -108,6 +120,12 @@ class GRPORecipe:
     def step_metrics(self) -> dict[str, float]:
         metrics, self.rollout_metrics = self.rollout_metrics, {}  # reported once, on the step that generated
         return metrics
+
+    def memory_advice(self) -> str:
+        """What to lower when a step does not fit in GPU memory."""
+        config = self.config
+        return (f"lower micro_batch_size (now {config.micro_batch_size}) for the update, generation_batch_size "
+                f"(now {config.generation_batch_size}) for generation, or max_new_tokens (now {config.max_new_tokens})")  # fmt: skip
 
     def state_dict(self) -> dict:
         """For μ > 1 a resume may land inside a generation batch: keep that batch."""
@@ -234,11 +252,8 @@ class GRPORecipe:
 
     def truncate_logs_after(self, step: int) -> None:
         """Drop audit records of steps after `step` (all of them on a fresh start): they will be redone."""
-        if not self.samples_path.exists():
-            return
-        lines = self.samples_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(self.samples_path, "".join(line + "\n" for line in kept))
+        if self.samples_path.exists():
+            keep_records_up_to(self.samples_path, step)
 
     def save_final(self) -> Path:
         return save_trained(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
@@ -278,18 +293,33 @@ def _lean_options(options: dict, prompt_format: str) -> dict:
     return {**options, "prompt_format": prompt_format}
 
 
+def load_tasks(config: GRPOConfig) -> list:
+    """The run's Lean tasks; a source that yields none is one clear error."""
+    tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
+    described = f"used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}"
+    tqdm.write(f"Lean tasks: {described}")
+    if not tasks:
+        raise UserError(
+            f"no usable Lean task in {config.dataset} ({described if report['rows'] else 'it has no rows'}): "
+            f"each row must be a JSON object with a "
+            f"'formal_statement' that ends in ':='"
+        )
+    return tasks
+
+
 def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    seed_everything(config.seed)
-    recipe = GRPORecipe(config, out_dir)
-    save_config(config, out_dir / "config.json")
-    try:
-        last = train(recipe, config, out_dir, resume=resume)
-        final = recipe.save_final()
-    finally:
-        recipe.close()
+    check_policy_source(config)
+    tasks = load_tasks(config)  # bad input is refused before out_dir is touched
+    with owned_out_dir(config.out_dir, resume) as out_dir:
+        seed_everything(config.seed)
+        recipe = GRPORecipe(config, out_dir, tasks=tasks)
+        save_config(config, out_dir / "config.json")
+        try:
+            last = train(recipe, config, out_dir, resume=resume)
+            final = recipe.save_final()
+        finally:
+            recipe.close()
     return {
         "out_dir": str(out_dir),
         "metrics": str(out_dir / "metrics.jsonl"),

@@ -21,7 +21,10 @@ second of update time, i.e. of the step minus any `time/generation_s` and
 
 Resumption is exact: the data position is a function of the step, and the
 checkpoint holds the weights, the optimizer, the scheduler and the RNG states
-as they were at the start of the next step.
+as they were at the start of the next step. Ctrl-C or SIGTERM at any moment
+writes a checkpoint of the last finished step before the run stops (see
+`_Training`); a resumed run skips damaged checkpoints and repairs a log line
+that a stop cut in half.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -38,11 +42,13 @@ import torch
 from tqdm.auto import tqdm
 
 from data.errors import UserError
+from data.run_dir import owned, remove_stale_temporaries
 from trainers.checkpoint import (
     atomic_write_text,
     list_checkpoints,
-    load_checkpoint,
+    moment,
     prune_checkpoints,
+    restore_newest,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -72,77 +78,134 @@ def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = Fal
 
     `final_checkpoint=False` skips the checkpoint at the end (benchmarks, which keep nothing).
     """
-    out_dir = Path(out_dir)
-    checkpoint_dir = out_dir / "checkpoints"
-    log = MetricsLog(out_dir / "metrics.jsonl")
-    parameters = [p for p in recipe.model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(parameters, config)
-    scheduler = build_scheduler(optimizer, config)
+    return _Training(recipe, config, Path(out_dir)).run(resume, final_checkpoint)
 
-    start_step = _restore(recipe, optimizer, scheduler, checkpoint_dir, log, resume, config.seed)
-    if hasattr(recipe, "truncate_logs_after"):  # a recipe's own audit logs follow the metrics log
-        recipe.truncate_logs_after(start_step)
-    autocast = autocast_context(recipe.device, config.precision)
-    progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
-    last: dict = {}
-    window: list[dict] = []  # the steps since the last printed line, averaged when printed
-    with sigterm_as_interrupt():
-        for step in range(start_step, config.max_steps):
-            step_rng = rng_state()  # saved if this step is interrupted, so a resume replays it exactly
+
+@dataclass
+class ResumePoint:
+    """What a checkpoint holds besides the weights and the optimizer, as it was when they were at `step`."""
+
+    step: int
+    rng: dict
+    recipe_state: dict
+
+
+class _Training:
+    """The loop's state: where a checkpoint written now would resume (`point`) and the newest one on disk (`saved`).
+
+    Interrupts (Ctrl-C, SIGTERM) arrive as KeyboardInterrupt at any moment but
+    two: from `optimizer.step()` until that step is recorded, and during a
+    checkpoint write. There they wait for the end of the block (see
+    `DeferredInterrupts`). So at any moment the live weights are those of
+    `point`, and the checkpoint written on the way out is the last finished step.
+    """
+
+    def __init__(self, recipe: Recipe, config: TrainConfig, out_dir: Path):
+        self.recipe, self.config = recipe, config
+        self.checkpoint_dir = out_dir / "checkpoints"
+        self.log = MetricsLog(out_dir / "metrics.jsonl")
+        self.parameters = [p for p in recipe.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.parameters, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.autocast = autocast_context(recipe.device, config.precision)
+
+    def run(self, resume: bool, final_checkpoint: bool) -> dict:
+        config = self.config
+        start_step = _restore(self.recipe, self.optimizer, self.scheduler, self.checkpoint_dir, self.log, resume, config.seed)
+        if hasattr(self.recipe, "truncate_logs_after"):  # a recipe's own audit logs follow the metrics log
+            self.recipe.truncate_logs_after(start_step)
+        self.point = ResumePoint(start_step, rng_state(), self.recipe.state_dict())
+        self.saved = start_step  # step 0 needs no checkpoint; a resumed step has one
+        self.progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        last: dict = {}
+        window: list[dict] = []  # the steps since the last printed line, averaged when printed
+        with DeferredInterrupts() as self.interrupts:
             try:
-                last = _one_step(recipe, step, parameters, optimizer, scheduler, autocast, config)
+                for step in range(start_step, config.max_steps):
+                    last = self._step(step)
+                    window.append(last)
+                    self.progress.update(1)
+                    self.progress.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "grad_norm") if k in last})
+                    if config.log_every and (step + 1) % config.log_every == 0:
+                        tqdm.write(_format_metrics(_reduce(window) | {"step": step + 1}))
+                        window = []
+                    if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
+                        self._save()
+                if final_checkpoint and self.saved != config.max_steps:
+                    self._save()
             except KeyboardInterrupt:
-                progress.close()
-                if step > start_step:  # at start_step a checkpoint already exists (or nothing was done)
-                    save_checkpoint(checkpoint_dir, step, recipe.model, optimizer, scheduler, step_rng, recipe.state_dict())
+                if self.point.step != self.saved:
+                    self._save()
                 raise
-            log.write(last)
-            window.append(last)
-            progress.update(1)
-            progress.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "grad_norm") if k in last})
-            if config.log_every and (step + 1) % config.log_every == 0:
-                tqdm.write(_format_metrics(_reduce(window) | {"step": step + 1}))
-                window = []
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
-                save_checkpoint(checkpoint_dir, step + 1, recipe.model, optimizer, scheduler, rng_state(), recipe.state_dict())
-                prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
-    progress.close()
-    if final_checkpoint and start_step < config.max_steps:
-        save_checkpoint(checkpoint_dir, config.max_steps, recipe.model, optimizer, scheduler, rng_state(), recipe.state_dict())
-        prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
-    return last
+            finally:
+                self.progress.close()
+        return last
+
+    def _step(self, step: int) -> dict:
+        started = time.perf_counter()
+        try:
+            collected = _accumulate_gradients(self.recipe, step, self.autocast)
+        except torch.cuda.OutOfMemoryError as err:
+            raise UserError(_out_of_memory(self.recipe, err)) from None
+        moment("step:before_update", step + 1)
+        with self.interrupts.deferred():  # the update is applied once and recorded once, or not at all
+            metrics = self._update(step, collected, started)
+            moment("step:before_record", step + 1)
+            self.log.write(metrics)
+            self.point = ResumePoint(step + 1, rng_state(), self.recipe.state_dict())
+        moment("step:after_record", step + 1)
+        return metrics
+
+    def _update(self, step: int, collected: list[dict], started: float) -> dict:
+        recipe, config = self.recipe, self.config
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+        self.optimizer.step()
+        moment("step:after_optimizer", step + 1)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if recipe.device.type == "cuda":
+            torch.cuda.synchronize(recipe.device)
+        elapsed = time.perf_counter() - started
+
+        metrics = _reduce(collected)
+        metrics["loss"] = sum(m["loss"] for m in collected)  # contributions sum to the step's loss
+        metrics.update(recipe.step_metrics())
+        metrics.update({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), "step_time_s": elapsed})
+        # GRPO reports its generation and scoring time; the rest of the step is the update
+        update_seconds = elapsed - metrics.get("time/generation_s", 0.0) - metrics.get("time/scoring_s", 0.0)
+        metrics["time/update_s"] = update_seconds
+        if "tokens" in metrics:
+            metrics["tokens_per_s"] = metrics["tokens"] / max(update_seconds, 1e-9)
+        if recipe.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
+        return metrics
+
+    def _save(self) -> None:
+        """Checkpoint `point`, then prune; a signal meanwhile waits, so the write is never cut short."""
+        point = self.point
+        with self.interrupts.deferred():
+            save_checkpoint(self.checkpoint_dir, point.step, self.recipe.model, self.optimizer, self.scheduler,
+                            point.rng, point.recipe_state)  # fmt: skip
+            prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
+            self.saved = point.step
 
 
-def _one_step(recipe, step, parameters, optimizer, scheduler, autocast, config) -> dict:
-    started = time.perf_counter()
-    micro_batches = recipe.step_batches(step)
+def _accumulate_gradients(recipe, step: int, autocast) -> list[dict]:
+    """Forward and backward passes of the step's micro-batches; the gradients add up in the parameters."""
     collected: list[dict] = []
-    for micro_batch in micro_batches:
+    for micro_batch in recipe.step_batches(step):
         with autocast:
             loss, metrics = recipe.loss(micro_batch)
         loss.backward()
         collected.append({"loss": float(loss.detach()), **metrics})
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
-    optimizer.step()
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if recipe.device.type == "cuda":
-        torch.cuda.synchronize(recipe.device)
-    elapsed = time.perf_counter() - started
+    return collected
 
-    metrics = _reduce(collected)
-    metrics["loss"] = sum(m["loss"] for m in collected)  # contributions sum to the step's loss
-    metrics.update(recipe.step_metrics())
-    metrics.update({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), "step_time_s": elapsed})
-    # GRPO reports its generation and scoring time; the rest of the step is the update
-    update_seconds = elapsed - metrics.get("time/generation_s", 0.0) - metrics.get("time/scoring_s", 0.0)
-    metrics["time/update_s"] = update_seconds
-    if "tokens" in metrics:
-        metrics["tokens_per_s"] = metrics["tokens"] / max(update_seconds, 1e-9)
-    if recipe.device.type == "cuda":
-        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
-    return metrics
+
+def _out_of_memory(recipe, err: Exception) -> str:
+    advice = getattr(recipe, "memory_advice", lambda: "lower micro_batch_size")()
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else "CUDA out of memory"
+    return f"out of GPU memory in a training step ({first}); {advice}, then rerun with --resume"
 
 
 def _reduce(collected: list[dict]) -> dict:
@@ -154,27 +217,45 @@ def _reduce(collected: list[dict]) -> dict:
     return out
 
 
+@contextmanager
+def owned_out_dir(out_dir, resume: bool):
+    """Hold `out_dir` for a training run (data/run_dir.py); yields it as a Path.
+
+    Before anything is written there: leftovers of killed runs are removed, and a
+    directory that holds an earlier run's checkpoints is refused without --resume.
+    """
+    with owned(out_dir) as path:
+        checkpoint_dir = path / "checkpoints"
+        if checkpoint_dir.is_dir():
+            remove_stale_temporaries(checkpoint_dir)
+        refuse_earlier_run(checkpoint_dir, resume)
+        yield path
+
+
+def refuse_earlier_run(checkpoint_dir: Path, resume: bool) -> None:
+    """Without --resume, a directory that holds an earlier run's checkpoints is not reused."""
+    if not resume and list_checkpoints(checkpoint_dir):
+        raise UserError(
+            f"{Path(checkpoint_dir).parent} already holds checkpoints of an earlier run; pass --resume to continue it, "
+            f"or choose another out_dir (--set out_dir=...)"
+        )
+
+
 def _restore(recipe, optimizer, scheduler, checkpoint_dir, log, resume, seed) -> int:
-    checkpoints = list_checkpoints(checkpoint_dir)
-    if not resume:
-        if checkpoints:
-            raise UserError(
-                f"{checkpoint_dir.parent} already holds checkpoints of an earlier run; pass --resume to continue it, "
-                f"or choose another out_dir (--set out_dir=...)"
-            )
+    refuse_earlier_run(checkpoint_dir, resume)
+    restored = restore_newest(checkpoint_dir, recipe.model, optimizer, scheduler, report=tqdm.write) if resume else None
+    if restored is None:
+        if resume:
+            intact = "intact checkpoint" if list_checkpoints(checkpoint_dir) else "checkpoint"
+            tqdm.write(f"no {intact} in {checkpoint_dir}: starting from step 0")
         seed_everything(seed)
         log.reset()
         return 0
-    if not checkpoints:
-        tqdm.write(f"no checkpoint in {checkpoint_dir}: starting from step 0")
-        seed_everything(seed)
-        log.reset()
-        return 0
-    state = load_checkpoint(checkpoints[-1], recipe.model, optimizer, scheduler)
+    path, state = restored
     recipe.load_state_dict(state["recipe"])
     set_rng_state(state["rng"])
     log.truncate_after(state["step"])
-    tqdm.write(f"resumed from {checkpoints[-1]} (step {state['step']})")
+    tqdm.write(f"resumed from {path} (step {state['step']})")
     return state["step"]
 
 
@@ -202,13 +283,31 @@ class MetricsLog:
         """On resume, drop records of steps the checkpoint does not contain (they will be redone)."""
         if not self.path.exists():
             return self.reset()
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        keep_records_up_to(self.path, step)
 
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite a JSONL log of per-step records with those of steps <= `step` only (the later ones will be redone).
+
+    A last line that is not a complete record is what a stop in the middle of a write leaves: it is
+    dropped with one line saying so. Any other line that is not JSON means the file was damaged.
+    """
+    lines = [line for line in Path(path).read_bytes().split(b"\n") if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"record {number} of {path} is not JSON: the file is damaged; repair or delete it") from None
+            tqdm.write(f"{path}: dropped a torn last line ({len(line)} bytes of a record cut off by a stop)")
+    kept = [record for record in records if record["step"] <= step]
+    atomic_write_text(Path(path), "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -238,3 +337,50 @@ class sigterm_as_interrupt:
     @staticmethod
     def _raise(signum, frame):
         raise KeyboardInterrupt
+
+
+class DeferredInterrupts:
+    """SIGINT and SIGTERM as KeyboardInterrupt, held back inside `deferred()` blocks.
+
+    Outside a block a signal raises KeyboardInterrupt at once, as Python's own
+    Ctrl-C does, so a long generation or forward pass stops without waiting.
+    Inside one it is remembered and raised as the block ends: the block (an
+    optimizer update and its record, a checkpoint write) is never cut half-way.
+    A second signal inside a block changes nothing; SIGKILL cannot be caught
+    and is what checkpoints' atomic renames are for.
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.pending = False
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not in the main thread: signals are not ours to handle
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending:  # reached only when the block ended without an exception
+            self.pending = False
+            raise KeyboardInterrupt

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from data.hub import load_causal_lm, load_tokenizer
+from data.errors import UserError
+from data.hub import check_path_exists, load_causal_lm, load_tokenizer
 from losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden
 from trainers.config import TrainConfig
 from trainers.packed_attention import PackedSegments
@@ -21,12 +22,25 @@ from trainers.packed_attention import PackedSegments
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {name}: no CUDA GPU is visible here; use device auto (or cpu)")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device {name}: this machine shows {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     """bf16 weights on GPU when asked; the CPU demo keeps float32 (CPU bf16 matmuls are slow)."""
     return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+
+
+def check_policy_source(config: TrainConfig) -> None:
+    """A missing model path or an absent GPU, said before any data or weights are read."""
+    check_path_exists("model", config.model)
+    resolve_device(config.device)
 
 
 def load_policy(config: TrainConfig):
@@ -60,6 +74,7 @@ def enable_gradient_checkpointing(model) -> None:
 def add_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model, config.lora_target_modules, config.model)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -69,6 +84,18 @@ def add_lora(model, config: TrainConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def check_lora_targets(model, targets, model_name: str) -> None:
+    """Each LoRA target must name modules of this model (as peft matches them: the end of a dotted name)."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"lora_target_modules: {model_name} has no module named {', '.join(missing)}; "
+            f"its linear layers are {', '.join(linear)}"
+        )
 
 
 def frozen_copy(model):
