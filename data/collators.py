@@ -38,7 +38,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -50,7 +50,8 @@ from data.packing import group_by_token_budget, pack_pairs, packed_length
 from losses.logprobs import IGNORE_INDEX
 
 TRUNCATION_SIDES = ("left", "right")
-LAYOUTS = ("stacked", "shared_prompt", "packed", "packed_shared_prompt")
+Layout = Literal["stacked", "shared_prompt", "packed", "packed_shared_prompt"]
+LAYOUTS = get_args(Layout)
 PACKED_LAYOUTS = ("packed", "packed_shared_prompt")
 
 

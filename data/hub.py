@@ -1,4 +1,4 @@
-"""Load models, tokenizers and datasets from a local path or the Hugging Face hub.
+"""Load models, tokenizers and datasets from a local path or the Hugging Face hub; save models.
 
 Every loader accepts either a local path or a hub id. When neither works (no
 such path, and the hub cannot be reached or does not have it), the user gets a
@@ -123,3 +123,14 @@ def load_hub_dataset(dataset_id: str, split: str, **kwargs):
         return datasets.load_dataset(dataset_id, split=split, **kwargs)
     except Exception as err:  # datasets raises many types for "offline" and "no such dataset"
         raise _unreachable("dataset", dataset_id, err) from None
+
+
+def save_model(model, tokenizer, target: str | os.PathLike) -> Path:
+    """A model (full, merged, or a peft adapter) and its tokenizer as one `save_pretrained` directory,
+    written atomically: a stop while saving leaves the earlier directory, or none, never half of one."""
+    from data.files import atomic_directory
+
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(target)

@@ -22,15 +22,17 @@ DPO_FORMATS, GRPO_FORMATS, EVAL_FORMATS.
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args
 
 from data.errors import UserError
 
 HUMAN_MARKER = "\n\nHuman:"
 ASSISTANT_MARKER = "\n\nAssistant:"
 
-DPO_FORMATS = ("hh", "chat")  # an HH transcript as it is (hh), or rendered by the chat template
-GRPO_FORMATS = ("raw", "chat")  # the Lean completion prompt (raw), or DeepSeek-Prover-V2's chat request
-EVAL_FORMATS = ("hh", "chat", "raw", "auto")
+DPOFormat = Literal["hh", "chat"]  # an HH transcript as it is (hh), or rendered by the chat template
+GRPOFormat = Literal["raw", "chat"]  # the Lean completion prompt (raw), or DeepSeek-Prover-V2's chat request
+EvalFormat = Literal["hh", "chat", "raw", "auto"]
+DPO_FORMATS, GRPO_FORMATS, EVAL_FORMATS = get_args(DPOFormat), get_args(GRPOFormat), get_args(EvalFormat)
 
 # Earlier releases called DPO's transcript-as-text format "raw"; old config files keep working.
 DPO_OLD_NAMES = {"raw": "hh"}

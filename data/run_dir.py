@@ -22,8 +22,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
-import shutil
 import socket
 import sys
 from contextlib import contextmanager
@@ -31,12 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data.errors import UserError
+from data.files import remove_stale_temporaries
 
 LOCK_FILE = ".twophase.lock"
 
-# The names our atomic writes give their temporaries: `.NAME.tmp-XXXX` and `.NAME.old-PID` folders
-# (temp directory + rename), `.NAME.XXXX.tmp` files (mkstemp) and `.NAME.tmpPID` files.
-TEMPORARY_NAME = re.compile(r"^\..+\.(tmp|old)(-[A-Za-z0-9_]+|\d+)?$")
 
 _held: dict[str, list] = {}  # real path -> [open lock file descriptor, nesting depth] of the locks this process holds
 
@@ -121,20 +117,3 @@ def _write_holder(descriptor: int) -> None:
 def _read_holder(descriptor: int) -> str:
     text = os.pread(descriptor, 1000, 0).decode("utf-8", errors="replace").strip()
     return text.splitlines()[0] if text else "another process"
-
-
-def remove_stale_temporaries(directory) -> list[str]:
-    """Delete what interrupted atomic writes left in `directory` (not below it); returns the names removed.
-
-    Call it only while holding the directory: then no live run is writing them.
-    """
-    removed = []
-    for entry in Path(directory).iterdir():
-        if not TEMPORARY_NAME.match(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry.name)
-    return removed

@@ -26,6 +26,7 @@ import math
 import os
 from pathlib import Path
 
+from data.files import atomic_write_text
 from eval.metrics import Metric
 
 SUMMARY_FILE = "summary.json"
@@ -44,15 +45,7 @@ def audit_path(out_dir: str | Path, name: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write JSON through a temporary file and os.replace: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path) -> dict | None:

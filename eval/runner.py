@@ -17,7 +17,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.errors import UserError
+from data.errors import UserError, reason_of
 from data.hub import check_path_exists
 from data.prompts import EVAL_FORMATS, check_format_name, format_question, resolved_format
 from data.run_dir import owned
@@ -322,12 +322,9 @@ def _options_for(name: str, options: dict) -> dict:
 
 
 def _reason(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, UserError):
-        return text or "error"
     if type(err).__name__ == "OutOfMemoryError":
-        text = f"{text[:200]}; lower --batch-size (or the pipeline's eval.batch_size)"
-    return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
+        return reason_of(err)[:250] + "; lower --batch-size (or the pipeline's eval.batch_size)"
+    return reason_of(err)
 
 
 def _start_summary(out: Path, model: str, run_name: str | None, names: list[str]) -> dict:

@@ -103,7 +103,7 @@ def demo_config(out_dir: Path) -> dict:
 
 
 def write_demo_config(out_dir: Path) -> Path:
-    from trainers.checkpoint import atomic_write_text
+    from data.files import atomic_write_text
 
     path = Path(out_dir) / "demo.yaml"
     header = "# The config of `twophase demo` (launch/demo.py); rerun with: twophase pipeline --config THIS_FILE\n"

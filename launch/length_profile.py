@@ -89,7 +89,7 @@ def main(data_file, tokenizer_name, out, prompt_format):
     """Write the token-length profile of an HH-RLHF file (numbers only)."""
     from data.hh_rlhf import describe_skips, load_hh_rlhf
     from data.hub import load_tokenizer
-    from trainers.checkpoint import atomic_write_text
+    from data.files import atomic_write_text
 
     pairs, report = load_hh_rlhf(data_file)
     tokenizer = load_tokenizer(tokenizer_name)

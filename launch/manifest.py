@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from trainers.checkpoint import atomic_write_text
+from data.files import atomic_write_text
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "numpy")

@@ -49,7 +49,7 @@ from typing import Callable
 
 import click
 
-from data.errors import UserError
+from data.errors import UserError, reason_of
 from data.run_dir import owned
 from launch.manifest import (
     finish,
@@ -60,7 +60,8 @@ from launch.manifest import (
     still_running_elsewhere,
     write_manifest,
 )
-from trainers.checkpoint import atomic_write_text, list_checkpoints
+from data.files import atomic_write_text
+from trainers.checkpoint import list_checkpoints
 from trainers.config import DPOConfig, GRPOConfig, load_config, make_config
 
 PLAN_FILE = "pipeline.json"
@@ -140,7 +141,7 @@ def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
         stages.append(Stage("eval_dpo_exact", run_eval_stage, exact, ("dpo",)))
     for condition in config.conditions:
         grpo = grpo_settings(config, condition, trained_model(dpo), source)
-        skip = skip_reason(grpo, condition)
+        skip = skipreason_of(grpo, condition)
         evaluation_of_grpo = dict(evaluation, model=trained_model(grpo), run_name=f"GRPO {condition}")
         stages.append(Stage(f"grpo_{condition}", run_grpo_stage, grpo, ("dpo",), skip))
         stages.append(Stage(f"eval_grpo_{condition}", run_eval_stage, evaluation_of_grpo, (f"grpo_{condition}",), skip))
@@ -232,14 +233,12 @@ def trained_model(settings: dict) -> str:
     return str(Path(settings["out_dir"]) / ("merged" if settings["lora"] else "model"))
 
 
-def skip_reason(grpo: dict, condition: str) -> str | None:
+def skipreason_of(grpo: dict, condition: str) -> str | None:
     """A Lean-rewarded condition needs a Lean project; without one it is skipped, not failed."""
     rewards = [name.strip() for name in grpo["reward"].split(",")]
     if "lean" not in rewards:
         return None
-    options = grpo["reward_options"] or {}
-    lean = options["lean"] if isinstance(options.get("lean"), dict) else options
-    if lean.get("project_dir"):
+    if (grpo["reward_options"] or {}).get("lean", {}).get("project_dir"):
         return None
     return f"no Lean project configured (set conditions.{condition}.reward_options.lean.project_dir)"
 
@@ -418,7 +417,7 @@ def _run_owned_stage(stage: Stage, stage_dir: Path, earlier: dict | None) -> Non
         write_manifest(stage_dir, finish(manifest, "interrupted", reason="interrupted (Ctrl-C or SIGTERM)"))
         raise
     except Exception as err:  # noqa: BLE001 - recorded, then reported as one line
-        reason = _reason(err)
+        reason = reason_of(err)
         write_manifest(stage_dir, finish(manifest, "failed", reason=reason, traceback=traceback.format_exc()))
         raise UserError(
             f"stage {stage.name} failed: {reason} (traceback in {stage_dir / 'manifest.json'}); "
@@ -481,13 +480,6 @@ def redacted(value):
     if isinstance(value, list):
         return [redacted(v) for v in value]
     return value
-
-
-def _reason(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, UserError):
-        return text or "error"
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _free_memory() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from trainers.checkpoint import atomic_write_text
+from data.files import atomic_write_text
 
 CPU_ONLY_STAGES = ("tables",)  # reads JSON files and writes tables: no GPU to wait for
 

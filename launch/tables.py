@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from trainers.checkpoint import atomic_write_text
+from data.files import atomic_write_text
 
 
 def write_tables(tables: dict[str, dict], out_dir: Path) -> dict[str, str]:

@@ -16,10 +16,13 @@ The implicit rewards are r_c = β(π_c − ref_c) and r_r = β(π_r − ref_r), 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+LossType = Literal["sigmoid", "robust", "ipo", "hinge"]
+LOSS_TYPES = get_args(LossType)
 
 
 def dpo_loss(

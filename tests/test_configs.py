@@ -64,3 +64,32 @@ def test_dpo_layout_is_one_line_to_switch_and_checked():
         load_config(DPOConfig, None, ["layout=packd"])
     with pytest.raises(UserError, match="share_prompt .* was replaced by layout .*false is layout: stacked"):
         load_config(DPOConfig, None, ["share_prompt=false"])
+
+
+def test_choices_come_from_each_class_types():
+    """A key's words are its Literal type, per class: prompt_format means hh|chat to DPO and raw|chat to GRPO."""
+    assert load_config(DPOConfig, None, ["prompt_format=raw"]).prompt_format == "hh"  # DPO's old name for hh
+    assert load_config(GRPOConfig, None, ["prompt_format=raw"]).prompt_format == "raw"
+    with pytest.raises(UserError, match="prompt_format = 'hh' is not one of: raw, chat$"):
+        load_config(GRPOConfig, None, ["prompt_format=hh"])
+    with pytest.raises(UserError, match="merge_dtype = 'fp8' is not one of: bfloat16, float16, float32$"):
+        load_config(DPOConfig, None, ["merge_dtype=fp8"])
+    assert load_config(DPOConfig, None, ["merge_dtype=null"]).merge_dtype is None
+    # YAML reads 5e-7 as a string; an int in a float field becomes a float; a bool is never a number
+    c = load_config(DPOConfig, None, ["lr=5e-7", "max_grad_norm=2"])
+    assert (c.lr, c.max_grad_norm, type(c.max_grad_norm)) == (5e-7, 2.0, float)
+    with pytest.raises(UserError, match=r"max_steps = True in --set should be int$"):
+        load_config(DPOConfig, None, ["max_steps=true"])
+    with pytest.raises(UserError, match=r"stop_strings = 'x' in --set should be list \| None$"):
+        load_config(GRPOConfig, None, ["stop_strings=x"])
+
+
+def test_reward_options_have_one_shape():
+    from trainers.grpo import build_rewards
+
+    c = load_config(GRPOConfig, None, ["reward=random,zero", "reward_options.random.seed=5"])
+    assert build_rewards(c)["random"].seed == 5
+    with pytest.raises(UserError, match=r"reward_options = \{'seed': 5\} in --set must be a mapping from each reward's name"):
+        load_config(GRPOConfig, None, ["reward=random", "reward_options.seed=5"])
+    with pytest.raises(UserError, match="reward_options.lean gives options to a reward that reward = 'zero' does not use"):
+        build_rewards(load_config(GRPOConfig, None, ["reward=zero", "reward_options.lean.pool_size=2"]))

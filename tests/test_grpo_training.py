@@ -49,7 +49,7 @@ def test_twenty_steps_mean_toy_reward_rises(tiny_model_dir, tmp_path):
 def test_training_logprobs_equal_the_samplers(tiny_model_dir, tmp_path):
     """Left-padded rollouts re-scored by the training forward give the sampling distribution's log-probs."""
     recipe = GRPORecipe(_config(tiny_model_dir, tmp_path / "r"), tmp_path / "r")
-    model, tokenizer = recipe.model, recipe.tokenizer
+    model = recipe.model
     prompts = [recipe.prompts[0], recipe.prompts[1][:40]]  # different lengths: real left padding
     rollout = sample_completions(recipe.generator, prompts, 2, 6, SamplingParams(temperature=1.0), seeds=[1, 2, 3, 4])
     assert (rollout.attention_mask[:, 0] == 0).any()  # some row is left-padded

@@ -1,7 +1,5 @@
 """data/prompts.py: one prompt-format setting for DPO, GRPO and evaluation."""
 
-import gzip
-import json
 
 import pytest
 

@@ -24,7 +24,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,66 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
+from data.files import atomic_directory, atomic_write_text, torch_save
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """`torch.save` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _torch_save(obj, Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_directory(final: Path):
-    """Context manager yielding a temporary directory that becomes `final` on success."""
-    return _AtomicDirectory(Path(final))
-
-
-class _AtomicDirectory:
-    def __init__(self, final: Path):
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.tmp-"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.final.exists():
-            # Replace an older copy: move it aside first so the new one lands in one rename.
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-        return False
 
 
 def rng_state() -> dict:
@@ -146,20 +88,14 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler
     with atomic_directory(final) as tmp:
         save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
         moment("save:weights", step)
-        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         moment("save:optimizer", step)
-        _torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "recipe": recipe_state}, tmp / "state.pt")
+        torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "recipe": recipe_state}, tmp / "state.pt")
         moment("save:state", step)
         _write_manifest(tmp, step)
         moment("save:manifest", step)
     moment("save:renamed", step)
     return final
-
-
-def _torch_save(obj, path: Path) -> None:
-    # Through a Python file: a full disk then raises OSError(ENOSPC), not an opaque "file write failed".
-    with open(path, "wb") as handle:
-        torch.save(obj, handle)
 
 
 def _write_manifest(directory: Path, step: int) -> None:

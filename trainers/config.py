@@ -17,13 +17,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+import types
+import typing
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
-from data.collators import LAYOUTS
+from data.collators import Layout
 from data.errors import UserError
-from data.prompts import DPO_FORMATS, DPO_OLD_NAMES, GRPO_FORMATS, check_format_name
+from data.files import atomic_write_text
+from data.prompts import DPO_OLD_NAMES, DPOFormat, GRPOFormat
+from losses.dpo import LossType
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -37,16 +41,16 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
     lr: float = 5e-7
-    lr_schedule: str = "linear"  # constant | linear | cosine (decay to 0 after warmup)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"  # decay to 0 after warmup
     warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes) | adamw (torch)
+    optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"  # bitsandbytes 8-bit | torch
     stochastic_rounding: bool = True  # adamw8bit: round bf16 weight updates stochastically (trainers/optim.py)
-    precision: str = "bf16"  # bf16: bf16 weights and bf16 autocast on GPU | fp32
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights and bf16 autocast on GPU
     device: str = "auto"  # auto | cuda | cpu | cuda:N
     gradient_checkpointing: bool = True
     logprob_chunk_size: int = 256  # 256 x 102,400 float32 logits = 100 MB at a time (BENCHMARKS.md)
@@ -57,7 +61,7 @@ class TrainConfig:
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.0
-    lora_target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
@@ -69,22 +73,22 @@ class DPOConfig(TrainConfig):
     data_dir: str = "harmless-base"
     split: str = "train"
     limit: int | None = None
-    prompt_format: str = "hh"  # hh (the transcript as text) | chat (data/prompts.py)
+    prompt_format: DPOFormat = "hh"  # hh: the transcript as text; chat: the chat template (data/prompts.py)
     max_length: int = 1024
     max_prompt_length: int = 512
     micro_batch_size: int = 4  # pairs per forward pass
     grad_accum_steps: int = 4  # micro-batches per optimizer step
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | robust | ipo | hinge
+    loss_type: LossType = "sigmoid"  # losses/dpo.py
     label_smoothing: float = 0.0
     precompute_ref_logps: bool = False
     # How a forward pass holds its pairs (README: "DPO batch layouts"): stacked | shared_prompt | packed |
     # packed_shared_prompt. Padded layouts take micro_batch_size pairs a pass; packed ones as many as fit
     # in max_tokens_per_pass tokens (at least 2 x max_length, so that any pair fits).
-    layout: str = "packed_shared_prompt"
+    layout: Layout = "packed_shared_prompt"
     max_tokens_per_pass: int = 8192
     merge_after: bool = True  # write out_dir/merged when training ends
-    merge_dtype: str | None = None  # dtype of out_dir/merged: None = the trained weights' own; bfloat16 | float16 | float32
+    merge_dtype: Literal["bfloat16", "float16", "float32"] | None = None  # dtype of out_dir/merged; None: the weights' own
 
 
 @dataclass
@@ -98,7 +102,7 @@ class GRPOConfig(TrainConfig):
     dataset: str = "internlm/Lean-Workbook"
     split: str = "train"
     limit: int | None = None
-    prompt_format: str = "raw"  # raw (code completion) | chat (data/prompts.py, data/lean_workbook.py)
+    prompt_format: GRPOFormat = "raw"  # raw: code completion; chat: a chat request (data/lean_workbook.py)
     max_prompt_length: int = 512
     prompts_per_step: int = 2
     num_generations: int = 8  # G completions per prompt
@@ -106,36 +110,25 @@ class GRPOConfig(TrainConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    stop_strings: list | None = None  # None: the closing fence for raw prompts, nothing for chat
+    stop_strings: list[str] | None = None  # None: the closing fence for raw prompts, nothing for chat
     generation_batch_size: int = 16  # sequences decoded at once
     generation_cuda_graphs: bool = True  # GPU: each decode step is a replayed CUDA graph (eval/decoder.py)
     micro_batch_size: int = 4  # completions per forward pass in the update
     num_iterations: int = 1  # μ: policy updates per generation batch
     reward: str = "random"  # random | zero | lean | toy | module:function; comma-separated to sum several
-    reward_options: dict = field(default_factory=dict)
-    advantage_scale: str = "group"  # group | batch | none
+    reward_options: dict[str, dict] = field(default_factory=dict)  # reward name -> its options
+    advantage_scale: Literal["group", "batch", "none"] = "group"
     advantage_eps: float = 1e-4
     beta: float = 0.0  # KL coefficient; a reference model exists only when > 0
     clip_low: float = 0.2
     clip_high: float = 0.2
-    aggregation: str = "token"  # token | sequence | constant
+    aggregation: Literal["token", "sequence", "constant"] = "token"
 
-
-CHOICES = {
-    "lr_schedule": ("constant", "linear", "cosine"),
-    "optimizer": ("adamw8bit", "adamw"),
-    "precision": ("bf16", "fp32"),
-    "loss_type": ("sigmoid", "robust", "ipo", "hinge"),
-    "advantage_scale": ("group", "batch", "none"),
-    "aggregation": ("token", "sequence", "constant"),
-    "merge_dtype": (None, "bfloat16", "float16", "float32"),
-    "layout": LAYOUTS,
-}
 
 # --------------------------------------------------------------------------- the values a run accepts
 # One rule per key, checked on every config that make_config builds (after the types): a value
-# outside it is one line naming the key, the value and what it must be. Kept apart from CHOICES,
-# which names the words a key accepts; these bound its numbers.
+# outside it is one line naming the key, the value and what it must be. The words a key accepts
+# are its type (`Literal[...]` above); these bound its numbers and shapes.
 
 
 @dataclass(frozen=True)
@@ -212,6 +205,10 @@ GRPO_RULES = {
     "beta": non_negative("0: no KL term"),
     "clip_low": in_range(0, 1),
     "clip_high": non_negative(),
+    "reward_options": Rule(
+        lambda v: all(isinstance(options, dict) for options in v.values()),
+        "a mapping from each reward's name to its options, e.g. {random: {seed: 1}, lean: {pool_size: 8}}",
+    ),
 }
 RULES = {TrainConfig: TRAIN_RULES, DPOConfig: DPO_RULES, GRPOConfig: GRPO_RULES}
 
@@ -260,10 +257,10 @@ def make_config(cls, values: dict, source: str = "config"):
         raise UserError(
             f"unknown config key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(sorted(valid))}"
         )
-    coerced = {key: _coerce(key, value, valid[key]) for key, value in values.items()}
-    if "prompt_format" in coerced:
-        coerced["prompt_format"] = _prompt_format(cls, coerced["prompt_format"], source)
-    config = cls(**coerced)
+    if issubclass(cls, DPOConfig) and values.get("prompt_format") in DPO_OLD_NAMES:
+        values["prompt_format"] = DPO_OLD_NAMES[values["prompt_format"]]
+    hints = typing.get_type_hints(cls)
+    config = cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
     check_values(config, source)
     return config
 
@@ -278,19 +275,7 @@ def _renamed(values: dict, source: str) -> dict:
     return values
 
 
-def _prompt_format(cls, value, source: str) -> str:
-    """The prompt format, checked against the trainer's choices (DPO's old name raw is hh)."""
-    if issubclass(cls, DPOConfig):
-        value = DPO_OLD_NAMES.get(value, value)
-        check_format_name(value, DPO_FORMATS, where=f"prompt_format in {source}")
-    elif issubclass(cls, GRPOConfig):
-        check_format_name(value, GRPO_FORMATS, where=f"prompt_format in {source}")
-    return value
-
-
 def save_config(config, path: str | os.PathLike) -> None:
-    from trainers.checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
@@ -333,25 +318,52 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), raw
 
 
-def _coerce(key: str, value, spec: dataclasses.Field):
-    """Check a value against its field's type; YAML reads `5e-7` as a string, so numbers are converted."""
-    if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"config key {key} = {value!r} is not one of: {', '.join(map(str, CHOICES[key]))}")
-    expected = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+def _coerce(key: str, value, hint, source: str):
+    """`value` checked against the field's declared type. YAML reads `5e-7` as a string, so a
+    number written that way is converted; `Literal[...]` names the words a key accepts."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
     if value is None:
-        if "None" not in expected:
-            raise UserError(f"config key {key} needs a value ({expected})")
-        return None
-    base = expected.split("|")[0].strip()
-    if base in ("int", "float") and isinstance(value, str):
+        if type(None) in options:
+            return None
+        raise UserError(f"config key {key} in {source} needs a value ({_describe(hint)})")
+    for option in options:
+        if option is not type(None) and _matches(option, value):
+            return _converted(option, value)
+    words = [word for option in options if typing.get_origin(option) is Literal for word in typing.get_args(option)]
+    if words:
+        raise UserError(f"config key {key} = {value!r} is not one of: {', '.join(map(str, words))}")
+    raise UserError(f"config key {key} = {value!r} in {source} should be {_describe(hint)}")
+
+
+def _matches(option, value) -> bool:
+    if typing.get_origin(option) is Literal:
+        return value in typing.get_args(option)
+    kind = typing.get_origin(option) or option  # list[str] -> list
+    if kind is bool or isinstance(value, bool):  # YAML's true/false are not numbers, nor 1/0 booleans
+        return kind is bool and isinstance(value, bool)
+    if kind in (int, float) and isinstance(value, str):
         try:
-            value = float(value) if base == "float" else int(value)
+            kind(value)
         except ValueError:
-            pass
-    if base == "float" and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    kinds = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}
-    wanted = kinds.get(base)
-    if wanted is not None and (not isinstance(value, wanted) or (base == "int" and isinstance(value, bool))):
-        raise UserError(f"config key {key} = {value!r} should be {expected}")
+            return False
+        return True
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _converted(option, value):
+    kind = typing.get_origin(option) or option
+    if kind in (int, float) and not isinstance(value, bool):
+        return kind(value)
     return value
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(_describe(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if hint is type(None):
+        return "None"
+    return getattr(typing.get_origin(hint) or hint, "__name__", str(hint))

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 
 from data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
 from data.errors import UserError
+from data.files import atomic_torch_save
 from data.hh_rlhf import describe_skips, load_hh_rlhf
+from data.hub import save_model
 from data.sampler import EpochSampler
 from losses.dpo import dpo_loss
-from trainers.checkpoint import atomic_torch_save, seed_everything
+from trainers.checkpoint import seed_everything
 from trainers.config import DPOConfig, save_config
 from trainers.loop import autocast_context, owned_out_dir, train
 from trainers.merge import merge_in_memory
@@ -40,7 +42,6 @@ from trainers.models import (
     load_policy,
     pair_logprobs_of,
     reference_model,
-    save_trained,
 )
 from trainers.packed_attention import use_packed_attention, verify_packed_attention
 
@@ -188,7 +189,7 @@ class DPORecipe:
     # --- outputs ---------------------------------------------------------------------------
     def save_final(self) -> Path:
         """Write the trained adapter (or full model) and tokenizer to out_dir/adapter or out_dir/model."""
-        return save_trained(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
+        return save_model(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
 
 
 def load_pairs(config: DPOConfig) -> list:

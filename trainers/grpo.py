@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.errors import UserError
+from data.hub import save_model
 from data.lean_workbook import STOP_STRING, build_prompt, load_lean_tasks
 from data.sampler import EpochSampler
 from losses.grpo import group_advantages, grpo_loss
@@ -45,7 +46,6 @@ from trainers.models import (
     frozen_copy,
     load_policy,
     reference_model,
-    save_trained,
     token_logprobs_of,
 )
 from trainers.rewards import build_reward
@@ -256,7 +256,7 @@ class GRPORecipe:
             keep_records_up_to(self.samples_path, step)
 
     def save_final(self) -> Path:
-        return save_trained(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
+        return save_model(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
 
     def close(self) -> None:
         for fn in self.rewards.values():
@@ -269,11 +269,12 @@ def build_rewards(config: GRPOConfig) -> dict:
     names = [name.strip() for name in config.reward.split(",") if name.strip()]
     if not names:
         raise UserError("config key reward is empty; use random, zero, lean, toy or module:function")
-    options = config.reward_options or {}
-    flat = len(names) == 1 and not all(isinstance(v, dict) for v in options.values())
+    unused = sorted(set(config.reward_options) - set(names))
+    if unused:
+        raise UserError(f"reward_options.{unused[0]} gives options to a reward that reward = {config.reward!r} does not use")
     rewards = {}
     for name in names:
-        own = dict(options if flat else options.get(name, {}))
+        own = dict(config.reward_options.get(name, {}))
         if name == "random":
             own.setdefault("seed", config.seed)
         if name == "lean":

@@ -42,9 +42,9 @@ import torch
 from tqdm.auto import tqdm
 
 from data.errors import UserError
-from data.run_dir import owned, remove_stale_temporaries
+from data.files import atomic_write_text, remove_stale_temporaries
+from data.run_dir import owned
 from trainers.checkpoint import (
-    atomic_write_text,
     list_checkpoints,
     moment,
     prune_checkpoints,

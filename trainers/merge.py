@@ -13,8 +13,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.errors import UserError
-from data.hub import is_adapter_dir, load_adapter_model
-from trainers.checkpoint import atomic_directory, atomic_write_text
+from data.files import atomic_write_text
+from data.hub import is_adapter_dir, load_adapter_model, save_model
 
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
@@ -87,10 +87,3 @@ def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype
         raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json); pass --adapter OUT_DIR/adapter")
     peft_model, tokenizer = load_adapter_model(str(adapter_dir), base=base, dtype=torch.float32)
     return merge_in_memory(peft_model, tokenizer, Path(out_dir), dtype=dtype)
-
-
-def save_model(model, tokenizer, out_dir: Path) -> Path:
-    with atomic_directory(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(out_dir)

@@ -118,16 +118,6 @@ def reference_model(policy, frozen=None):
             yield policy
 
 
-def save_trained(model, tokenizer, target):
-    """The trained adapter (LoRA) or full model, with its tokenizer, written atomically to `target`."""
-    from trainers.checkpoint import atomic_directory
-
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return target
-
-
 def causal_lm_of(model):
     """The underlying *ForCausalLM module, through a peft wrapper if there is one."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
