@@ -14,6 +14,7 @@ import torch
 
 from data.errors import UserError
 from data.hub import check_path_exists, load_causal_lm, load_tokenizer
+from data.tokens import positions_from_mask
 from losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden
 from trainers.config import TrainConfig
 from trainers.packed_attention import PackedSegments
@@ -126,9 +127,8 @@ def causal_lm_of(model):
 def token_logprobs_of(model, input_ids, attention_mask, labels, chunk_size: int) -> torch.Tensor:
     """(B, T−1) log-probabilities of `labels` under `model`, 0 where labels are −100."""
     lm = causal_lm_of(model)
-    # Positions count real tokens only, as in generation. (RoPE only sees relative positions,
-    # so left padding would not change a Llama's numbers, but absolute-position models need this.)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # Positions count real tokens only, as in generation (data/tokens.py: one rule for both).
+    position_ids = positions_from_mask(attention_mask)
     hidden = lm.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
