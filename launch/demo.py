@@ -10,7 +10,7 @@ to OUT/demo.yaml so it can be read and rerun as it is:
 * Phase 2 is GRPO from the merged model on the bundled Lean Workbook-format
   tasks (data/samples/lean_demo.jsonl) under the `random` and `zero` rewards
   and `toy`, a deterministic stand-in for the Lean checker that a tiny model
-  can learn (trainers/rewards.py);
+  can learn (trainers/rewards/);
 * every eval runs all eight benchmarks on a few bundled items in their real
   schema (eval/samples/; the HumanEval programs really execute), asking in the
   hh format Phase 1 trained on; refusals are found by string matching, and the

@@ -10,7 +10,7 @@ import pytest
 
 from data.errors import UserError
 from data.lean_workbook import DEFAULT_HEADER, LeanTask
-from trainers.lean_repl import (
+from trainers.rewards.lean_repl import (
     LeanRepl,
     LeanReplPool,
     ReplCrashed,

@@ -93,7 +93,7 @@ class LeanReward:
         prompt_format: str = "raw",
         import_timeout: float = 600.0,
     ):
-        from trainers.lean_repl import LeanReplPool
+        from trainers.rewards.lean_repl import LeanReplPool
 
         if not project_dir:
             raise UserError(
