@@ -52,15 +52,16 @@ def eval_command(model, benchmarks, out_dir, limit, judge, judge_model, judge_ba
                  run_name, option_pairs):
     """Evaluate a model on the safety and capability benchmarks."""
     from eval.runner import run_evaluation
+    from eval.settings import EvalSettings
 
     judge_options = {"model": judge_model, "base_url": judge_base_url, "api_key": judge_api_key,
-                     "concurrency": judge_concurrency, "batch_size": batch_size}
-    summary = run_evaluation(
-        model, benchmarks, out_dir, limit=limit, judge=judge, judge_options=judge_options,
-        batch_size=batch_size, prompt_format=prompt_format, data_dir=data_dir,
-        samples_per_question=samples_per_question, seed=seed, options=_parse_options(option_pairs),
-        run_name=run_name, dtype=dtype,
+                     "concurrency": judge_concurrency, "batch_size": batch_size}  # fmt: skip
+    settings = EvalSettings(
+        benchmarks=benchmarks, limit=limit, judge=judge, judge_options=judge_options, batch_size=batch_size,
+        prompt_format=prompt_format, data_dir=data_dir, samples_per_question=samples_per_question,
+        options=_parse_options(option_pairs), dtype=dtype, seed=seed,
     )
+    summary = run_evaluation(model, out_dir, settings, run_name=run_name)
     failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
     if failed:
         raise UserError(f"{len(failed)} benchmark(s) failed: " + "; ".join(

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from data.errors import UserError, reason_of
 from data.hub import check_path_exists
-from data.prompts import EVAL_FORMATS, check_format_name, format_question, resolved_format
+from data.prompts import format_question, resolved_format
 from data.run_dir import owned
-from eval.benchmarks import get_benchmark, local_source, parse_benchmarks
+from eval.benchmarks import get_benchmark, local_source
 from eval.engines import LoglikelihoodEngine
 from eval.generation import GenerationEngine
 from eval.judges import make_judge
@@ -37,149 +37,109 @@ from eval.results import (
     write_json_atomic,
 )
 from eval.sandbox import remove_stale_exec_folders
+from eval.settings import EvalSettings
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
+from tqdm.auto import tqdm  # comes with transformers
 
 
 def _log(message: str) -> None:
-    if tqdm is not None:
-        tqdm.write(message)
-    else:  # pragma: no cover
-        print(message, flush=True)
+    tqdm.write(message)
 
 
 def run_evaluation(
     model: str,
-    benchmarks,
     out_dir,
-    limit: int | None = None,
-    judge: str = "string-match",
-    judge_options: dict | None = None,
-    batch_size: int = 8,
-    prompt_format: str = "auto",
-    data_dir=None,
-    samples_per_question: int | None = None,
-    seed: int = 0,
+    settings: EvalSettings = EvalSettings(),
+    *,
+    run_name: str | None = None,
     model_obj=None,
     tokenizer_obj=None,
-    options: dict | None = None,
-    run_name: str | None = None,
     sources: dict | None = None,
-    dtype: str | None = None,
 ) -> dict:
-    """Evaluate `model` (a path or hub id; or `model_obj`/`tokenizer_obj` already loaded) on `benchmarks`.
+    """Evaluate `model` (a path or hub id; or `model_obj`/`tokenizer_obj` already loaded) as `settings` say.
 
-    benchmarks: "all", "a,b" or a list of names. options: benchmark options,
-    either plain keys for every benchmark ({"max_new_tokens": 128}) or keys
-    prefixed with a benchmark name for one ({"humaneval.n_samples": 10}).
-    sources: {benchmark: local path or hub id}, overriding data_dir.
+    sources: {benchmark: local path or hub id}, overriding settings.data_dir.
     Returns the run summary, also written to out_dir/summary.json.
     """
-    names = parse_benchmarks(benchmarks)
-    check_format_name(prompt_format, EVAL_FORMATS, where="prompt format")
-    check_arguments({"limit": limit, "batch_size": batch_size, "samples_per_question": samples_per_question, **(options or {})})
+    settings = settings.checked()
     if model_obj is None:
         check_path_exists("model", model)
-    options = dict(options or {})
-    if samples_per_question is not None:
-        options["betley.samples_per_question"] = int(samples_per_question)
-    judge_obj = make_judge(judge, judge_options)  # fail now on a misconfigured judge, not after an hour
     with owned(out_dir) as out:  # one writer per output directory
         remove_stale_exec_folders()
-        return _evaluate_all(names, out, model, run_name, judge_obj, options, sources, data_dir, limit, seed,
-                             prompt_format, _Runtime(model, model_obj, tokenizer_obj, batch_size, seed, dtype))  # fmt: skip
-
-
-# The least each numeric argument or benchmark option may be: anything else is one line before the model loads.
-LEAST = {"limit": 1, "batch_size": 1, "samples_per_question": 1, "max_new_tokens": 1, "judge_max_tokens": 1,
-         "n_samples": 1, "num_shots": 0, "workers": 1}  # fmt: skip
-
-
-def check_arguments(arguments: dict) -> None:
-    """Refuse a limit, batch size or option that cannot make an evaluation (None: unset).
-
-    A benchmark's own option ("humaneval.n_samples") is checked as the plain one.
-    """
-    for key, value in arguments.items():
-        least = LEAST.get(key.rsplit(".", 1)[-1])
-        if least is None or value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UserError(f"{key} = {value!r} must be a whole number of at least {least}")
-
-
-def _evaluate_all(names, out, model, run_name, judge_obj, options, sources, data_dir, limit, seed, prompt_format, runtime) -> dict:
-    summary = _start_summary(out, model, run_name, names)
-    _log(f"eval: {model} on {', '.join(names)} -> {out}")
-
-    bar = tqdm(names, desc="benchmarks", unit="benchmark") if tqdm is not None else names
-    for name in bar:
-        benchmark = get_benchmark(name)
-        bench_options = _options_for(name, options)
-        try:
-            source = (sources or {}).get(name) or local_source(benchmark, data_dir)
-            settings = {
-                "benchmark": name,
-                "model": model,
-                "source": source or benchmark.default_source,
-                "source_digest": source_digest(source),
-                "limit": limit,
-                "judge": judge_obj.describe(),
-                "prompt_format": benchmark.own_prompt_format or prompt_format,
-                "seed": seed,
-                "options": benchmark.settings(bench_options),
-            }
-            settings_hash = stable_hash(settings)
-            earlier = finished_result(out, name, settings_hash)
-            if benchmark.needs_scoring_judge and not judge_obj.can_score:
-                result = _no_judge_result(benchmark, settings, out, run_name)
-                summary["benchmarks"][name] = _summary_entry(result, out)
-                _log(f"  {name}: skipped, {NO_JUDGE} (it needs a 0-100 judge: --judge local --judge-model PATH)")
-            elif earlier is not None:
-                summary["benchmarks"][name] = _summary_entry(earlier, out, resumed=True)
-                _log(f"  {name}: finished earlier with the same settings, reusing {result_path(out, name)}")
-            else:
-                result = _run_one(benchmark, source, settings, settings_hash, runtime, judge_obj, out, limit, seed, bench_options, prompt_format, run_name)
-                summary["benchmarks"][name] = _summary_entry(result, out)
-                _log(f"  {name}: {_headline(result)}")
-        except ModelUnavailable:  # every benchmark would fail the same way
-            raise
-        except Exception as err:  # noqa: BLE001 - one broken benchmark must not stop the others
-            reason = _reason(err)
-            failed = {
-                "benchmark": name,
-                "status": "failed",
-                "reason": reason,
-                "model": model,
-                "run_name": run_name,
-                "traceback": traceback.format_exc(limit=20),
-                "finished_at": _now(),
-            }
-            _write_result_without_audit(out, name, failed)
-            summary["benchmarks"][name] = _summary_entry(failed, out)
-            _log(f"  {name}: FAILED - {reason}")
-            runtime.free_memory()
-        write_json_atomic(out / SUMMARY_FILE, summary)
-
+        runtime = _Runtime(model, model_obj, tokenizer_obj, settings.batch_size, settings.seed, settings.dtype)
+        summary = _start_summary(out, model, run_name, settings.names)
+        _log(f"eval: {model} on {settings.benchmarks.replace(',', ', ')} -> {out}")
+        with tqdm(total=len(settings.names), desc="benchmarks", unit="benchmark") as bar:
+            for kind, judge_options, names in settings.judge_groups():
+                judge = make_judge(kind, judge_options)  # loaded once for the benchmarks it serves
+                for name in names:
+                    summary["benchmarks"][name] = _evaluate_one(name, out, model, run_name, judge, settings, sources, runtime)
+                    write_json_atomic(out / SUMMARY_FILE, summary)
+                    bar.update()
     failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
     _log(f"eval: results in {out} ({SUMMARY_FILE}, <benchmark>.json, <benchmark>.jsonl)"
-         + (f"; failed: {', '.join(failed)}" if failed else ""))
+         + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
     return summary
+
+
+def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings, sources, runtime) -> dict:
+    """Run one benchmark, or reuse its finished result; its summary entry. A failure is recorded, not raised."""
+    benchmark = get_benchmark(name)
+    bench_options = _options_for(name, settings.options)
+    try:
+        source = (sources or {}).get(name) or local_source(benchmark, settings.data_dir)
+        described = {
+            "benchmark": name,
+            "model": model,
+            "source": source or benchmark.default_source,
+            "source_digest": source_digest(source),
+            "limit": settings.limit,
+            "judge": judge_obj.describe(),
+            "prompt_format": benchmark.own_prompt_format or settings.prompt_format,
+            "seed": settings.seed,
+            "options": benchmark.settings(bench_options),
+        }
+        settings_hash = stable_hash(described)
+        earlier = finished_result(out, name, settings_hash)
+        if benchmark.needs_scoring_judge and not judge_obj.can_score:
+            result = _no_judge_result(benchmark, described, out, run_name)
+            _log(f"  {name}: skipped, {NO_JUDGE} (it needs a 0-100 judge: --judge local --judge-model PATH)")
+            return _summary_entry(result, out)
+        if earlier is not None:
+            _log(f"  {name}: finished earlier with the same settings, reusing {result_path(out, name)}")
+            return _summary_entry(earlier, out, resumed=True)
+        result = _run_one(benchmark, source, described, settings_hash, runtime, judge_obj, out, settings, bench_options, run_name)
+        _log(f"  {name}: {_headline(result)}")
+        return _summary_entry(result, out)
+    except ModelUnavailable:  # every benchmark would fail the same way
+        raise
+    except Exception as err:  # noqa: BLE001 - one broken benchmark must not stop the others
+        reason = _reason(err)
+        failed = {
+            "benchmark": name,
+            "status": "failed",
+            "reason": reason,
+            "model": model,
+            "run_name": run_name,
+            "traceback": traceback.format_exc(limit=20),
+            "finished_at": _now(),
+        }
+        _write_result_without_audit(out, name, failed)
+        _log(f"  {name}: FAILED - {reason}")
+        runtime.free_memory()
+        return _summary_entry(failed, out)
 
 
 # --------------------------------------------------------------------------- one benchmark
 
 
-def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, limit, seed, options, prompt_format, run_name) -> dict:
+def _run_one(benchmark, source, described, settings_hash, runtime, judge, out, settings: EvalSettings, options, run_name) -> dict:
     from eval.benchmarks.base import EvalContext
 
     start = time.perf_counter()
-    items = benchmark.load(source, limit)
+    items = benchmark.load(source, settings.limit)
     if not items:
-        raise UserError(f"{benchmark.name}: no items to evaluate in {settings['source']}")
+        raise UserError(f"{benchmark.name}: no items to evaluate in {described['source']}")
     benchmark.check_ready(options)
     generator, scorer, tokenizer = runtime.engines()
     hasher = hashlib.sha256()
@@ -190,10 +150,10 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
             generator=generator,
             scorer=scorer,
             judge=judge,
-            format_prompt=lambda user, system=None: format_question(tokenizer, user, system, prompt_format),
+            format_prompt=lambda user, system=None: format_question(tokenizer, user, system, settings.prompt_format),
             audit=audit.write,
-            limit=limit,
-            seed=seed,
+            limit=settings.limit,
+            seed=settings.seed,
             options=dict(options),
         )
         try:
@@ -204,15 +164,15 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
     result = {
         "benchmark": benchmark.name,
         "status": "ok",
-        "model": settings["model"],
+        "model": described["model"],
         "run_name": run_name,
-        "prompt_format": benchmark.own_prompt_format or resolved_format(tokenizer, prompt_format),
+        "prompt_format": benchmark.own_prompt_format or resolved_format(tokenizer, settings.prompt_format),
         "metrics": {name: metric.to_dict() for name, metric in metrics.items()},
         "metric_labels": dict(benchmark.metric_labels),
         "details": ctx.details,
         "n_items": len(items),
         "prompt_hash": "sha256:" + hasher.hexdigest(),
-        "settings": settings,
+        "settings": described,
         "settings_hash": settings_hash,
         "options_given": options,
         "audit_file": audit_path(out, benchmark.name).name,
@@ -233,15 +193,15 @@ def _run_one(benchmark, source, settings, settings_hash, runtime, judge, out, li
 NO_JUDGE = "no judge configured"
 
 
-def _no_judge_result(benchmark, settings: dict, out: Path, run_name: str | None) -> dict:
+def _no_judge_result(benchmark, described: dict, out: Path, run_name: str | None) -> dict:
     """The result of a benchmark that needs a 0-100 judge and has none: its rows say so in every table."""
     result = {
         "benchmark": benchmark.name,
         "status": "skipped",
         "reason": NO_JUDGE,
-        "model": settings["model"],
+        "model": described["model"],
         "run_name": run_name,
-        "prompt_format": settings["prompt_format"],
+        "prompt_format": described["prompt_format"],
         "metric_names": list(benchmark.metric_names),
         "metric_labels": dict(benchmark.metric_labels),
         "finished_at": _now(),

@@ -120,7 +120,8 @@ def demo_command(out_dir, overrides):
     """The whole experiment on a tiny model, CPU only, offline, in well under a minute:
     eval, LoRA DPO + merge, eval, GRPO (random, zero, toy rewards), eval, tables."""
     from data.tiny import write_tiny_model
-    from launch.pipeline import execute, load_pipeline
+    from launch.experiment import load_pipeline
+    from launch.pipeline import execute
 
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
     out = Path(out_dir)

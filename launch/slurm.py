@@ -127,7 +127,7 @@ def slurm_command(config_path, out_dir, overrides, partition, account, time_limi
 
     Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
     """
-    from launch.pipeline import load_pipeline
+    from launch.experiment import load_pipeline
 
     config, stages = load_pipeline(config_path, overrides)
     options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem)

@@ -15,6 +15,7 @@ from eval.cli import compare_command
 from eval.metrics import Metric, proportion
 from eval.results import intervals_disjoint, read_json, render_comparison, stable_hash, write_json_atomic
 from eval.runner import run_evaluation
+from eval.settings import EvalSettings
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,9 @@ def test_write_json_atomic_leaves_no_temp_file_and_writes_nan_as_null(tmp_path):
 
 def test_run_evaluation_results_resume_and_failures(tiny_path, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    kwargs = dict(data_dir=SAMPLES_DIR, options={"max_new_tokens": 8}, batch_size=4, run_name="Original")
+    kwargs = dict(data_dir=SAMPLES_DIR, options={"max_new_tokens": 8}, batch_size=4)
     # betley needs a 0-100 judge: with string matching it is skipped as "no judge configured", the others finish.
-    summary = run_evaluation(tiny_path, "xstest,betley,strongreject", out, **kwargs)
+    summary = run_evaluation(tiny_path, out, EvalSettings("xstest,betley,strongreject", **kwargs), run_name="Original")
     statuses = {name: entry["status"] for name, entry in summary["benchmarks"].items()}
     assert statuses == {"xstest": "ok", "betley": "skipped", "strongreject": "ok"}
     assert summary["benchmarks"]["betley"]["reason"] == "no judge configured"
@@ -55,22 +56,23 @@ def test_run_evaluation_results_resume_and_failures(tiny_path, tmp_path, monkeyp
 
     # Rerun with the same settings (another benchmark's option aside): nothing is evaluated again.
     monkeypatch.setattr(XSTest, "evaluate", lambda self, items, ctx: 1 / 0)
-    again = run_evaluation(tiny_path, "xstest", out, **{**kwargs, "options": {"max_new_tokens": 8, "mmlu.num_shots": 3}})
+    again = run_evaluation(tiny_path, out, EvalSettings("xstest", **{**kwargs, "options": {"max_new_tokens": 8, "mmlu.num_shots": 3}}),
+                           run_name="Original")
     assert again["benchmarks"]["xstest"] == {**summary["benchmarks"]["xstest"], "resumed": True}
     assert read_json(out / "xstest.json") == result
     assert read_json(out / "summary.json")["benchmarks"]["strongreject"]["status"] == "ok"  # kept
 
     # Different settings: it runs again (and here fails, with its reason recorded).
-    changed = run_evaluation(tiny_path, "xstest", out, **{**kwargs, "limit": 4})
+    changed = run_evaluation(tiny_path, out, EvalSettings("xstest", **{**kwargs, "limit": 4}), run_name="Original")
     assert changed["benchmarks"]["xstest"]["status"] == "failed"
     assert changed["benchmarks"]["xstest"]["reason"] == "ZeroDivisionError: division by zero"
 
 
 def test_prompt_hash_follows_the_prompt_format(tiny_path, tmp_path):
     common = dict(data_dir=SAMPLES_DIR, options={"max_new_tokens": 2}, limit=2)
-    run_evaluation(tiny_path, "xstest", tmp_path / "a", prompt_format="chat", **common)
-    run_evaluation(tiny_path, "xstest", tmp_path / "b", prompt_format="raw", **common)
-    run_evaluation(tiny_path, "xstest", tmp_path / "c", prompt_format="auto", **common)
+    run_evaluation(tiny_path, tmp_path / "a", EvalSettings("xstest", prompt_format="chat", **common))
+    run_evaluation(tiny_path, tmp_path / "b", EvalSettings("xstest", prompt_format="raw", **common))
+    run_evaluation(tiny_path, tmp_path / "c", EvalSettings("xstest", prompt_format="auto", **common))
     hashes = [read_json(tmp_path / d / "xstest.json")["prompt_hash"] for d in "abc"]
     assert hashes[0] != hashes[1] and hashes[0] == hashes[2]
 

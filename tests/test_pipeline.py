@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import launch.pipeline as pipeline
+import launch.experiment as experiment
+import launch.stages as stages_module
 from launch.cli import main
 from launch.manifest import PACKAGES, read_manifest
 from trainers.config import DPOConfig, GRPOConfig, load_config
@@ -63,7 +64,7 @@ class FakeStages:
         self.calls: list[tuple[str, bool]] = []
         self.fail = dict(fail or {})  # stage name -> exception to raise (once)
         for name in ("run_eval_stage", "run_dpo_stage", "run_grpo_stage", "run_tables_stage"):
-            monkeypatch.setattr(pipeline, name, self.run)
+            monkeypatch.setattr(experiment, name, self.run)
 
     def run(self, settings, stage_dir, resume):
         self.calls.append((stage_dir.name, resume))
@@ -135,7 +136,7 @@ def test_a_failed_stage_stops_the_pipeline_and_leaves_earlier_outputs_intact(tmp
     earlier = read_manifest(run / "eval_original")
     assert earlier["status"] == "done" and (run / "eval_original" / "output.txt").read_text() == "eval_original\n"
     assert not (run / "eval_dpo").exists()
-    status = "\n".join(pipeline.status_lines(run))
+    status = "\n".join(stages_module.status_lines(run))
     assert "failed" in status and "disk full" in status and "pending (after dpo)" in status
     # fixed: the rerun starts at the failed stage and runs the rest
     fakes.calls.clear()
@@ -170,7 +171,7 @@ def test_a_killed_stage_left_running_is_resumed(tmp_path, monkeypatch, capsys):
     dead.wait()
     manifest = read_manifest(tmp_path / "run" / "eval_original") | {"stage": "dpo", "status": "running", "pid": dead.pid}
     (stage_dir / "manifest.json").write_text(json.dumps(manifest))
-    assert "a rerun resumes it" in "\n".join(pipeline.status_lines(tmp_path / "run"))
+    assert "a rerun resumes it" in "\n".join(stages_module.status_lines(tmp_path / "run"))
     fakes.calls.clear()
     code, _, _ = _run(capsys, "pipeline", "--config", str(config), "--stage", "dpo")
     assert code == 0 and fakes.calls == [("dpo", True)]
@@ -233,7 +234,7 @@ def test_unknown_and_pipeline_owned_keys_are_one_line_errors(tmp_path, capsys):
 
 
 def test_published_pipeline_is_the_published_phase_configs():
-    config, stages = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml")
+    config, stages = experiment.load_pipeline(CONFIGS / "wu17_v5.yaml")
     by_name = {stage.name: stage for stage in stages}
     paths = ("model", "out_dir")  # where the pipeline puts things; the per-phase files name runs/wu17_v5/...
     dpo = dataclasses.asdict(load_config(DPOConfig, CONFIGS / "wu17_v5_dpo.yaml"))
@@ -248,7 +249,7 @@ def test_published_pipeline_is_the_published_phase_configs():
     # fv waits for a Lean project; it is skipped, and the tables leave it out
     assert "no Lean project" in by_name["grpo_fv"].skip_reason and by_name["eval_grpo_fv"].skip_reason
     assert "eval_grpo_fv" not in by_name["tables"].needs
-    _, stages = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml", ["conditions.fv.reward_options.lean.project_dir=/opt/m"])
+    _, stages = experiment.load_pipeline(CONFIGS / "wu17_v5.yaml", ["conditions.fv.reward_options.lean.project_dir=/opt/m"])
     fv = next(stage for stage in stages if stage.name == "grpo_fv")
     assert fv.skip_reason is None and fv.settings["reward_options"]["lean"]["pool_size"] == 8
 
@@ -360,25 +361,31 @@ def test_adding_a_condition_to_a_finished_run_runs_only_it_and_rebuilds_the_tabl
     assert tables["attempt"] == 2 and str(tmp_path / "run" / "eval_grpo_toy") in tables["config"]["tables"]["dpo_vs_grpo"]["runs"]
 
 
+def _settings_of(stage):
+    from eval.settings import EvalSettings
+
+    return EvalSettings(**{k: v for k, v in stage.settings.items() if k not in ("model", "run_name")})
+
+
 def test_evals_ask_in_the_format_phase_one_trained_with_and_betley_waits_for_a_judge():
-    config, stages = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml")
+    config, stages = experiment.load_pipeline(CONFIGS / "wu17_v5.yaml")
     by_name = {stage.name: stage for stage in stages}
     assert by_name["dpo"].settings["prompt_format"] == "hh"
     evals = [s for s in stages if s.name.startswith("eval_")]
     assert {s.settings["prompt_format"] for s in evals} == {"hh"}
-    _, chat_stages = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml", ["dpo.prompt_format=chat"])
+    _, chat_stages = experiment.load_pipeline(CONFIGS / "wu17_v5.yaml", ["dpo.prompt_format=chat"])
     assert {s.settings["prompt_format"] for s in chat_stages if s.name.startswith("eval_")} == {"chat"}
     # every benchmark runs; Betley has no judge until its model is set, then a local judge of its own
     assert by_name["eval_dpo"].settings["benchmarks"].split(",") == list(pipeline_benchmarks())
-    assert pipeline.judge_groups(by_name["eval_dpo"].settings) == [("string-match", {}, list(pipeline_benchmarks()))]
-    _, judged = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml", ["eval.benchmark_judges.betley.model=/models/judge"])
-    groups = pipeline.judge_groups(next(s for s in judged if s.name == "eval_dpo").settings)
+    assert _settings_of(by_name["eval_dpo"]).judge_groups() == [("string-match", {}, list(pipeline_benchmarks()))]
+    _, judged = experiment.load_pipeline(CONFIGS / "wu17_v5.yaml", ["eval.benchmark_judges.betley.model=/models/judge"])
+    groups = _settings_of(next(s for s in judged if s.name == "eval_dpo")).judge_groups()
     assert groups[0] == ("local", {"model": "/models/judge"}, ["betley"]) and groups[1][0] == "string-match"
     # the bf16 merge gets its exact twin, evaluated as the unmerged adapter in float32
     exact = by_name["eval_dpo_exact"].settings
     assert exact["model"].endswith("dpo/adapter") and exact["dtype"] == "float32"
     assert by_name["dpo"].settings["merge_dtype"] == "bfloat16"
-    _, fp32 = pipeline.load_pipeline(CONFIGS / "wu17_v5.yaml", ["merge_dtype=float32"])
+    _, fp32 = experiment.load_pipeline(CONFIGS / "wu17_v5.yaml", ["merge_dtype=float32"])
     assert "eval_dpo_exact" not in [s.name for s in fp32]
 
 

@@ -14,6 +14,7 @@ from eval.benchmarks import SAMPLES_DIR
 from eval.benchmarks.xstest import XSTest
 from eval.results import file_sha256, finished_result, read_json
 from eval.runner import run_evaluation
+from eval.settings import EvalSettings
 from eval.sandbox import remove_stale_exec_folders
 from launch.cli import main
 
@@ -105,7 +106,7 @@ def tiny_eval_model(tmp_path_factory):
 
 
 def _evaluate(model, out, limit):
-    return run_evaluation(model, "xstest", out, limit=limit, data_dir=SAMPLES_DIR, options={"max_new_tokens": 2})
+    return run_evaluation(model, out, EvalSettings("xstest", limit=limit, data_dir=SAMPLES_DIR, options={"max_new_tokens": 2}))
 
 
 def test_an_interrupted_rerun_leaves_result_and_audit_as_a_pair(tiny_eval_model, tmp_path, monkeypatch):

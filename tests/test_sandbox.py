@@ -30,6 +30,7 @@ from eval import sandbox
 from eval.benchmarks.humaneval import HumanEval, check_completions, require_isolation
 from eval.execution import run_python
 from eval.runner import run_evaluation
+from eval.settings import EvalSettings
 from eval.sandbox import ContainedPython, Limits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,7 +327,7 @@ def test_an_unavailable_sandbox_is_one_clear_error_naming_the_opt_out(monkeypatc
     sandbox.isolation_problem.cache_clear()
     try:
         # Through `twophase eval`: the benchmark fails with that line before any model is loaded (there is none).
-        summary = run_evaluation("no-such-org/no-such-model", "humaneval", tmp_path / "out", data_dir=REPO / "eval" / "samples")
+        summary = run_evaluation("no-such-org/no-such-model", tmp_path / "out", EvalSettings("humaneval", data_dir=REPO / "eval" / "samples"))
         entry = summary["benchmarks"]["humaneval"]
         assert entry["status"] == "failed" and "--option humaneval.sandbox=none" in entry["reason"], entry
         with pytest.raises(UserError) as caught:

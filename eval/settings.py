@@ -1,0 +1,126 @@
+"""How a model is evaluated: one settings object behind `twophase eval`, the runner and the pipeline.
+
+`twophase eval` builds it from its flags, the pipeline from its `eval:` section,
+a script from keyword arguments; `eval.runner.run_evaluation` takes it. `checked()`
+refuses, in one line each and before any model loads, what cannot make an
+evaluation: an unknown benchmark, prompt format or judge, a limit or batch size
+below 1, a bad benchmark option.
+
+Judges: `judge` serves every benchmark (with `judge_options`), unless
+`benchmark_judges` names another for a benchmark, as a kind ("string-match",
+"local:PATH") or a mapping {kind: local, model: PATH, ...}. A local judge whose
+model is not set is no judge: the benchmarks that need a 0-100 judge then say
+"no judge configured" instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data.errors import UserError
+from data.prompts import EVAL_FORMATS, EvalFormat, check_format_name
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    benchmarks: str = "all"  # "all" or comma-separated names (eval/benchmarks/__init__.py)
+    limit: int | None = None  # the first N items of each benchmark (None: all)
+    judge: str = "string-match"  # string-match | local | endpoint | local:PATH
+    judge_options: dict = field(default_factory=dict)  # model, base_url, concurrency, min_mass, ...
+    benchmark_judges: dict = field(default_factory=dict)  # {benchmark: judge} where it differs from `judge`
+    batch_size: int = 8  # rows per forward pass, for both engines
+    prompt_format: EvalFormat = "auto"  # data/prompts.py
+    data_dir: str | None = None  # read each benchmark from its local file here instead of the hub
+    samples_per_question: int | None = None  # Betley: answers per question (None: the YAML's 100)
+    options: dict = field(default_factory=dict)  # benchmark options: {"max_new_tokens": 64, "mmlu.num_shots": 0}
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: bfloat16 on GPU, as saved on CPU
+    seed: int = 0
+
+    def checked(self) -> EvalSettings:
+        """These settings with benchmarks spelled out and options flattened; a UserError if they cannot run."""
+        from eval.benchmarks import ALL, parse_benchmarks
+
+        check_format_name(self.prompt_format, EVAL_FORMATS, where="prompt format")
+        names = parse_benchmarks(self.benchmarks)
+        unknown = sorted(set(self.benchmark_judges) - set(ALL))
+        if unknown:
+            raise UserError(f"benchmark_judges names unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+        for name in names:
+            self.judge_of(name)  # a misconfigured judge fails now, not after an hour of generation
+        options = flat_options(self.options, ALL)
+        check_arguments({"limit": self.limit, "batch_size": self.batch_size,
+                         "samples_per_question": self.samples_per_question, **options})  # fmt: skip
+        if self.samples_per_question is not None:
+            options["betley.samples_per_question"] = int(self.samples_per_question)
+        return dataclasses.replace(self, benchmarks=",".join(names), options=options)
+
+    @property
+    def names(self) -> list[str]:
+        from eval.benchmarks import parse_benchmarks
+
+        return parse_benchmarks(self.benchmarks)
+
+    def judge_of(self, benchmark: str) -> tuple[str, dict]:
+        """(kind, options) of the judge that serves `benchmark`."""
+        spec = self.benchmark_judges.get(benchmark, self.judge)
+        return judge_spec(spec, self.judge_options, f"the judge of {benchmark}")
+
+    def judge_groups(self) -> list[tuple[str, dict, list[str]]]:
+        """[(judge kind, options, [benchmark, ...])] in benchmark order: a costly judge model serves only what needs it."""
+        groups: dict[str, tuple[str, dict, list[str]]] = {}
+        for name in self.names:
+            kind, options = self.judge_of(name)
+            key = json.dumps([kind, options], sort_keys=True, default=str)
+            groups.setdefault(key, (kind, options, []))[2].append(name)
+        return list(groups.values())
+
+
+def judge_spec(spec, shared_options: dict, where: str) -> tuple[str, dict]:
+    """(kind, options) of a judge written as a name ("string-match", "local:PATH") or a mapping {kind, model, ...}."""
+    from eval.judges import JUDGE_KINDS
+
+    if isinstance(spec, dict):
+        options = dict(spec)
+        kind = str(options.pop("kind", "local"))
+        options = {**shared_options, **options}
+    else:
+        kind, options = str(spec), dict(shared_options)
+    if kind.startswith("local:"):
+        kind, options["model"] = "local", kind.split(":", 1)[1]
+    if kind not in JUDGE_KINDS:
+        raise UserError(f"{where}: unknown judge kind {kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+    if kind == "local" and not options.get("model"):
+        return "string-match", {}
+    return kind, options
+
+
+def flat_options(options: dict, benchmarks: tuple[str, ...]) -> dict:
+    """{"mmlu": {"num_shots": 0}} -> {"mmlu.num_shots": 0}: the runner's form for one benchmark's option."""
+    flat = {}
+    for key, value in options.items():
+        if key in benchmarks and isinstance(value, dict):
+            flat.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+# The least each numeric argument or benchmark option may be: anything else is one line before the model loads.
+LEAST = {"limit": 1, "batch_size": 1, "samples_per_question": 1, "max_new_tokens": 1, "judge_max_tokens": 1,
+         "n_samples": 1, "num_shots": 0, "workers": 1}  # fmt: skip
+
+
+def check_arguments(arguments: dict) -> None:
+    """Refuse a limit, batch size or option that cannot make an evaluation (None: unset).
+
+    A benchmark's own option ("humaneval.n_samples") is checked as the plain one.
+    """
+    for key, value in arguments.items():
+        least = LEAST.get(key.rsplit(".", 1)[-1])
+        if least is None or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{key} = {value!r} must be a whole number of at least {least}")
