@@ -83,10 +83,6 @@ class Generator:
             self.decoder = CacheDecoder(model, max_batch)
         self.stats = {"rows": 0, "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
 
-    @property
-    def uses_cuda_graphs(self) -> bool:
-        return getattr(self.decoder, "use_graphs", False)
-
     def generate(
         self,
         prompts: list[list[int]],
