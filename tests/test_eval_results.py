@@ -170,3 +170,22 @@ def test_eval_is_importable_without_the_trainers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_judge_groups_share_one_loaded_model(tiny_path, tmp_path, monkeypatch):
+    """Betley gets a local judge, XSTest the phrase list: two judge groups, one evaluated model loaded once."""
+    import data.hub
+    import eval.judges
+
+    loads = []
+    real = data.hub.load_causal_lm
+    for module, who in ((data.hub, "evaluated"), (eval.judges, "judge")):
+        monkeypatch.setattr(module, "load_causal_lm", lambda name, *a, who=who, **k: loads.append(who) or real(name, *a, **k))
+    settings = EvalSettings("xstest,betley", limit=2, data_dir=SAMPLES_DIR, samples_per_question=1,
+                            options={"max_new_tokens": 4}, benchmark_judges={"betley": {"kind": "local", "model": tiny_path}})  # fmt: skip
+    assert [(kind, names) for kind, _, names in settings.checked().judge_groups()] == [("string-match", ["xstest"]), ("local", ["betley"])]
+    summary = run_evaluation(tiny_path, tmp_path / "run", settings)
+    assert {name: entry["status"] for name, entry in summary["benchmarks"].items()} == {"xstest": "ok", "betley": "ok"}
+    assert loads == ["evaluated", "judge"]  # once each, although two judge groups ran
+    assert read_json(tmp_path / "run" / "betley.json")["settings"]["judge"]["kind"] == "local"
+    assert read_json(tmp_path / "run" / "xstest.json")["settings"]["judge"]["kind"] == "string-match"
