@@ -140,16 +140,41 @@ def transcript_to_messages(prompt: str) -> list[dict]:
     return messages
 
 
-def format_transcript(prompt: str, fmt: str, tokenizer=None) -> str:
-    """The text the model sees before its reply to an HH prompt, in one of `DPO_FORMATS`.
+def messages_to_transcript(messages) -> str:
+    """Chat messages as an HH prompt: "\\n\\nHuman: …\\n\\nAssistant: …" ending in "\\n\\nAssistant:".
 
-    - "hh": the transcript unchanged ("...\\n\\nAssistant:"). Replies keep their leading space.
+    HH has no system role: a system message opens the next Human turn, a blank line
+    before it, as `hh_prompt` does for one question.
+    """
+    text, system = "", None
+    for message in messages:
+        role, content = message["role"], str(message["content"]).strip()
+        if role == "system":
+            system = content
+        elif role == "user":
+            text += hh_prompt(content, system)[: -len(ASSISTANT_MARKER)]
+            system = None
+        else:
+            text += f"{ASSISTANT_MARKER} {content}"
+    return text + ASSISTANT_MARKER
+
+
+def format_transcript(prompt, fmt: str, tokenizer=None) -> str:
+    """The text the model sees before its reply to a DPO prompt, in one of `DPO_FORMATS`.
+
+    `prompt` is an HH transcript (a string ending in "\\n\\nAssistant:") or a list
+    of chat messages (`{"role", "content"}`, data/preferences.py).
+    - "hh": the transcript unchanged ("...\\n\\nAssistant:"); messages are written in
+      that layout. Replies keep their leading space.
     - "chat": the conversation rendered by the chat template. Replies are then tokenized
       without their leading whitespace (the collator strips it), as a chat model writes
       them after its own assistant header.
     """
     fmt = DPO_OLD_NAMES.get(fmt, fmt)
     check_format(fmt, DPO_FORMATS, tokenizer)
+    if not isinstance(prompt, str):
+        messages = [dict(m) for m in prompt]
+        return messages_to_transcript(messages) if fmt == "hh" else apply_chat_template(tokenizer, messages)
     if fmt == "hh":
         return prompt
     return apply_chat_template(tokenizer, transcript_to_messages(prompt))

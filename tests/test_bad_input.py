@@ -124,7 +124,7 @@ ROWS = {
     "wrong-column dataset": Row(dpo(dataset="columns"), "skipped 1 missing field"),
     "list-row dataset": Row(dpo(dataset="list_rows"), "skipped 1 not a JSON object"),
     "limit 0": Row(dpo("limit=0"), "config key limit = 0 in --set must be at least 1"),
-    "empty GRPO dataset": Row(grpo(dataset="empty"), "no usable Lean task in"),
+    "empty GRPO dataset": Row(grpo(dataset="empty"), "no usable task in"),
     "list-row GRPO dataset": Row(grpo(dataset="list_rows"), "row is not an object"),
     # numbers
     "negative lr": Row(dpo("lr=-1e-4"), "lr = -0.0001 in --set must be a positive number"),

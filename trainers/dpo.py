@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
 from data.errors import UserError
 from data.files import atomic_torch_save
-from data.hh_rlhf import describe_skips, load_hh_rlhf
+from data.hh_rlhf import describe_skips
+from data.preferences import LAYOUT_FIELDS, load_preferences
 from data.hub import save_model
 from data.sampler import EpochSampler
 from losses.dpo import dpo_loss
@@ -193,14 +194,14 @@ class DPORecipe:
 
 
 def load_pairs(config: DPOConfig) -> list:
-    """The run's preference pairs; a source that yields none is one clear error."""
-    pairs, report = load_hh_rlhf(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
-    tqdm.write(f"HH-RLHF: {describe_skips(report)}")
+    """The run's preference pairs in any accepted layout (data/preferences.py); none usable is one clear error."""
+    pairs, report = load_preferences(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
+    tqdm.write(f"{config.dataset} (layout: {report['layout']}): {describe_skips(report)}")
     if not pairs:
         raise UserError(
             f"no usable preference pair in {config.dataset} ({describe_skips(report) if report['rows'] else 'it has no rows'}): "
-            f"each row must be a JSON object "
-            f"whose 'chosen' and 'rejected' transcripts share a prompt and end in different Assistant replies"
+            f"read as layout '{report['layout']}', each row must be a JSON object with {LAYOUT_FIELDS[report['layout']]} "
+            f"(README: 'Your own data')"
         )
     return pairs
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from data.errors import UserError
 from data.hub import save_model
-from data.lean_workbook import STOP_STRING, build_prompt, load_lean_tasks
+from data.lean_workbook import STOP_STRING, LeanTask
+from data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
 from data.sampler import EpochSampler
 from losses.grpo import group_advantages, grpo_loss
 from losses.logprobs import response_mask
@@ -68,8 +69,9 @@ class GRPORecipe:
             self.close()  # a Lean reward has started its REPLs
             raise
         self.reference = frozen_copy(self.model) if config.beta > 0 and not config.lora else None
-        self.prompts = [build_prompt(task, config.prompt_format, self.tokenizer) for task in self.tasks]
-        default_stops = [STOP_STRING] if config.prompt_format == "raw" else []
+        self.prompts = [prompt_text(task, config.prompt_format, self.tokenizer) for task in self.tasks]
+        lean_code = config.prompt_format == "raw" and isinstance(self.tasks[0], LeanTask)
+        default_stops = [STOP_STRING] if lean_code else []  # a Lean completion ends at its closing fence
         self.stop_strings = tuple(default_stops if config.stop_strings is None else config.stop_strings)
         self.sampler = EpochSampler(len(self.tasks), config.seed)
         self.samples_path = self.out_dir / "samples.jsonl"
@@ -295,16 +297,20 @@ def _lean_options(options: dict, prompt_format: str) -> dict:
 
 
 def load_tasks(config: GRPOConfig) -> list:
-    """The run's Lean tasks; a source that yields none is one clear error."""
-    tasks, report = load_lean_tasks(config.dataset, split=config.split, limit=config.limit)
+    """The run's tasks, Lean theorems or prompts (data/prompt_rows.py); a source that yields none is one clear error."""
+    tasks, report = load_task_rows(config.dataset, split=config.split, limit=config.limit)
     described = f"used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}"
-    tqdm.write(f"Lean tasks: {described}")
+    tqdm.write(f"{config.dataset} (layout: {report['layout']}): {described}")
     if not tasks:
         raise UserError(
-            f"no usable Lean task in {config.dataset} ({described if report['rows'] else 'it has no rows'}): "
-            f"each row must be a JSON object with a "
-            f"'formal_statement' that ends in ':='"
+            f"no usable task in {config.dataset} ({described if report['rows'] else 'it has no rows'}): "
+            f"each row must be a JSON object with a 'formal_statement' that ends in ':=' (Lean), "
+            f"or a 'prompt' (text or chat messages)"
         )
+    names = [name.strip() for name in config.reward.split(",")]
+    if report["layout"] != LEAN and "lean" in names:
+        raise UserError(f"reward 'lean' checks Lean proofs, but {config.dataset} holds prompts; use your own reward "
+                        f"(path/to/file.py:function) or toy, random, zero")  # fmt: skip
     return tasks
 
 

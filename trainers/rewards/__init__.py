@@ -9,7 +9,8 @@ a list with one dict per completion of its last call (e.g. {"passed": False,
 "reason": "uses sorry"}), which the trainer writes to its audit log.
 
 `build_reward(spec, options)` picks one: a built-in name (`lean`, `toy`,
-`random`, `zero`) or "module:function" for your own. For "module:function",
+`random`, `zero`) or your own: "path/to/file.py:function" (a file, no PYTHONPATH needed)
+or "module:function" (importable, or a module in the working directory). For "module:function",
 a function gets `options` bound as keyword arguments; a class is instantiated
 with them and the instance is the reward.
 """
@@ -18,9 +19,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
+import os
 import random
 import re
+import sys
+from pathlib import Path
 
 from data.errors import UserError
 from data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
@@ -168,14 +173,41 @@ def _check_options(name: str, factory, options: dict) -> None:
 
 
 def _import_reward(spec: str, options: dict):
-    module_name, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"reward '{spec}': cannot import module '{module_name}' ({err}); check the name and PYTHONPATH") from None
+    module_name, _, attribute = spec.rpartition(":")
+    module = _load_reward_module(spec, module_name)
     target = getattr(module, attribute, None)
     if target is None or not callable(target):
         raise UserError(f"reward '{spec}': module '{module_name}' has no callable '{attribute}'")
     if inspect.isclass(target):
         return target(**options)
     return functools.partial(target, **options) if options else target
+
+
+def _load_reward_module(spec: str, module_name: str):
+    """A reward's module: a .py file by its path, or a module importable from PYTHONPATH or the working directory."""
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        return _module_from_file(spec, Path(module_name).expanduser())
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # `python -m` puts the working directory on the path and a console script does not; a reward
+        # module next to the config should be found either way.
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"reward '{spec}': cannot import module '{module_name}' ({err}); pass a file path "
+                        f"(path/to/reward.py:function) or a module in the working directory or on PYTHONPATH") from None
+
+
+def _module_from_file(spec: str, path: Path):
+    if not path.is_file():
+        raise UserError(f"reward '{spec}': no such file '{path}'")
+    name = "twophase_reward_" + path.stem
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as err:  # the user's code: any error is theirs to see in one line
+        del sys.modules[name]
+        raise UserError(f"reward '{spec}': importing {path} failed ({type(err).__name__}: {err})") from None
+    return module

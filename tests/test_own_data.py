@@ -1,0 +1,145 @@
+"""Your own data: each accepted row layout, detected per file, with malformed rows counted (data/preferences.py,
+data/prompt_rows.py), and the README's three-row examples read as they are written."""
+
+import json
+
+import pytest
+
+from data.hh_rlhf import PreferencePair
+from data.preferences import CONVERSATIONAL, HH, IMPLICIT, PLAIN, load_preferences
+from data.prompt_rows import LEAN, PROMPT, PromptTask, load_tasks, prompt_text
+from data.prompts import format_transcript
+
+
+def write_rows(tmp_path, rows, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_plain_layout_with_malformed_rows_counted(tmp_path):
+    path = write_rows(tmp_path, [
+        {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."},
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": ""},
+        "{not json",
+        {"prompt": "Same?", "chosen": "yes", "rejected": "yes"},
+        {"prompt": ["not", "text"], "chosen": "a", "rejected": "b"},
+    ])
+    pairs, report = load_preferences(path)
+    assert report["layout"] == PLAIN
+    assert (report["rows"], report["used"]) == (5, 1)
+    assert report["skipped"] == {"empty rejected response": 1, "malformed JSON": 1, "chosen and rejected identical": 1,
+                                 "fields of another layout": 1}
+    assert pairs == [PreferencePair(({"role": "user", "content": "What is 2+2?"},), " 4.", " 5.")]
+    assert format_transcript(pairs[0].prompt, "hh") == "\n\nHuman: What is 2+2?\n\nAssistant:"
+
+
+def test_conversational_layout(tmp_path):
+    path = write_rows(tmp_path, [
+        {"prompt": [{"role": "system", "content": "Be brief."}, user("Hi?")], "chosen": [assistant("Hello.")],
+         "rejected": [assistant("Go away.")]},
+        {"prompt": [user("Two?")], "chosen": [assistant("a"), assistant("b")], "rejected": [assistant("c")]},
+        {"prompt": [{"role": "robot", "content": "x"}], "chosen": [assistant("a")], "rejected": [assistant("c")]},
+    ])
+    pairs, report = load_preferences(path)
+    assert report["layout"] == CONVERSATIONAL
+    assert (report["rows"], report["used"]) == (3, 1)
+    assert report["skipped"] == {"reply is not one assistant message": 1, "not a list of chat messages": 1}
+    assert pairs[0].chosen == " Hello." and pairs[0].rejected == " Go away."
+    assert format_transcript(pairs[0].prompt, "hh") == "\n\nHuman: Be brief.\n\nHi?\n\nAssistant:"
+
+
+def test_conversational_layout_with_implicit_prompt(tmp_path):
+    shared = [user("Help me?"), assistant("With what?"), user("A lock.")]
+    path = write_rows(tmp_path, [
+        {"chosen": shared + [assistant("I can't help.")], "rejected": shared + [assistant("Sure, first...")]},
+        {"chosen": shared + [assistant("No.")], "rejected": [user("Other.")] + [assistant("Yes.")]},
+        {"chosen": shared, "rejected": shared + [assistant("x")]},
+    ])
+    pairs, report = load_preferences(path)
+    assert report["layout"] == IMPLICIT
+    assert report["skipped"] == {"chosen and rejected prompts differ": 1, "no Assistant turn": 1}
+    assert format_transcript(pairs[0].prompt, "hh") == (
+        "\n\nHuman: Help me?\n\nAssistant: With what?\n\nHuman: A lock.\n\nAssistant:")
+    assert pairs[0].chosen == " I can't help."
+
+
+def test_hh_layout_is_detected_and_parsed_as_before(tmp_path):
+    path = write_rows(tmp_path, [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}])
+    pairs, report = load_preferences(path)
+    assert report["layout"] == HH
+    assert pairs == [PreferencePair("\n\nHuman: Hi\n\nAssistant:", " Hello", " Go")]
+
+
+def test_prompt_only_grpo_rows(tmp_path):
+    path = write_rows(tmp_path, [
+        {"prompt": "What is 2+3?", "answer": "5"},
+        {"id": "q2", "prompt": [user("Name a prime.")], "answer": "7"},
+        {"prompt": ""},
+        [1, 2],
+    ])
+    tasks, report = load_tasks(path)
+    assert report == {"layout": PROMPT, "rows": 4, "used": 2, "skipped": {"no prompt": 1, "row is not an object": 1}}
+    assert tasks[0] == PromptTask("row-1", "What is 2+3?", {"answer": "5"})
+    assert tasks[1].id == "q2" and tasks[1].fields == {"id": "q2", "answer": "7"}
+    assert prompt_text(tasks[0], "raw") == "What is 2+3?"
+
+
+def test_lean_rows_keep_their_loader(tmp_path):
+    from data.lean_workbook import LeanTask
+
+    path = write_rows(tmp_path, [{"formal_statement": "theorem t : 1 = 1 := by sorry", "split": "train"}])
+    tasks, report = load_tasks(path)
+    assert report["layout"] == LEAN and isinstance(tasks[0], LeanTask)
+
+
+REWARD_FILE = '''
+def length_is_answer(tasks, completions, *, step=0, scale=1.0):
+    return [scale * float(len(c) == len(t.fields["answer"])) for t, c in zip(tasks, completions)]
+'''
+
+
+def test_reward_from_a_file_path_and_from_the_working_directory(tmp_path, monkeypatch):
+    from trainers.rewards import build_reward
+
+    (tmp_path / "my_reward.py").write_text(REWARD_FILE)
+    tasks = [PromptTask("a", "q", {"answer": "12"}), PromptTask("b", "q", {"answer": "1"})]
+    by_path = build_reward(f"{tmp_path / 'my_reward.py'}:length_is_answer", {"scale": 2.0})
+    assert by_path(tasks, ["ab", "ab"]) == [2.0, 0.0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    by_module = build_reward("my_reward:length_is_answer")
+    assert by_module(tasks, ["x", "y"]) == [0.0, 1.0]
+
+
+def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
+    from launch.cli import main
+
+    dpo_data = write_rows(tmp_path, [{"prompt": [user(f"Question {i}?")], "chosen": [assistant("No.")],
+                                      "rejected": [assistant(f"Sure {i}.")]} for i in range(3)] + ["oops"], "pairs.jsonl")
+    common = ["--set", f"model={tiny_chat_model_dir}", "--set", "max_steps=1", "--set", "device=cpu",
+              "--set", "precision=fp32", "--set", "optimizer=adamw", "--set", "save_every=0"]
+    main(["dpo", "--set", f"dataset={dpo_data}", "--set", f"out_dir={tmp_path / 'dpo'}", "--set", "micro_batch_size=2",
+          "--set", "grad_accum_steps=1", "--set", "merge_after=false", "--set", "prompt_format=chat", *common])
+    out = capsys.readouterr().out + capsys.readouterr().err
+    (tmp_path / "r.py").write_text(REWARD_FILE)
+    grpo_data = write_rows(tmp_path, [{"prompt": "2+3?", "answer": "5"}, {"prompt": [user("4+4?")], "answer": "8"}], "prompts.jsonl")
+    main(["grpo", "--set", f"dataset={grpo_data}", "--set", f"out_dir={tmp_path / 'grpo'}", "--set", "prompt_format=chat",
+          "--set", f"reward={tmp_path / 'r.py'}:length_is_answer", "--set", "num_generations=2", "--set", "max_new_tokens=3",
+          "--set", "prompts_per_step=2", *common])
+    logged = out + capsys.readouterr().out
+    assert f"{dpo_data} (layout: conversational): used 3 of 4 rows; skipped 1 malformed JSON" in logged
+    assert f"{grpo_data} (layout: prompt): used 2 of 2 rows" in logged
+    samples = [json.loads(line) for line in (tmp_path / "grpo" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    for sample in samples:
+        answer = "5" if sample["task_id"] == "row-1" else "8"
+        assert list(sample["rewards"].values()) == [float(len(sample["completion"]) == len(answer))]
