@@ -74,9 +74,21 @@ def eval_command(model, benchmarks, out_dir, limit, judge, judge_model, judge_ba
 @click.option("--names", default=None, help="Comma-separated column names, base first (default: the runs' names).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
               help="Markdown file to write (default: BASE_DIR/comparison.md).")
-def compare_command(base_dir, other_dirs, names, out_file):
-    """Print the comparison table of two or more eval runs (deltas in bold where 95% CIs do not overlap)."""
-    from eval.results import render_comparison
+@click.option("--force", is_flag=True, help="Compare even runs evaluated on different items or settings.")
+def compare_command(base_dir, other_dirs, names, out_file, force):
+    """Print the comparison table of two or more eval runs (deltas in bold where 95% CIs do not overlap).
+
+    Runs evaluated with different settings (items, limit, judge, prompt format, seed, options) are
+    refused unless --force: their difference would not be the models'.
+    """
+    from eval.results import render_comparison, settings_differences
+
+    differences = settings_differences([base_dir, *other_dirs])
+    if differences and not force:
+        raise UserError("the runs were evaluated with different settings, so the table would not compare the models alone ("
+                        + "; ".join(differences) + "); rerun them alike, or pass --force to compare anyway")
+    if differences:
+        click.echo("warning: compared despite different settings: " + "; ".join(differences), err=True)
 
     labels = [n.strip() for n in names.split(",")] if names else None
     if labels is not None and len(labels) != 1 + len(other_dirs):

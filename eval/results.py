@@ -278,6 +278,38 @@ def comparison_rows(base: dict[str, dict], others: list[dict[str, dict]], order:
     return rows
 
 
+def settings_differences(run_dirs: list[str | Path]) -> list[str]:
+    """Where runs were evaluated differently: one "benchmark: key a vs b" per benchmark whose settings
+    (all but the model: items, source, limit, judge, prompt format, seed, options) differ from the first run's.
+
+    Each result records its settings; two runs compare only when these agree, or the table would
+    set a difference of items or judges beside a difference of models.
+    """
+    runs = [load_run(d) for d in run_dirs]
+    differences = []
+    for bench, base in runs[0].items():
+        for other in runs[1:]:
+            a, b = _comparable_settings(base), _comparable_settings(other.get(bench))
+            if a is None or b is None or stable_hash(a) == stable_hash(b):
+                continue
+            key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            differences.append(f"{bench}: {key} {_short(a.get(key))} vs {_short(b.get(key))}")
+            break
+    return differences
+
+
+def _comparable_settings(result: dict | None) -> dict | None:
+    settings = (result or {}).get("settings")
+    if (result or {}).get("status") != "ok" or not isinstance(settings, dict):
+        return None
+    return {k: v for k, v in settings.items() if k != "model"}
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def render_comparison(base_dir: str | Path, other_dirs: list[str | Path], names: list[str] | None = None) -> str:
     """The Markdown table Benchmark | Metric | <base> | <other> | Delta, one row per metric.
 
@@ -286,7 +318,7 @@ def render_comparison(base_dir: str | Path, other_dirs: list[str | Path], names:
     value and delta columns. Each run's column names the prompt format its
     questions were asked in.
     """
-    from eval.benchmarks import ALL
+    from eval.benchmarks import ALL, published_name
 
     labels = list(names) if names else [run_label(d) for d in [base_dir, *other_dirs]]
     base, others = load_run(base_dir), [load_run(d) for d in other_dirs]
@@ -296,7 +328,7 @@ def render_comparison(base_dir: str | Path, other_dirs: list[str | Path], names:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for bench, metric, base_m, other_ms, base_r, other_rs in comparison_rows(base, others, ALL):
         fmt = _number_format([base_m, *other_ms])
-        cells = [bench, metric_label(metric, [base_r, *other_rs]), _cell(base_m, base_r, fmt)]
+        cells = [published_name(bench), metric_label(metric, [base_r, *other_rs]), _cell(base_m, base_r, fmt)]
         for other_m, other_r in zip(other_ms, other_rs):
             cells += [_cell(other_m, other_r, fmt), _delta(base_m, other_m, fmt)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -23,7 +23,7 @@ COMMANDS = {
     "dpo": ("launch.train", "dpo_command", "Phase 1: LoRA DPO from a config file."),
     "merge": ("launch.merge", "merge_command", "Merge a LoRA adapter into its base model."),
     "grpo": ("launch.train", "grpo_command", "Phase 2: GRPO from a config file."),
-    "eval": ("eval.cli", "eval_command", "Evaluate a model on the safety and capability benchmarks."),
+    "eval": ("launch.provenance", "eval_command", "Evaluate a model on the safety and capability benchmarks."),
     "compare": ("eval.cli", "compare_command", "Print the comparison table of two or more eval runs."),
     "bench": ("launch.bench", "bench_group", "Measure speed and memory of training and eval on this machine."),
     "pipeline": ("launch.pipeline", "pipeline_command", "Run eval -> DPO -> merge -> eval -> GRPO -> eval."),

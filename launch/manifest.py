@@ -75,6 +75,15 @@ def start_manifest(name: str, config: dict, seed: int | None, needs: list[str], 
     }
 
 
+def redacted(value):
+    """The value with every `*api_key*` entry hidden: run directories get shared, keys must not be."""
+    if isinstance(value, dict):
+        return {k: ("<hidden>" if "api_key" in str(k) and v else redacted(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
 def finish(manifest: dict, status: str, **fields) -> dict:
     finished = datetime.now(timezone.utc)
     started = datetime.fromisoformat(manifest["started_at"])

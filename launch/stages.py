@@ -32,6 +32,7 @@ from launch.manifest import (
     is_done,
     now,
     read_manifest,
+    redacted,
     start_manifest,
     still_running_elsewhere,
     write_manifest,
@@ -180,15 +181,6 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def _as_json(value):
     return json.loads(json.dumps(value, default=str))
-
-
-def redacted(value):
-    """The value with every `*api_key*` entry hidden: run directories get shared, keys must not be."""
-    if isinstance(value, dict):
-        return {k: ("<hidden>" if "api_key" in str(k) and v else redacted(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redacted(v) for v in value]
-    return value
 
 
 def _free_memory() -> None:

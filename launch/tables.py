@@ -63,7 +63,7 @@ def merge_note(report: dict | None, path: str | None) -> str:
 
 def comparison_json(base_dir, other_dirs: list, labels: list[str]) -> dict:
     """The rows of render_comparison's table as data."""
-    from eval.benchmarks import ALL
+    from eval.benchmarks import ALL, published_name
     from eval.results import comparison_rows, intervals_disjoint, load_run
 
     from eval.results import metric_label, prompt_format_of
@@ -71,7 +71,7 @@ def comparison_json(base_dir, other_dirs: list, labels: list[str]) -> dict:
     base, others = load_run(base_dir), [load_run(d) for d in other_dirs]
     rows = []
     for bench, metric, base_m, other_ms, base_r, other_rs in comparison_rows(base, others, ALL):
-        row = {"benchmark": bench, "metric": metric, "label": metric_label(metric, [base_r, *other_rs]),
+        row = {"benchmark": bench, "title": published_name(bench), "metric": metric, "label": metric_label(metric, [base_r, *other_rs]),
                "values": {labels[0]: _value(base_m, base_r)}, "delta": {}, "ci_disjoint": {}}
         for label, other_m, other_r in zip(labels[1:], other_ms, other_rs):
             row["values"][label] = _value(other_m, other_r)

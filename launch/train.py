@@ -1,8 +1,15 @@
-"""`twophase dpo` and `twophase grpo`: train from a YAML config with `--set` overrides."""
+"""`twophase dpo` and `twophase grpo`: train from a YAML config with `--set` overrides.
+
+Each run records its provenance in OUT_DIR/manifest.json (launch/provenance.py); a
+Ctrl-C or SIGTERM says where the checkpoint is and the exact command that resumes it.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
+import shlex
+from pathlib import Path
 
 import click
 
@@ -18,7 +25,7 @@ RESUME_HELP = "Continue from the last checkpoint in out_dir (exactly where it st
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 def dpo_command(config_path, overrides, resume):
-    """Phase 1: LoRA DPO on HH-RLHF.
+    """Phase 1: LoRA DPO on HH-RLHF or your own preference data.
 
     Writes OUT_DIR/metrics.jsonl (one line per step), OUT_DIR/checkpoints/,
     OUT_DIR/adapter/ and, with merge_after, OUT_DIR/merged/ (a full model).
@@ -28,7 +35,7 @@ def dpo_command(config_path, overrides, resume):
     from trainers.dpo import run_dpo
 
     config = load_config(DPOConfig, config_path, overrides)
-    report_outputs(run_dpo(config, resume=resume))
+    _train("dpo", run_dpo, config, config_path, overrides, resume)
 
 
 @click.command("grpo")
@@ -36,7 +43,7 @@ def dpo_command(config_path, overrides, resume):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 def grpo_command(config_path, overrides, resume):
-    """Phase 2: GRPO on Lean theorem statements with a chosen reward.
+    """Phase 2: GRPO on Lean theorem statements or your own prompts, with a chosen reward.
 
     Writes OUT_DIR/metrics.jsonl, OUT_DIR/samples.jsonl (every completion with
     its reward), OUT_DIR/checkpoints/ and OUT_DIR/model/ (or adapter/).
@@ -46,13 +53,55 @@ def grpo_command(config_path, overrides, resume):
     from trainers.grpo import run_grpo
 
     config = load_config(GRPOConfig, config_path, overrides)
-    report_outputs(run_grpo(config, resume=resume))
+    _train("grpo", run_grpo, config, config_path, overrides, resume)
+
+
+def _train(name: str, run, config, config_path, overrides, resume: bool) -> None:
+    from launch.provenance import recorded_run
+    from trainers.reporting import check_reporters
+
+    check_reporters(config.report_to)  # a missing optional package is said before the model loads
+    try:
+        with recorded_run(name, config.out_dir, dataclasses.asdict(config), config.seed, "config.json") as outputs:
+            outputs.update(run(config, resume=resume))
+    except KeyboardInterrupt:
+        click.echo(interrupted_message(name, config.out_dir, config_path, overrides), err=True)
+        raise SystemExit(130) from None
+    report_outputs(outputs)
+
+
+def interrupted_message(name: str, out_dir, config_path, overrides) -> str:
+    """Where the run's newest checkpoint is and the command that continues from it."""
+    from trainers.checkpoint import list_checkpoints
+
+    command = ["twophase", name] + (["--config", str(config_path)] if config_path else [])
+    for item in overrides:
+        command += ["--set", item]
+    checkpoints = list_checkpoints(Path(out_dir) / "checkpoints")
+    if not checkpoints:
+        return f"interrupted before the first checkpoint; nothing to resume: rerun with: {shlex.join(command)}"
+    return (f"interrupted: the newest checkpoint is {checkpoints[-1]}; continue with: "
+            f"{shlex.join(command + ['--resume'])}")  # fmt: skip
+
+
+def readable_number(value) -> str:
+    """A metric for a person: 4 significant digits, small numbers in exponent form (1e-06, -3.2e-05), never -0."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value == 0:
+        return "0"
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if abs(value) >= 1e4:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
 
 
 def report_outputs(outputs: dict) -> None:
+    outputs = dict(outputs)
     last = outputs.pop("last_metrics", {}) or {}
     if last:
-        click.echo("final step: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}))
+        click.echo("final step: " + ", ".join(f"{key} {readable_number(value)}" for key, value in last.items()))
     click.echo("outputs:")
     for name, path in outputs.items():
         click.echo(f"  {name:<10} {path}")

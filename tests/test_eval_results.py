@@ -105,10 +105,10 @@ def test_comparison_table_exact_markdown(tmp_path):
     expected = (
         "| Benchmark | Metric | Original | DPO-Aligned | Delta |\n"
         "|---|---|---|---|---|\n"
-        "| betley | mean_alignment | 80.0 [77.5, 82.5] | 81.2 [79.0, 83.5] | +1.2 |\n"
-        "| xstest | accuracy | 0.558 [0.512, 0.603] | 0.889 [0.856, 0.915] | **+0.331** |\n"
-        "| xstest | fpr | 0.000 [0.000, 0.015] | 0.008 [0.002, 0.029] | +0.008 |\n"
-        "| mmlu | accuracy | 0.500 [0.404, 0.596] | failed | — |\n"
+        "| Emergent misalignment (Betley et al.) | mean_alignment | 80.0 [77.5, 82.5] | 81.2 [79.0, 83.5] | +1.2 |\n"
+        "| XSTest | accuracy | 0.558 [0.512, 0.603] | 0.889 [0.856, 0.915] | **+0.331** |\n"
+        "| XSTest | fpr | 0.000 [0.000, 0.015] | 0.008 [0.002, 0.029] | +0.008 |\n"
+        "| MMLU | accuracy | 0.500 [0.404, 0.596] | failed | — |\n"
     )
     assert render_comparison(base, [other]) == expected
 
@@ -189,3 +189,28 @@ def test_judge_groups_share_one_loaded_model(tiny_path, tmp_path, monkeypatch):
     assert loads == ["evaluated", "judge"]  # once each, although two judge groups ran
     assert read_json(tmp_path / "run" / "betley.json")["settings"]["judge"]["kind"] == "local"
     assert read_json(tmp_path / "run" / "xstest.json")["settings"]["judge"]["kind"] == "string-match"
+
+
+def test_compare_refuses_runs_evaluated_with_different_settings(tmp_path, capsys):
+    from launch.cli import main
+
+    def run(name, model, limit):
+        directory = write_run(tmp_path / name, name, {"xstest": {"fnr": proportion(1, 4)}})
+        result = read_json(directory / "xstest.json")
+        settings = {"benchmark": "xstest", "model": model, "limit": limit, "seed": 0, "source_digest": "sha256:ab"}
+        write_json_atomic(directory / "xstest.json", {**result, "settings": settings})
+        return str(directory)
+
+    base, same, other = run("a", "m1", 4), run("b", "m2", 4), run("c", "m2", 8)
+    main(["compare", base, same])  # only the model differs: compared
+    assert "| XSTest | fnr |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", base, other])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the runs were evaluated with different settings, so the table would not compare the models alone "
+        "(xstest: limit 4 vs 8); rerun them alike, or pass --force to compare anyway\n")
+    main(["compare", base, other, "--force"])
+    captured = capsys.readouterr()
+    assert "warning: compared despite different settings: xstest: limit 4 vs 8" in captured.err
+    assert "| XSTest | fnr |" in captured.out

@@ -62,6 +62,7 @@ class TrainConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    report_to: list[str] = field(default_factory=list)  # also log live to: tensorboard, wandb (trainers/reporting.py)
 
 
 @dataclass
@@ -178,6 +179,7 @@ TRAIN_RULES = {
     "lora_alpha": positive(),
     "lora_dropout": in_range(0, 1),
     "lora_target_modules": Rule(lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of module names"),
+    "report_to": Rule(lambda v: all(x in ("tensorboard", "wandb") for x in v), "a list of: tensorboard, wandb (or [])"),
 }
 DPO_RULES = {
     "limit": unset_or(at_least(1)),

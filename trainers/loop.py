@@ -29,6 +29,7 @@ that a stop cut in half.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -56,6 +57,7 @@ from trainers.checkpoint import (
 )
 from trainers.config import TrainConfig
 from trainers.optim import build_optimizer, build_scheduler
+from trainers.reporting import Reporters
 
 
 class Recipe(Protocol):
@@ -104,6 +106,7 @@ class _Training:
         self.recipe, self.config = recipe, config
         self.checkpoint_dir = out_dir / "checkpoints"
         self.log = MetricsLog(out_dir / "metrics.jsonl")
+        self.reporters = Reporters(config.report_to, out_dir, dataclasses.asdict(config))  # report_to: optional live logging
         self.parameters = [p for p in recipe.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.parameters, config)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -139,6 +142,7 @@ class _Training:
                 raise
             finally:
                 self.progress.close()
+                self.reporters.close()
         return last
 
     def _step(self, step: int) -> dict:
@@ -152,6 +156,7 @@ class _Training:
             metrics = self._update(step, collected, started)
             moment("step:before_record", step + 1)
             self.log.write(metrics)
+            self.reporters.write(metrics)
             self.point = ResumePoint(step + 1, rng_state(), self.recipe.state_dict())
         moment("step:after_record", step + 1)
         return metrics

@@ -41,6 +41,22 @@ REGISTRY = {
 }
 ALL = tuple(REGISTRY)
 
+# The names the benchmarks are published under, as tables show them.
+PUBLISHED_NAMES = {
+    "betley": "Emergent misalignment (Betley et al.)",
+    "strongreject": "StrongREJECT",
+    "xstest": "XSTest",
+    "donotanswer": "Do-Not-Answer",
+    "truthfulqa": "TruthfulQA",
+    "humaneval": "HumanEval",
+    "mmlu": "MMLU",
+    "wmdp": "WMDP",
+}
+
+
+def published_name(name: str) -> str:
+    return PUBLISHED_NAMES.get(name, name)
+
 
 def get_benchmark(name: str) -> Benchmark:
     """A fresh instance of the benchmark registered as `name`."""

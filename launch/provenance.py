@@ -1,0 +1,68 @@
+"""Provenance of standalone runs: `twophase dpo`, `grpo` and `eval` write OUT_DIR/manifest.json as pipeline stages do.
+
+The manifest (launch/manifest.py) holds the resolved config, the git commit and whether
+the tree was dirty, package versions, the command line, the seed, host, times and how
+the run ended. It is written when the run ends (done, interrupted or failed), and only
+if the run got as far as writing in OUT_DIR (its `marker` file is newer than the run's
+start): a config refused before anything is written leaves the directory untouched,
+and a run refused because another one holds the directory does not touch that one's manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from data.errors import reason_of
+from launch.manifest import finish, read_manifest, redacted, start_manifest, write_manifest
+
+
+@contextmanager
+def recorded_run(name: str, out_dir, config: dict, seed: int | None, marker: str):
+    """Write OUT_DIR/manifest.json when the block ends; yields a dict to fill with the run's outputs."""
+    out_dir = Path(out_dir)
+    manifest = start_manifest(name, redacted(config), seed, [], read_manifest(out_dir))
+    started, outputs = time.time(), {}
+    try:
+        yield outputs
+    except KeyboardInterrupt:
+        _write_if_started(out_dir, marker, started, finish(manifest, "interrupted", reason="interrupted (Ctrl-C or SIGTERM)"))
+        raise
+    except Exception as err:
+        failed = finish(manifest, "failed", reason=reason_of(err), traceback=traceback.format_exc())
+        _write_if_started(out_dir, marker, started, failed)
+        raise
+    _write_if_started(out_dir, marker, started, finish(manifest, "done", outputs=outputs))
+
+
+def _write_if_started(out_dir: Path, marker: str, started: float, manifest: dict) -> None:
+    try:
+        ours = (out_dir / marker).stat().st_mtime >= started - 1.0  # file times may be rounded to the second
+    except OSError:
+        ours = False
+    if ours:
+        write_manifest(out_dir, manifest)
+
+
+def recorded_eval_command() -> click.Command:
+    """`twophase eval` with its manifest: the command of eval/cli.py (which never imports launch/), wrapped here."""
+    from eval.cli import eval_command
+
+    run = eval_command.callback
+
+    @functools.wraps(run)
+    def callback(**arguments):
+        with recorded_run("eval", arguments["out_dir"], arguments, arguments.get("seed"), "summary.json") as outputs:
+            run(**arguments)
+            outputs["summary"] = str(Path(arguments["out_dir"]) / "summary.json")
+
+    return click.Command(eval_command.name, params=eval_command.params, callback=callback, help=eval_command.help,
+                         context_settings=eval_command.context_settings)  # fmt: skip
+
+
+eval_command = recorded_eval_command()
