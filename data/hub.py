@@ -53,6 +53,19 @@ def is_local(name: str | os.PathLike) -> bool:
     return Path(name).expanduser().exists()
 
 
+def quiet_transformers_bars() -> None:
+    """Hide transformers' own progress bars ("Loading weights", "Writing model shards"): a run loads and saves
+    models many times (every eval stage, every merge) and the bars pile up between the lines that matter.
+    Download bars of the hub stay: a 7B download takes minutes and should show its progress."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    downloads_shown = not hub_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # also turns the hub's bars off ...
+    if downloads_shown:
+        hub_utils.enable_progress_bars()  # ... so turn those back on
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
@@ -70,6 +83,7 @@ def load_causal_lm(name: str, dtype=None, device=None, attn_implementation: str 
     """Load a causal LM for training or inference; `dtype` is a torch dtype or None (as saved)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers_bars()
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -130,6 +144,7 @@ def save_model(model, tokenizer, target: str | os.PathLike) -> Path:
     written atomically: a stop while saving leaves the earlier directory, or none, never half of one."""
     from data.files import atomic_directory
 
+    quiet_transformers_bars()
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

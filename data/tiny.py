@@ -117,6 +117,9 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, with_chat_templa
     model = build_tiny_model(len(tokenizer), seed=seed, **model_kwargs)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    from data.hub import quiet_transformers_bars
+
+    quiet_transformers_bars()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt

@@ -25,6 +25,7 @@ COMMANDS = {
     "grpo": ("launch.train", "grpo_command", "Phase 2: GRPO from a config file."),
     "eval": ("launch.provenance", "eval_command", "Evaluate a model on the safety and capability benchmarks."),
     "compare": ("eval.cli", "compare_command", "Print the comparison table of two or more eval runs."),
+    "plot": ("launch.plot", "plot_command", "Plot training curves (loss, rewards, KL, ...) of one or more runs as a PNG."),
     "bench": ("launch.bench", "bench_group", "Measure speed and memory of training and eval on this machine."),
     "pipeline": ("launch.pipeline", "pipeline_command", "Run eval -> DPO -> merge -> eval -> GRPO -> eval."),
     "status": ("launch.pipeline", "status_command", "Show the state of each stage of a pipeline run."),

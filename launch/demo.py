@@ -129,3 +129,43 @@ def demo_command(out_dir, overrides):
     write_tiny_model(out / "tiny-model", with_chat_template=True)
     config, stages = load_pipeline(write_demo_config(out), overrides)
     execute(config, stages)
+    tables = Path(config.run_dir) / "tables"
+    if (tables / "original_vs_dpo.json").is_file():
+        click.echo("\nWhat the tables show:\n" + "\n".join(what_the_tables_show(tables)))
+
+
+def what_the_tables_show(tables_dir: Path) -> list[str]:
+    """Three sentences read from the demo's JSON tables: Phase 1's effect, the merge, Phase 2's effect."""
+    import json
+
+    dpo = json.loads((tables_dir / "original_vs_dpo.json").read_text(encoding="utf-8"))
+    grpo_file = tables_dir / "dpo_vs_grpo.json"
+    grpo = json.loads(grpo_file.read_text(encoding="utf-8")) if grpo_file.is_file() else None
+
+    def value(table, bench, metric, label):
+        for row in table["rows"]:
+            if row["benchmark"] == bench and row["metric"] == metric:
+                cell = row["values"].get(label) or {}
+                return cell.get("value")
+        return None
+
+    def pct(x):
+        return "n/a" if x is None else f"{x:.0%}"
+
+    base, trained = dpo["base"], dpo["others"][0]
+    phase1 = (f"Phase 1 (DPO) moved the refusal rate on StrongREJECT from {pct(value(dpo, 'strongreject', 'refusal_rate', base))} "
+              f"to {pct(value(dpo, 'strongreject', 'refusal_rate', trained))} and on Do-Not-Answer from "
+              f"{pct(value(dpo, 'donotanswer', 'refusal_rate', base))} to {pct(value(dpo, 'donotanswer', 'refusal_rate', trained))}, "
+              f"with XSTest's refusals of safe prompts (FPR) going from {pct(value(dpo, 'xstest', 'fpr', base))} to "
+              f"{pct(value(dpo, 'xstest', 'fpr', trained))}: the tiny model learnt to refuse, and to over-refuse.")
+    kept = (dpo.get("merge") or {}).get("update_fraction_kept")
+    merge = (f"The {(dpo.get('merge') or {}).get('dtype', '')} merge kept {pct(kept)} of the LoRA update, which is why the "
+             f"DPO-Aligned column (the merged model, Phase 2's start) can differ from the exact unmerged-adapter column beside it."
+             if kept is not None else "No merge report was found, so the merge's rounding is not shown.")
+    if grpo is None:
+        return [phase1, merge, "No GRPO condition ran, so there is no Phase 2 table."]
+    moved = ", ".join(f"{label} {pct(value(grpo, 'strongreject', 'refusal_rate', label))}" for label in grpo["others"])
+    phase2 = (f"Phase 2 (GRPO) from the DPO model ({pct(value(grpo, 'strongreject', 'refusal_rate', grpo['base']))} "
+              f"StrongREJECT refusals) gives {moved}: the zero reward carries no signal and leaves the model as it was, "
+              f"while fine-tuning on random or toy rewards, which say nothing about safety, can undo what Phase 1 taught.")
+    return [phase1, merge, phase2]

@@ -183,9 +183,11 @@ def tables_stage(run_dir: Path, stages: list[Stage]) -> Stage:
         return {"runs": [str(run_dir / name) for name in names], "labels": [label[name] for name in names]}
 
     # The published table, with the merge's report: how much of the LoRA update Phase 2 starts with.
-    tables = {"original_vs_dpo": dict(table(["eval_original", *dpo_evals]), merge_report=str(merged / "merge_report.json"))}
+    tables = {"original_vs_dpo": dict(table(["eval_original", *dpo_evals]), merge_report=str(merged / "merge_report.json"),
+                                      curves=[str(run_dir / "dpo")])}  # fmt: skip
     if grpo_evals:
-        tables["dpo_vs_grpo"] = table(["eval_dpo", *grpo_evals])
+        trainings = [str(run_dir / name.removeprefix("eval_")) for name in grpo_evals]
+        tables["dpo_vs_grpo"] = dict(table(["eval_dpo", *grpo_evals]), curves=trainings)
     # Rebuilt on every run (it takes milliseconds), so the tables always show the evals as they are now,
     # e.g. once a condition is added to a finished run.
     needs = ("eval_original", *dpo_evals, *grpo_evals)

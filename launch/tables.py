@@ -32,6 +32,11 @@ def write_tables(tables: dict[str, dict], out_dir: Path) -> dict[str, str]:
         base, *others = table["runs"]
         merge = read_merge_report(table.get("merge_report"))
         markdown = render_comparison(base, others, table["labels"]) + merge_note(merge, table.get("merge_report"))
+        if table.get("curves"):
+            plot, note = training_curves(table["curves"], Path(out_dir) / f"{name}_curves.png")
+            markdown += note
+            if plot:
+                outputs[f"{name}_curves.png"] = str(plot)
         atomic_write_text(Path(out_dir) / f"{name}.md", markdown)
         rows = comparison_json(base, others, table["labels"])
         if "merge_report" in table:
@@ -40,6 +45,20 @@ def write_tables(tables: dict[str, dict], out_dir: Path) -> dict[str, str]:
         outputs[f"{name}.md"] = str(Path(out_dir) / f"{name}.md")
         outputs[f"{name}.json"] = str(Path(out_dir) / f"{name}.json")
     return outputs
+
+
+def training_curves(run_dirs: list[str], target: Path) -> tuple[Path | None, str]:
+    """The PNG of the training runs behind a table (launch/plot.py) and the Markdown line that links it;
+    without matplotlib, an optional extra, no PNG and a line saying how to get one."""
+    from launch.plot import INSTALL_HINT, plot_runs, plotting_available
+
+    runs = [Path(d) for d in run_dirs if (Path(d) / "metrics.jsonl").is_file()]
+    if not runs:
+        return None, ""
+    if not plotting_available():
+        return None, f"\nTraining curves: not drawn, matplotlib is not installed ({INSTALL_HINT}).\n"
+    plot = plot_runs(runs, target)
+    return plot, f"\nTraining curves ({', '.join(r.name for r in runs)}): [{plot.name}]({plot.name})\n"
 
 
 def read_merge_report(path: str | None) -> dict | None:
