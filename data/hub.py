@@ -13,9 +13,62 @@ from pathlib import Path
 from data.errors import UserError
 
 
+OFFLINE_HINT = ("pass a local path, or pre-download it where there is network (hf download NAME, then HF_HUB_OFFLINE=1 "
+                "on the compute node; README: 'Offline machines and compute nodes')")
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hub_offline() -> bool:
+    """Whether the hub is out of reach: an offline variable says so, or its host does not answer within 3 s.
+
+    Asked once per process. Without this, transformers and datasets retry an unreachable hub for
+    about a minute (22 retry lines) before failing; offline, they read only the local cache, at once.
+    """
+    global _offline
+    if _offline is None:
+        _offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARIABLES)
+        if not _offline:
+            _offline = not _answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        if _offline:
+            _go_offline()
+    return _offline
+
+
+_offline: bool | None = None
+
+
+def _answers(endpoint: str) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _go_offline() -> None:
+    """Tell the hub libraries to read their caches only (they read these flags at each call)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries imported from now on
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                              ("datasets.config", "HF_DATASETS_OFFLINE"), ("transformers.utils.hub", "_is_offline_mode")):  # fmt: skip
+        try:
+            target = __import__(module, fromlist=[attribute])
+        except ImportError:
+            continue
+        if hasattr(target, attribute) and isinstance(getattr(target, attribute), bool):
+            setattr(target, attribute, True)
+
+
 def _unreachable(kind: str, name: str, err: Exception) -> UserError:
     if looks_like_path(name):
         return _missing_path(kind, name)
+    if _offline:
+        download = f"--repo-type dataset {name}" if kind == "dataset" else name
+        return UserError(f"cannot load {kind} '{name}': the hub is not reachable (offline) and it is not in the local "
+                         f"cache; {OFFLINE_HINT.replace('NAME', download)}")  # fmt: skip
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(
         f"cannot load {kind} '{name}': it is not a local path and the hub did not provide it "
@@ -69,6 +122,8 @@ def quiet_transformers_bars() -> None:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    if not is_local(name):
+        hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as err:
@@ -91,6 +146,8 @@ def load_causal_lm(name: str, dtype=None, device=None, attn_implementation: str 
         kwargs["attn_implementation"] = attn_implementation
     from safetensors import SafetensorError
 
+    if not is_local(name):
+        hub_offline()
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
     except SafetensorError as err:  # a weights file cut short (an interrupted copy or download) or overwritten
@@ -133,6 +190,7 @@ def load_hub_dataset(dataset_id: str, split: str, **kwargs):
         import datasets
     except ImportError as err:  # datasets is a dependency, but keep the message readable
         raise UserError(f"the 'datasets' package is needed to load '{dataset_id}': pip install datasets") from err
+    hub_offline()
     try:
         return datasets.load_dataset(dataset_id, split=split, **kwargs)
     except Exception as err:  # datasets raises many types for "offline" and "no such dataset"
