@@ -20,9 +20,15 @@ from pathlib import Path
 
 import click
 
+from data.errors import UserError
 from data.files import atomic_write_text
 
 CPU_ONLY_STAGES = ("tables",)  # reads JSON files and writes tables: no GPU to wait for
+CPU_STAGE_TIME, CPU_STAGE_CPUS = "00:30:00", 2  # the tables take seconds; a short job starts sooner
+# Where models and datasets are cached, and whether to look for the hub at all: a job sees them as they
+# were where `twophase slurm` ran, so the node reads the same pre-downloaded files (README: offline machines).
+CARRIED_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "HF_HUB_OFFLINE",
+                     "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")  # fmt: skip
 
 
 @dataclass
@@ -33,6 +39,9 @@ class ClusterOptions:
     gpu_type: str | None = "a100"
     cpus_per_task: int = 8
     mem: str | None = None
+    signal_seconds: int = 600  # SIGTERM this long before the time limit: time to write a checkpoint
+    requeue: bool = True  # a preempted or timed-out stage goes back in the queue and resumes
+    environment: dict[str, str] | None = None  # exported in every job (CARRIED_VARIABLES, --offline)
 
 
 def twophase_executable() -> str:
@@ -49,26 +58,47 @@ def stage_command(config_path: Path, stage: str, overrides: tuple[str, ...]) -> 
 
 
 def sbatch_script(stage: str, command: str, job_name: str, log_dir: Path, workdir: Path, options: ClusterOptions) -> str:
+    cpu_only = stage in CPU_ONLY_STAGES
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}"]
     if options.partition:
         lines.append(f"#SBATCH --partition={options.partition}")
     if options.account:
         lines.append(f"#SBATCH --account={options.account}")
-    if stage not in CPU_ONLY_STAGES:
+    if not cpu_only:
         lines.append(f"#SBATCH --gres=gpu:{options.gpu_type}:1" if options.gpu_type else "#SBATCH --gres=gpu:1")
-    lines.append(f"#SBATCH --cpus-per-task={options.cpus_per_task}")
-    if options.mem:
+    lines.append(f"#SBATCH --cpus-per-task={CPU_STAGE_CPUS if cpu_only else options.cpus_per_task}")
+    if options.mem and not cpu_only:
         lines.append(f"#SBATCH --mem={options.mem}")
-    lines += [
-        f"#SBATCH --time={options.time}",
-        f"#SBATCH --output={log_dir}/{stage}-%j.log",
-        "",
-        "set -euo pipefail",
-        f"cd {shlex.quote(str(workdir))}  # relative paths in the config and --set mean what they meant here",
-        command,
-        "",
+    lines += [f"#SBATCH --time={CPU_STAGE_TIME if cpu_only else options.time}", f"#SBATCH --output={log_dir}/{stage}-%j.log"]
+    if options.requeue and not cpu_only:
+        lines += [f"#SBATCH --signal=B:TERM@{options.signal_seconds}", "#SBATCH --requeue"]
+    lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(workdir))}  # relative paths in the config and --set mean what they meant here"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted((options.environment or {}).items())]
+    if options.requeue and not cpu_only:
+        lines += _run_and_requeue(command)
+    else:
+        lines += [f"exec {command}"]
+    return "\n".join(lines + [""])
+
+
+def _run_and_requeue(command: str) -> list[str]:
+    """Run the stage; on SIGTERM (preemption, or --signal before the time limit) let it checkpoint, then requeue.
+
+    Slurm signals the batch shell (B:), which passes the signal on; twophase writes a checkpoint
+    and exits 130, and `scontrol requeue` puts the job back in the queue under the same id, so the
+    jobs waiting for it keep waiting. The requeued job resumes the stage from its checkpoint.
+    """
+    return [
+        f"{command} &",
+        "child=$!",
+        'trap \'echo "SIGTERM: the stage writes a checkpoint, then the job is requeued"; kill -TERM "$child"\' TERM',
+        'wait "$child"; status=$?',
+        'while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done  # a trapped signal ends the first wait early',
+        'if [ "$status" -eq 130 ] || [ "$status" -eq 143 ]; then',
+        '  scontrol requeue "$SLURM_JOB_ID" || true  # preemption may have requeued it already',
+        "fi",
+        'exit "$status"',
     ]
-    return "\n".join(lines)
 
 
 def submit_script(jobs: list[tuple[str, str, tuple[str, ...]]]) -> str:
@@ -90,8 +120,34 @@ def submit_script(jobs: list[tuple[str, str, tuple[str, ...]]]) -> str:
     return "\n".join(lines)
 
 
+def check_lean_projects(stages) -> None:
+    """A Lean reward's project_dir must be a Lake project before any job waits in the queue for hours."""
+    for stage in stages:
+        if stage.skip_reason:
+            continue
+        lean = ((stage.settings.get("reward_options") or {}).get("lean") or {})
+        project = lean.get("project_dir")
+        if project is None:
+            continue
+        path = Path(project).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{stage.name}: reward_options.lean.project_dir {project} is not a directory; pass the Lake "
+                            f"project with Mathlib and the REPL built (as the compute nodes see it)")  # fmt: skip
+        if not any((path / name).is_file() for name in ("lakefile.lean", "lakefile.toml")):
+            raise UserError(f"{stage.name}: reward_options.lean.project_dir {project} has no lakefile.lean or lakefile.toml; "
+                            f"pass the root of a Lake project with Mathlib and the REPL built")  # fmt: skip
+
+
+def carried_environment(offline: bool) -> dict[str, str]:
+    environment = {name: os.environ[name] for name in CARRIED_VARIABLES if os.environ.get(name)}
+    if offline:
+        environment.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return environment
+
+
 def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...], out_dir: Path, options: ClusterOptions) -> list[Path]:
     """DIR/NN_<stage>.sbatch for every stage that runs, and DIR/submit.sh; returns the files written."""
+    check_lean_projects(stages)
     run_dir = Path(config.run_dir)
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the directory of --output
@@ -122,7 +178,13 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
 @click.option("--gpu-type", default="a100", show_default=True, help="GPU type in --gres=gpu:TYPE:1; empty for any.")
 @click.option("--cpus-per-task", default=8, show_default=True, type=int, help="CPUs per job (the Lean REPL pool of fv uses them).")
 @click.option("--mem", default=None, help="Memory per job, e.g. 128G (default: the partition's).")
-def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem):
+@click.option("--signal-seconds", default=600, show_default=True, type=click.IntRange(min=1),
+              help="SIGTERM a training job this many seconds before its time limit, to checkpoint and requeue.")
+@click.option("--requeue/--no-requeue", default=True, show_default=True,
+              help="Requeue a preempted or timed-out job, which then resumes from its checkpoint.")
+@click.option("--offline", is_flag=True, help="Jobs never ask the hub (HF_HUB_OFFLINE=1): models and data are pre-downloaded.")
+def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem,
+                  signal_seconds, requeue, offline):
     """Write one sbatch script per pipeline stage (one GPU each) and submit.sh, which chains them.
 
     Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
@@ -130,7 +192,8 @@ def slurm_command(config_path, out_dir, overrides, partition, account, time_limi
     from launch.experiment import load_pipeline
 
     config, stages = load_pipeline(config_path, overrides)
-    options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem)
+    options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem, signal_seconds, requeue,
+                             carried_environment(offline))  # fmt: skip
     files = write_scripts(stages, config, Path(config_path), tuple(overrides), Path(out_dir), options)
     for stage in stages:
         if stage.skip_reason:

@@ -60,14 +60,18 @@ def test_one_script_per_stage_with_the_cluster_options(tmp_path, capsys):
     for line in ("#SBATCH --job-name=run-dpo", "#SBATCH --partition=gpu-a100", "#SBATCH --account=safety",
                  "#SBATCH --gres=gpu:a100:1", "#SBATCH --time=12:00:00", f"#SBATCH --output={tmp_path / 'run' / 'logs'}/dpo-%j.log"):  # fmt: skip
         assert line in dpo.splitlines(), line
-    command = dpo.strip().splitlines()[-1]
+    command = next(line for line in dpo.splitlines() if " pipeline --config " in line).removesuffix(" &")
     assert " pipeline --config " + str(PUBLISHED) + " --stage dpo " in command
     assert "--set dpo.max_steps=10" in command and "--set 'eval.judge=local:/models/my judge'" in command
     assert command.split()[0].endswith("twophase")
     assert f"cd {Path.cwd()}" in dpo
     assert (tmp_path / "run" / "logs").is_dir()  # Slurm would not create it
+    for line in ("#SBATCH --signal=B:TERM@600", "#SBATCH --requeue", '  scontrol requeue "$SLURM_JOB_ID" || true  # preemption may have requeued it already'):
+        assert line in dpo.splitlines(), line
     tables = (out / "09_tables.sbatch").read_text()
     assert "--gres" not in tables and "--stage tables" in tables  # no GPU to wait for
+    assert "#SBATCH --time=00:30:00" in tables.splitlines() and "#SBATCH --cpus-per-task=2" in tables.splitlines()
+    assert "--requeue" not in tables and "--signal" not in tables
 
 
 def test_without_account_or_partition_no_such_lines(tmp_path, capsys):
@@ -91,11 +95,14 @@ def test_submit_chains_each_stage_after_what_it_needs(tmp_path, capsys):
 
 
 def test_a_configured_lean_project_adds_the_fv_jobs(tmp_path, capsys):
-    out = _write_scripts(tmp_path, capsys, "--set", "conditions.fv.reward_options.lean.project_dir=/opt/mathlib")
+    project = tmp_path / "mathlib"
+    project.mkdir()
+    (project / "lakefile.lean").write_text("-- a Lake project\n")
+    out = _write_scripts(tmp_path, capsys, "--set", f"conditions.fv.reward_options.lean.project_dir={project}")
     jobs = _submit(out, tmp_path)
     assert jobs["grpo_fv"][1] == [jobs["dpo"][0]] and jobs["eval_grpo_fv"][1] == [jobs["grpo_fv"][0]]
     assert jobs["eval_grpo_fv"][0] in jobs["tables"][1]
-    assert "--set conditions.fv.reward_options.lean.project_dir=/opt/mathlib" in (out / "09_grpo_fv.sbatch").read_text()
+    assert f"--set conditions.fv.reward_options.lean.project_dir={project}" in (out / "09_grpo_fv.sbatch").read_text()
 
 
 def test_bad_config_stops_before_writing_anything(tmp_path, capsys):
@@ -103,3 +110,52 @@ def test_bad_config_stops_before_writing_anything(tmp_path, capsys):
         main(["slurm", "--config", str(PUBLISHED), "--out", str(tmp_path / "slurm"), "--set", "dpo.lr_typo=1"])
     assert exit_info.value.code == 2 and "lr_typo" in capsys.readouterr().err
     assert not (tmp_path / "slurm").exists()
+
+
+@pytest.mark.parametrize("project, reason", [("missing", "is not a directory"), ("empty", "has no lakefile.lean or lakefile.toml")])
+def test_a_lean_project_that_is_not_one_is_refused_before_writing(tmp_path, capsys, project, reason):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slurm", "--config", str(PUBLISHED), "--out", str(tmp_path / "slurm"),
+              "--set", f"conditions.fv.reward_options.lean.project_dir={tmp_path / project}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: grpo_fv: reward_options.lean.project_dir {tmp_path / project} {reason}; "
+                                       + ("pass the Lake project with Mathlib and the REPL built (as the compute nodes see it)\n"
+                                          if project == "missing" else
+                                          "pass the root of a Lake project with Mathlib and the REPL built\n"))
+    assert not (tmp_path / "slurm").exists()
+
+
+def test_offline_and_cache_variables_reach_every_job(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", "/scratch/hf cache")
+    out = _write_scripts(tmp_path, capsys, "--offline")
+    for script in out.glob("*.sbatch"):
+        lines = script.read_text().splitlines()
+        assert "export HF_HOME='/scratch/hf cache'" in lines and "export HF_HUB_OFFLINE=1" in lines, script.name
+
+
+def test_sigterm_checkpoints_then_requeues_the_job(tmp_path):
+    """The script's own shell code: SIGTERM to the batch shell reaches the stage, which exits 130; the job requeues."""
+    import signal
+    import time
+
+    from launch.slurm import ClusterOptions, sbatch_script
+
+    log = tmp_path / "log"
+    stage = tmp_path / "stage.sh"  # stands in for twophase: a checkpoint on SIGTERM, then exit 130
+    stage.write_text(f"trap 'echo checkpoint >> {log}; exit 130' TERM\necho started >> {log}\nwhile true; do sleep 0.05; done\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"scontrol $*\" >> {log}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(sbatch_script("dpo", f"bash {stage}", "job", tmp_path, tmp_path, ClusterOptions()))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    job = subprocess.Popen(["bash", str(script)], env=env)
+    for _ in range(200):
+        if log.exists() and "started" in log.read_text():
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=20) == 130
+    assert log.read_text().splitlines() == ["started", "checkpoint", "scontrol requeue 4242"]
