@@ -83,6 +83,10 @@ DEMO_GRPO = dict(
     log_every=5,
 )
 
+# The tiny model's matrices (hidden size 64) are too small for a second thread to pay for its
+# synchronisation: on 2 cores one thread was as fast or faster (README: "Timings").
+DEMO_THREADS = 1
+
 DEMO_CONDITIONS = {"random": {"reward": "random"}, "zero": {"reward": "zero"}, "toy": {"reward": "toy"}}
 
 
@@ -116,12 +120,18 @@ def write_demo_config(out_dir: Path) -> Path:
               help="Run directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a key of the demo's pipeline config, e.g. --set dpo.max_steps=10 (repeatable).")
-def demo_command(out_dir, overrides):
-    """The whole experiment on a tiny model, CPU only, offline, in well under a minute:
+@click.option("--threads", default=DEMO_THREADS, show_default=True, type=click.IntRange(min=1),
+              help="CPU threads for torch (the tiny model's matrices are too small to gain from more; README: timings).")
+def demo_command(out_dir, overrides, threads):
+    """The whole experiment on a tiny model, CPU only, offline:
     eval, LoRA DPO + merge, eval, GRPO (random, zero, toy rewards), eval, tables."""
+    import torch
+
     from data.tiny import write_tiny_model
     from launch.experiment import load_pipeline
     from launch.pipeline import execute
+
+    torch.set_num_threads(threads)
 
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
     out = Path(out_dir)

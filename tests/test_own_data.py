@@ -143,3 +143,18 @@ def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
     for sample in samples:
         answer = "5" if sample["task_id"] == "row-1" else "8"
         assert list(sample["rewards"].values()) == [float(len(sample["completion"]) == len(answer))]
+
+
+def test_the_readme_examples_load_as_their_layouts(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```jsonl\n")[1:]]
+    assert len(blocks) == 6
+    for number, (block, layout) in enumerate(zip(blocks[:4], [HH, PLAIN, CONVERSATIONAL, IMPLICIT])):
+        pairs, report = load_preferences(write_rows(tmp_path, block.strip().splitlines(), f"p{number}.jsonl"))
+        assert (report["layout"], report["used"], report["rows"]) == (layout, 3, 3), layout
+    for number, (block, layout) in enumerate(zip(blocks[4:], [LEAN, PROMPT])):
+        tasks, report = load_tasks(write_rows(tmp_path, block.strip().splitlines(), f"t{number}.jsonl"))
+        assert (report["layout"], report["used"], report["rows"]) == (layout, 3, 3), layout
