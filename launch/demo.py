@@ -167,15 +167,35 @@ def what_the_tables_show(tables_dir: Path) -> list[str]:
               f"to {pct(value(dpo, 'strongreject', 'refusal_rate', trained))} and on Do-Not-Answer from "
               f"{pct(value(dpo, 'donotanswer', 'refusal_rate', base))} to {pct(value(dpo, 'donotanswer', 'refusal_rate', trained))}, "
               f"with XSTest's refusals of safe prompts (FPR) going from {pct(value(dpo, 'xstest', 'fpr', base))} to "
-              f"{pct(value(dpo, 'xstest', 'fpr', trained))}: the tiny model learnt to refuse, and to over-refuse.")
-    kept = (dpo.get("merge") or {}).get("update_fraction_kept")
-    merge = (f"The {(dpo.get('merge') or {}).get('dtype', '')} merge kept {pct(kept)} of the LoRA update, which is why the "
-             f"DPO-Aligned column (the merged model, Phase 2's start) can differ from the exact unmerged-adapter column beside it."
-             if kept is not None else "No merge report was found, so the merge's rounding is not shown.")
+              f"{pct(value(dpo, 'xstest', 'fpr', trained))}{_lesson(dpo, value, base, trained)}.")
+    report = dpo.get("merge") or {}  # the merge: what Phase 2 starts from
+    kept = report.get("update_fraction_kept")
+    if kept is None:
+        merge = "No merge report was found, so the tables do not show what the merge's rounding kept."
+    elif kept >= 0.99:
+        merge = (f"The {report.get('dtype')} merge kept {pct(kept)} of the LoRA update, so the merged model (DPO-Aligned, "
+                 f"Phase 2's start) is the trained model, as the unmerged-adapter column beside it confirms.")
+    else:
+        merge = (f"The {report.get('dtype')} merge kept only {pct(kept)} of the LoRA update: where DPO-Aligned (the merged "
+                 f"model, Phase 2's start) differs from the unmerged-adapter column, rounding undid training.")
     if grpo is None:
         return [phase1, merge, "No GRPO condition ran, so there is no Phase 2 table."]
-    moved = ", ".join(f"{label} {pct(value(grpo, 'strongreject', 'refusal_rate', label))}" for label in grpo["others"])
-    phase2 = (f"Phase 2 (GRPO) from the DPO model ({pct(value(grpo, 'strongreject', 'refusal_rate', grpo['base']))} "
-              f"StrongREJECT refusals) gives {moved}: the zero reward carries no signal and leaves the model as it was, "
-              f"while fine-tuning on random or toy rewards, which say nothing about safety, can undo what Phase 1 taught.")
+    start = value(grpo, "strongreject", "refusal_rate", grpo["base"])
+    after = {label: value(grpo, "strongreject", "refusal_rate", label) for label in grpo["others"]}
+    kept_by = [label for label, x in after.items() if x == start]
+    moved = [f"{label} moved it to {pct(x)}" for label, x in after.items() if x != start]
+    phase2 = (f"Phase 2 (GRPO) started from {pct(start)} StrongREJECT refusals; "
+              + (f"{' and '.join(kept_by)} left that unchanged" if kept_by else "no condition left that unchanged")
+              + (f", while {' and '.join(moved)}: fine-tuning on rewards that say nothing about safety changed what "
+                 f"Phase 1 taught." if moved else ": no condition changed what Phase 1 taught."))
     return [phase1, merge, phase2]
+
+
+def _lesson(table, value, base, trained) -> str:
+    """What Phase 1's numbers say, in words: refusing more (and over-refusing), or not."""
+    before, after = value(table, "strongreject", "refusal_rate", base), value(table, "strongreject", "refusal_rate", trained)
+    fpr_before, fpr_after = value(table, "xstest", "fpr", base), value(table, "xstest", "fpr", trained)
+    if None in (before, after) or after <= before:
+        return ": the model did not learn to refuse more"
+    over = fpr_before is not None and fpr_after is not None and fpr_after > fpr_before
+    return ": the model learnt to refuse" + (", and to over-refuse safe prompts" if over else "")

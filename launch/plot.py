@@ -3,8 +3,8 @@
 The panels, against the optimizer step (a panel no run logged says so):
 
   loss                       the step's loss
-  rewards                    DPO's implicit rewards (chosen, rejected, margin); GRPO's mean reward
-  reward accuracy            DPO's share of pairs ranked right; GRPO's share of groups with zero spread
+  rewards                    DPO's implicit rewards (chosen, rejected, margin); the spread of GRPO's rewards
+  reward accuracy            DPO's share of pairs ranked right; GRPO's mean reward
   KL                         GRPO's KL to the reference (logged when beta > 0)
   grad norm                  before clipping
   throughput                 trained tokens per second (and GRPO's generated tokens per second)
@@ -26,7 +26,7 @@ from data.errors import UserError
 PANELS = [
     ("loss", [("loss", "loss")]),
     ("rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("rewards/margin", "margin"),
-                 ("reward/mean", "mean reward")]),
+                 ("reward/std", "reward std")]),
     ("reward accuracy / mean reward", [("rewards/accuracy", "accuracy"), ("reward/mean", "mean reward")]),
     ("KL", [("kl", "KL")]),
     ("grad norm", [("grad_norm", "grad norm")]),

@@ -62,3 +62,30 @@ def test_missing_reporter_package_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ("error: report_to: wandb needs the wandb package, which is not installed: "
                                        "pip install wandb (or remove wandb from report_to)\n")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_demo_says_what_its_tables_show(tmp_path):
+    from launch.demo import what_the_tables_show
+
+    def cell(x):
+        return {"value": x}
+
+    def row(bench, metric, values):
+        return {"benchmark": bench, "metric": metric, "values": {k: cell(v) for k, v in values.items()}}
+
+    dpo = {"base": "Original", "others": ["DPO-Aligned"], "merge": {"dtype": "bfloat16", "update_fraction_kept": 0.11},
+           "rows": [row("strongreject", "refusal_rate", {"Original": 0.0, "DPO-Aligned": 2 / 3}),
+                    row("donotanswer", "refusal_rate", {"Original": 0.2, "DPO-Aligned": 0.8}),
+                    row("xstest", "fpr", {"Original": 0.25, "DPO-Aligned": 0.25})]}
+    grpo = {"base": "DPO-Aligned", "others": ["GRPO zero", "GRPO toy"],
+            "rows": [row("strongreject", "refusal_rate", {"DPO-Aligned": 2 / 3, "GRPO zero": 2 / 3, "GRPO toy": 0.0})]}
+    (tmp_path / "original_vs_dpo.json").write_text(json.dumps(dpo))
+    (tmp_path / "dpo_vs_grpo.json").write_text(json.dumps(grpo))
+    assert what_the_tables_show(tmp_path) == [
+        "Phase 1 (DPO) moved the refusal rate on StrongREJECT from 0% to 67% and on Do-Not-Answer from 20% to 80%, "
+        "with XSTest's refusals of safe prompts (FPR) going from 25% to 25%: the model learnt to refuse.",
+        "The bfloat16 merge kept only 11% of the LoRA update: where DPO-Aligned (the merged model, Phase 2's start) "
+        "differs from the unmerged-adapter column, rounding undid training.",
+        "Phase 2 (GRPO) started from 67% StrongREJECT refusals; GRPO zero left that unchanged, while GRPO toy moved it "
+        "to 0%: fine-tuning on rewards that say nothing about safety changed what Phase 1 taught.",
+    ]
