@@ -24,7 +24,7 @@ def execute(config: PipelineConfig, stages: list[Stage], only: str | None = None
     try:
         run_stages(Path(config.run_dir), stages, dataclasses.asdict(config), only)
     except KeyboardInterrupt:
-        click.echo("interrupted: rerun the same command to resume the stage from its last checkpoint", err=True)
+        click.echo(interrupted_message(Path(config.run_dir), stages), err=True)
         sys.exit(130)
     run_dir = Path(config.run_dir)
     tables = read_manifest(run_dir / "tables")
@@ -34,6 +34,21 @@ def execute(config: PipelineConfig, stages: list[Stage], only: str | None = None
         print_tables([path for path in tables["outputs"].values() if path.endswith(".md")], echo=click.echo)
     click.echo("\n" + "\n".join(status_lines(run_dir)))
     click.echo(f"\nfinished in {time.time() - started:.0f} s; outputs in {run_dir} (twophase status {run_dir})")
+
+
+def interrupted_message(run_dir: Path, stages: list[Stage]) -> str:
+    """Which stage stopped, where its newest checkpoint is, and the command that continues (the same one)."""
+    import shlex
+
+    from trainers.checkpoint import list_checkpoints
+
+    command = shlex.join(["twophase", *sys.argv[1:]])
+    for stage in stages:
+        if (read_manifest(run_dir / stage.name) or {}).get("status") == "interrupted":
+            checkpoints = list_checkpoints(run_dir / stage.name / "checkpoints")
+            where = f"its newest checkpoint is {checkpoints[-1]}" if checkpoints else "it had no checkpoint yet"
+            return f"interrupted: stage {stage.name} stopped, {where}; continue with the same command: {command}"
+    return f"interrupted: continue with the same command: {command}"
 
 
 @click.command("pipeline")

@@ -3,15 +3,13 @@
 The manifest (launch/manifest.py) holds the resolved config, the git commit and whether
 the tree was dirty, package versions, the command line, the seed, host, times and how
 the run ended. It is written when the run ends (done, interrupted or failed), and only
-if the run got as far as writing in OUT_DIR (its `marker` file is newer than the run's
-start): a config refused before anything is written leaves the directory untouched,
+if the run got as far as writing in OUT_DIR (it created or rewrote its `marker` file): a config refused before anything is written leaves the directory untouched,
 and a run refused because another one holds the directory does not touch that one's manifest.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,25 +25,30 @@ def recorded_run(name: str, out_dir, config: dict, seed: int | None, marker: str
     """Write OUT_DIR/manifest.json when the block ends; yields a dict to fill with the run's outputs."""
     out_dir = Path(out_dir)
     manifest = start_manifest(name, redacted(config), seed, [], read_manifest(out_dir))
-    started, outputs = time.time(), {}
+    before, outputs = _modified(out_dir / marker), {}
     try:
         yield outputs
     except KeyboardInterrupt:
-        _write_if_started(out_dir, marker, started, finish(manifest, "interrupted", reason="interrupted (Ctrl-C or SIGTERM)"))
+        _write_if_started(out_dir, marker, before, finish(manifest, "interrupted", reason="interrupted (Ctrl-C or SIGTERM)"))
         raise
     except Exception as err:
         failed = finish(manifest, "failed", reason=reason_of(err), traceback=traceback.format_exc())
-        _write_if_started(out_dir, marker, started, failed)
+        _write_if_started(out_dir, marker, before, failed)
         raise
-    _write_if_started(out_dir, marker, started, finish(manifest, "done", outputs=outputs))
+    _write_if_started(out_dir, marker, before, finish(manifest, "done", outputs=outputs))
 
 
-def _write_if_started(out_dir: Path, marker: str, started: float, manifest: dict) -> None:
+def _modified(path: Path) -> int | None:
     try:
-        ours = (out_dir / marker).stat().st_mtime >= started - 1.0  # file times may be rounded to the second
+        return path.stat().st_mtime_ns
     except OSError:
-        ours = False
-    if ours:
+        return None
+
+
+def _write_if_started(out_dir: Path, marker: str, before: int | None, manifest: dict) -> None:
+    """Write the manifest if this run wrote its marker (created or rewrote it): the run got as far as OUT_DIR."""
+    now = _modified(out_dir / marker)
+    if now is not None and now != before:
         write_manifest(out_dir, manifest)
 
 

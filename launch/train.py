@@ -63,11 +63,12 @@ def _train(name: str, run, config, config_path, overrides, resume: bool) -> None
     check_reporters(config.report_to)  # a missing optional package is said before the model loads
     try:
         with recorded_run(name, config.out_dir, dataclasses.asdict(config), config.seed, "config.json") as outputs:
-            outputs.update(run(config, resume=resume))
+            result = run(config, resume=resume)
+            outputs.update({key: value for key, value in result.items() if isinstance(value, str)})  # the paths
     except KeyboardInterrupt:
         click.echo(interrupted_message(name, config.out_dir, config_path, overrides), err=True)
         raise SystemExit(130) from None
-    report_outputs(outputs)
+    report_outputs(result)
 
 
 def interrupted_message(name: str, out_dir, config_path, overrides) -> str:

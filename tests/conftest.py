@@ -1,10 +1,17 @@
 """Shared fixtures: the tiny offline model is built once per test session."""
 
+import os
 import warnings
 
 import pytest
+import torch
 
 warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+
+# The tests run tiny models whose matrices are too small for a second thread to pay for its
+# synchronisation; one thread was measured faster on 2 cores (README: "Timings on the CPU").
+# TWOPHASE_TEST_THREADS=N measures another count.
+torch.set_num_threads(int(os.environ.get("TWOPHASE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

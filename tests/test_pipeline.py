@@ -150,7 +150,8 @@ def test_an_interrupted_stage_resumes_on_rerun(tmp_path, monkeypatch, capsys):
     fakes = FakeStages(monkeypatch, fail={"grpo_random": KeyboardInterrupt()})
     config = _write_config(tmp_path)
     code, _, err = _run(capsys, "pipeline", "--config", str(config))
-    assert code == 130 and "rerun the same command" in err
+    assert code == 130 and "interrupted: stage grpo_random stopped, its newest checkpoint is " in err
+    assert "checkpoints/step-" in err and "; continue with the same command: twophase " in err
     run = tmp_path / "run"
     assert read_manifest(run / "grpo_random")["status"] == "interrupted"
     assert fakes.calls[-1] == ("grpo_random", False)

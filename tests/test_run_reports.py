@@ -89,3 +89,15 @@ def test_the_demo_says_what_its_tables_show(tmp_path):
         "Phase 2 (GRPO) started from 67% StrongREJECT refusals; GRPO zero left that unchanged, while GRPO toy moved it "
         "to 0%: fine-tuning on rewards that say nothing about safety changed what Phase 1 taught.",
     ]
+
+
+def test_standalone_eval_records_provenance(tiny_model_dir, tmp_path):
+    from eval.benchmarks import SAMPLES_DIR
+
+    out = tmp_path / "eval"
+    main(["eval", "--model", tiny_model_dir, "--benchmarks", "xstest", "--limit", "2", "--out", str(out),
+          "--data-dir", str(SAMPLES_DIR), "--option", "max_new_tokens=2", "--seed", "5", "--judge-api-key", "secret"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["stage"], manifest["status"], manifest["seed"]) == ("eval", "done", 5)
+    assert manifest["config"]["model"] == tiny_model_dir and manifest["config"]["judge_api_key"] == "<hidden>"
+    assert manifest["outputs"] == {"summary": str(out / "summary.json")} and manifest["versions"]["transformers"]
