@@ -94,6 +94,10 @@ def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
         stages.append(Stage(f"grpo_{condition}", run_grpo_stage, grpo, ("dpo",), skip))
         stages.append(Stage(f"eval_grpo_{condition}", run_eval_stage, evaluation_of_grpo, (f"grpo_{condition}",), skip))
     stages.append(tables_stage(run_dir, stages))
+    from trainers.reporting import check_reporters
+
+    for stage in stages:  # report_to's optional packages: a missing one is said before the first stage runs
+        check_reporters(stage.settings.get("report_to") or [])
     return stages
 
 

@@ -56,7 +56,7 @@ def training_curves(run_dirs: list[str], target: Path) -> tuple[Path | None, str
     if not runs:
         return None, ""
     if not plotting_available():
-        return None, f"\nTraining curves: not drawn, matplotlib is not installed ({INSTALL_HINT}).\n"
+        return None, f"\nTraining curves: not drawn, matplotlib is not installed: {INSTALL_HINT}.\n"
     plot = plot_runs(runs, target)
     return plot, f"\nTraining curves ({', '.join(r.name for r in runs)}): [{plot.name}]({plot.name})\n"
 

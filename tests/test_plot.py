@@ -52,3 +52,14 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err == ("error: plots need matplotlib, an optional extra that is not installed: "
                                        "pip install 'twophase[plot]' (or pip install matplotlib)\n")
+
+
+def test_tables_say_how_to_get_curves_without_matplotlib(tmp_path, monkeypatch):
+    from launch.tables import training_curves
+
+    run = write_metrics(tmp_path / "dpo", [{"step": 1, "loss": 0.7}])
+    monkeypatch.setattr("launch.plot.plotting_available", lambda: False)
+    assert training_curves([str(run)], tmp_path / "t_curves.png") == (
+        None, "\nTraining curves: not drawn, matplotlib is not installed: pip install 'twophase[plot]' (or pip install matplotlib).\n")
+    assert not (tmp_path / "t_curves.png").exists()
+    assert training_curves([str(tmp_path / "nothing")], tmp_path / "t_curves.png") == (None, "")
