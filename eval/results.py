@@ -253,6 +253,8 @@ def _delta(base: Metric | None, other: Metric | None, fmt: str) -> str:
     if base is None or other is None or math.isnan(base.value) or math.isnan(other.value):
         return "—"
     text = f"{other.value - base.value:+{fmt}}"
+    if text.startswith("-") and float(text) == 0:  # a difference that rounds to zero has no sign
+        text = "+" + text[1:]
     return f"**{text}**" if intervals_disjoint(base, other) else text
 
 

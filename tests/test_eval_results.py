@@ -214,3 +214,12 @@ def test_compare_refuses_runs_evaluated_with_different_settings(tmp_path, capsys
     captured = capsys.readouterr()
     assert "warning: compared despite different settings: xstest: limit 4 vs 8" in captured.err
     assert "| XSTest | fnr |" in captured.out
+
+
+def test_a_delta_that_rounds_to_zero_has_no_minus_sign():
+    from eval.results import _delta
+
+    base, lower = Metric(0.25, None, 4, 0.0, 0.74), Metric(0.2499999, None, 4, 0.0, 0.74)
+    assert _delta(base, lower, ".3f") == "+0.000"
+    assert _delta(base, Metric(0.2494, None, 4, 0.0, 0.74), ".3f") == "-0.001"
+    assert _delta(Metric(0.0, 0, 5, 0.0, 0.43), Metric(1.0, 5, 5, 0.57, 1.0), ".3f") == "**+1.000**"
