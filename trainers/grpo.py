@@ -51,6 +51,7 @@ from trainers.models import (
     token_logprobs_of,
 )
 from trainers.rewards import build_reward
+from trainers.sharding import GatheredCopy, shard_model
 from trainers.rollouts import Rollout, RolloutSlice, rollout_seeds, rollout_slice, sample_completions
 
 
@@ -70,6 +71,11 @@ class GRPORecipe:
             self.close()  # a Lean reward has started its REPLs
             raise
         self.reference = frozen_copy(self.model) if config.beta > 0 and not config.lora else None
+        # Several processes, full fine-tuning: train sharded (FSDP2), generate with a gathered copy (trainers/sharding.py).
+        self.gathered = None
+        if distributed.active() and not config.lora:
+            self.gathered = GatheredCopy(self.model)
+            shard_model(self.model, self.device)
         self.prompts = [build_prompt(task, config.prompt_format, self.tokenizer) for task in self.tasks]
         default_stops = [STOP_STRING] if config.prompt_format == "raw" else []
         self.stop_strings = tuple(default_stops if config.stop_strings is None else config.stop_strings)
@@ -78,9 +84,9 @@ class GRPORecipe:
         self.sampling = SamplingParams(config.temperature, config.top_p, config.top_k).check()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # Full fine-tuning on a GPU: the KV cache borrows the gradients' memory (see trainers/grad_arena.py).
-        self.arena = GradientArena(trainable) if self.device.type == "cuda" and not config.lora else None
+        self.arena = GradientArena(trainable) if self.device.type == "cuda" and not config.lora and not self.gathered else None
         self.generator = Generator(
-            self.model, self.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
+            self.gathered.model if self.gathered else self.model, self.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
             cache_storage=self.arena.buffer if self.arena else None,
         )  # fmt: skip
         self.rollout: Rollout | None = None  # this rank's part of the current generation batch
@@ -171,6 +177,8 @@ class GRPORecipe:
         indices = indices[distributed.my_slice(config.prompts_per_step)]  # whole groups: advantages stay per prompt
         rows = config.prompts_per_step * config.num_generations
         seeds = rollout_seeds(config.seed, generation_step, rows)[distributed.my_slice(rows)]
+        if self.gathered:
+            self.gathered.refresh(self.model)  # the generating copy gets the weights of the last update
         self.rollout = sample_completions(
             self.generator, [self.prompts[i] for i in indices], config.num_generations, config.max_new_tokens,
             self.sampling, seeds, stop_strings=self.stop_strings, max_prompt_length=config.max_prompt_length,
@@ -276,7 +284,10 @@ class GRPORecipe:
             keep_records_up_to(self.samples_path, step)
 
     def save_final(self) -> Path:
-        return save_model(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
+        """One ordinary save_pretrained directory, written by rank 0 (a sharded model is gathered first: every rank calls this)."""
+        model = self.gathered.refresh(self.model) if self.gathered else self.model
+        path = self.out_dir / ("adapter" if self.config.lora else "model")
+        return save_model(model, self.tokenizer, path) if distributed.is_main() else path
 
     def close(self) -> None:
         for fn in self.rewards.values():
@@ -349,7 +360,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
             save_config(config, out_dir / "config.json")
         try:
             last = train(recipe, config, out_dir, resume=resume)
-            final = recipe.save_final() if distributed.is_main() else out_dir / "model"
+            final = recipe.save_final()
         finally:
             recipe.close()
     return {

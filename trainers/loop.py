@@ -60,6 +60,7 @@ from trainers.checkpoint import (
 )
 from trainers.config import TrainConfig
 from trainers.optim import build_optimizer, build_scheduler
+from trainers import sharding
 
 
 class Recipe(Protocol):
@@ -124,7 +125,9 @@ class _Training:
         self.checkpoint_dir = out_dir / "checkpoints"
         self.log = MetricsLog(out_dir / "metrics.jsonl")
         self.parameters = [p for p in recipe.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.parameters, config)
+        # A sharded model's optimizer updates each rank's local shards (trainers/sharding.py).
+        self.shards = sharding.LocalShards(self.parameters) if sharding.is_sharded(recipe.model) else None
+        self.optimizer = build_optimizer(self.shards.parameters if self.shards else self.parameters, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.autocast = autocast_context(recipe.device, config.precision)
 
@@ -178,20 +181,24 @@ class _Training:
 
     def _update(self, step: int, collected: list[dict], started: float) -> dict:
         recipe, config = self.recipe, self.config
-        distributed.sum_gradients(self.parameters)  # once per step: the global batch's gradient on every rank
+        sharding.finish_gradients(recipe.model, self.parameters)  # once per step: the global batch's gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+        if self.shards:
+            self.shards.hand_over_gradients()
         self.optimizer.step()
         moment("step:after_optimizer", step + 1)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.shards:
+            recipe.model.zero_grad(set_to_none=True)
         if recipe.device.type == "cuda":
             torch.cuda.synchronize(recipe.device)
         elapsed = time.perf_counter() - started
 
         metrics = _sum_shares([m for rank in distributed.gather_objects(collected) for m in rank])
         metrics.update(recipe.step_metrics())
-        metrics.update({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), "step_time_s": elapsed})
+        metrics.update({"step": step + 1, "lr": lr, "grad_norm": sharding.total_norm(grad_norm), "step_time_s": elapsed})
         update_seconds = elapsed - recipe.preparation_seconds()
         metrics["time/update_s"] = update_seconds
         if "tokens" in metrics:
@@ -204,9 +211,11 @@ class _Training:
         """Checkpoint `point`, then prune; a signal meanwhile waits, so the write is never cut short."""
         point = self.point
         with self.interrupts.deferred():
-            if distributed.is_main():  # the weights are the same on every rank: one writer
+            # Replicated weights are the same on every rank: rank 0 writes them. Sharded ones: each rank its shards.
+            if distributed.is_main() or self.shards:
                 save_checkpoint(self.checkpoint_dir, point.step, self.recipe.model, self.optimizer, self.scheduler,
                                 point.rng, point.recipe_state)  # fmt: skip
+            if distributed.is_main():
                 prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
             self.saved = point.step
 
@@ -214,7 +223,9 @@ class _Training:
 def _accumulate_gradients(recipe: Recipe, step: int, autocast) -> list[dict]:
     """Forward and backward passes of the step's micro-batches; the gradients add up in the parameters."""
     collected: list[dict] = []
-    for micro_batch in recipe.step_batches(step):
+    micro_batches = recipe.step_batches(step)
+    for i, micro_batch in enumerate(micro_batches):
+        sharding.set_gradient_sync(recipe.model, i == len(micro_batches) - 1)  # sharded: reduce once, at the last
         with autocast:
             loss, metrics = recipe.loss(micro_batch)
         loss.backward()
