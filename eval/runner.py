@@ -14,9 +14,11 @@ import hashlib
 import platform
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data import distributed
 from data.errors import UserError, reason_of
 from data.hub import check_path_exists
 from data.prompts import format_question, resolved_format
@@ -64,7 +66,8 @@ def run_evaluation(
     settings = settings.checked()
     if model_obj is None:
         check_path_exists("model", model)
-    with owned(out_dir) as out:  # one writer per output directory
+    distributed.start()  # under torchrun: the ranks share the items of each benchmark (eval/engines.py, eval/generation.py)
+    with _owned_by_main(out_dir) as out:  # one writer per output directory
         remove_stale_exec_folders()
         runtime = _Runtime(model, model_obj, tokenizer_obj, settings.batch_size, settings.seed, settings.dtype)
         summary = _start_summary(out, model, run_name, settings.names)
@@ -100,7 +103,7 @@ def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings,
             "options": benchmark.settings(bench_options),
         }
         settings_hash = stable_hash(described)
-        earlier = finished_result(out, name, settings_hash)
+        earlier = distributed.broadcast_from_main(finished_result(out, name, settings_hash))  # every rank decides alike
         if benchmark.needs_scoring_judge and not judge_obj.can_score:
             result = _no_judge_result(benchmark, described, out, run_name)
             _log(f"  {name}: skipped, {NO_JUDGE} (it needs a 0-100 judge: --judge local --judge-model PATH)")
@@ -128,6 +131,18 @@ def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings,
         _log(f"  {name}: FAILED - {reason}")
         runtime.free_memory()
         return _summary_entry(failed, out)
+
+
+@contextmanager
+def _owned_by_main(out_dir):
+    """Rank 0 holds the output directory (data/run_dir.py); the other ranks write nothing there."""
+    if distributed.is_main():
+        with owned(out_dir) as out:
+            distributed.barrier()
+            yield out
+    else:
+        distributed.barrier()
+        yield Path(out_dir)
 
 
 # --------------------------------------------------------------------------- one benchmark
@@ -213,7 +228,8 @@ def _no_judge_result(benchmark, described: dict, out: Path, run_name: str | None
 def _write_result_without_audit(out: Path, name: str, result: dict) -> None:
     """A failed or skipped result; an earlier audit file belonged to the result it replaces, so it goes too."""
     write_json_atomic(result_path(out, name), result)
-    audit_path(out, name).unlink(missing_ok=True)
+    if distributed.is_main():
+        audit_path(out, name).unlink(missing_ok=True)
 
 
 class ModelUnavailable(UserError):
@@ -249,7 +265,7 @@ class _Runtime:
         if self.model is None:
             cuda = torch.cuda.is_available()
             dtype = getattr(torch, self.dtype) if self.dtype else (torch.bfloat16 if cuda else None)
-            device = "cuda" if cuda else None
+            device = str(distributed.local_device(torch.device("cuda"))) if cuda else None
             if is_adapter_dir(self.model_id):  # a LoRA adapter: its base model with the adapter unmerged
                 _log(f"eval: loading the adapter {self.model_id} on its base model ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
                 self.model, tokenizer = load_adapter_model(self.model_id, dtype=dtype, device=device)
