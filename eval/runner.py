@@ -14,7 +14,6 @@ import hashlib
 import platform
 import time
 import traceback
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def run_evaluation(
     if model_obj is None:
         check_path_exists("model", model)
     distributed.start()  # under torchrun: the ranks share the items of each benchmark (eval/engines.py, eval/generation.py)
-    with _owned_by_main(out_dir) as out:  # one writer per output directory
+    with owned(out_dir) as out:  # one writer per output directory (under torchrun, rank 0)
         remove_stale_exec_folders()
         runtime = _Runtime(model, model_obj, tokenizer_obj, settings.batch_size, settings.seed, settings.dtype)
         summary = _start_summary(out, model, run_name, settings.names)
@@ -131,18 +130,6 @@ def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings,
         _log(f"  {name}: FAILED - {reason}")
         runtime.free_memory()
         return _summary_entry(failed, out)
-
-
-@contextmanager
-def _owned_by_main(out_dir):
-    """Rank 0 holds the output directory (data/run_dir.py); the other ranks write nothing there."""
-    if distributed.is_main():
-        with owned(out_dir) as out:
-            distributed.barrier()
-            yield out
-    else:
-        distributed.barrier()
-        yield Path(out_dir)
 
 
 # --------------------------------------------------------------------------- one benchmark
