@@ -8,6 +8,10 @@ included. `submit.sh` submits the jobs in pipeline order, each waiting
 beside Phase 1, the GRPO conditions run side by side once the merged DPO
 model exists, and each eval starts when its own training ends. A skipped
 stage (fv without a Lean project) gets no job.
+
+With `--nodes` or `--gpus-per-node` above 1, a GPU stage's job runs one
+`torchrun` per node through `srun`, meeting at the first node of the job
+(c10d rendezvous): the stage then uses all the job's GPUs (data/distributed.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ class ClusterOptions:
     gpu_type: str | None = "a100"
     cpus_per_task: int = 8
     mem: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.nodes * self.gpus_per_node > 1
 
 
 def twophase_executable() -> str:
@@ -41,11 +51,32 @@ def twophase_executable() -> str:
     return str(beside) if beside.exists() else "twophase"
 
 
-def stage_command(config_path: Path, stage: str, overrides: tuple[str, ...]) -> str:
-    words = [twophase_executable(), "pipeline", "--config", str(config_path), "--stage", stage]
+def stage_command(config_path: Path, stage: str, overrides: tuple[str, ...], options: ClusterOptions | None = None) -> str:
+    arguments = ["pipeline", "--config", str(config_path), "--stage", stage]
     for item in overrides:
-        words += ["--set", item]
-    return shlex.join(words)
+        arguments += ["--set", item]
+    if options is None or not options.distributed or stage in CPU_ONLY_STAGES:
+        return shlex.join([twophase_executable(), *arguments])
+    return torchrun_lines(arguments, options)
+
+
+RENDEZVOUS_PORT = 29500
+
+
+def torchrun_lines(arguments: list[str], options: ClusterOptions) -> str:
+    """One torchrun per node (srun starts them), meeting at the job's first node; each starts gpus_per_node ranks."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    words = [
+        torchrun, f"--nnodes={options.nodes}", f"--nproc-per-node={options.gpus_per_node}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=$head:{RENDEZVOUS_PORT}", "--rdzv-id=$SLURM_JOB_ID",
+        "-m", "launch.cli", *arguments,
+    ]  # fmt: skip
+    quoted = " ".join(w if w.startswith("--rdzv-") else shlex.quote(w) for w in words)  # $head, $SLURM_JOB_ID expand
+    return "\n".join([
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
+        "export NCCL_NVLS_ENABLE=0  # NVLink multicast off (see the README's \"More than one GPU\")",
+        f"srun --ntasks-per-node=1 {quoted}",
+    ])  # fmt: skip
 
 
 def sbatch_script(stage: str, command: str, job_name: str, log_dir: Path, workdir: Path, options: ClusterOptions) -> str:
@@ -55,7 +86,10 @@ def sbatch_script(stage: str, command: str, job_name: str, log_dir: Path, workdi
     if options.account:
         lines.append(f"#SBATCH --account={options.account}")
     if stage not in CPU_ONLY_STAGES:
-        lines.append(f"#SBATCH --gres=gpu:{options.gpu_type}:1" if options.gpu_type else "#SBATCH --gres=gpu:1")
+        gpus = options.gpus_per_node
+        lines.append(f"#SBATCH --gres=gpu:{options.gpu_type}:{gpus}" if options.gpu_type else f"#SBATCH --gres=gpu:{gpus}")
+        if options.nodes > 1:
+            lines += [f"#SBATCH --nodes={options.nodes}", "#SBATCH --ntasks-per-node=1"]
     lines.append(f"#SBATCH --cpus-per-task={options.cpus_per_task}")
     if options.mem:
         lines.append(f"#SBATCH --mem={options.mem}")
@@ -99,7 +133,7 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
     jobs, written = [], []
     for number, stage in enumerate(running, start=1):
         script = f"{number:02d}_{stage.name}.sbatch"
-        command = stage_command(config_path.resolve(), stage.name, overrides)
+        command = stage_command(config_path.resolve(), stage.name, overrides, options)
         text = sbatch_script(stage.name, command, f"{run_dir.name}-{stage.name}", log_dir, Path.cwd(), options)
         path = out_dir / script
         atomic_write_text(path, text)
@@ -122,7 +156,10 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
 @click.option("--gpu-type", default="a100", show_default=True, help="GPU type in --gres=gpu:TYPE:1; empty for any.")
 @click.option("--cpus-per-task", default=8, show_default=True, type=int, help="CPUs per job (the Lean REPL pool of fv uses them).")
 @click.option("--mem", default=None, help="Memory per job, e.g. 128G (default: the partition's).")
-def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem):
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Nodes per GPU stage (torchrun on each).")
+@click.option("--gpus-per-node", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs (ranks) per node.")
+def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem, nodes,
+                  gpus_per_node):  # fmt: skip
     """Write one sbatch script per pipeline stage (one GPU each) and submit.sh, which chains them.
 
     Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
@@ -130,7 +167,7 @@ def slurm_command(config_path, out_dir, overrides, partition, account, time_limi
     from launch.experiment import load_pipeline
 
     config, stages = load_pipeline(config_path, overrides)
-    options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem)
+    options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem, nodes, gpus_per_node)
     files = write_scripts(stages, config, Path(config_path), tuple(overrides), Path(out_dir), options)
     for stage in stages:
         if stage.skip_reason:
