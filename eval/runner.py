@@ -78,6 +78,7 @@ def run_evaluation(
                     summary["benchmarks"][name] = _evaluate_one(name, out, model, run_name, judge, settings, sources, runtime)
                     write_json_atomic(out / SUMMARY_FILE, summary)
                     bar.update()
+    distributed.barrier()  # every rank returns once rank 0's files exist
     failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
     _log(f"eval: results in {out} ({SUMMARY_FILE}, <benchmark>.json, <benchmark>.jsonl)"
          + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip

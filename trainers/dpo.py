@@ -241,6 +241,7 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
             if config.lora and config.merge_after:
                 merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype)
                 outputs["merged"] = str(merged)
+        distributed.barrier()  # every rank returns once rank 0's outputs exist
     outputs["minutes"] = round((time.time() - started) / 60, 2)
     outputs["last_metrics"] = last
     return outputs

@@ -361,6 +361,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
         try:
             last = train(recipe, config, out_dir, resume=resume)
             final = recipe.save_final()
+            distributed.barrier()  # every rank returns once rank 0's outputs exist
         finally:
             recipe.close()
     return {
