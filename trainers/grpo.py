@@ -84,10 +84,12 @@ class GRPORecipe:
         self.sampling = SamplingParams(config.temperature, config.top_p, config.top_k).check()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # Full fine-tuning on a GPU: the KV cache borrows the gradients' memory (see trainers/grad_arena.py).
-        self.arena = GradientArena(trainable) if self.device.type == "cuda" and not config.lora and not self.gathered else None
+        # (Not when sharded: the gradients are DTensor shards, and generation uses the gathered copy.)
+        full_on_gpu = self.device.type == "cuda" and not config.lora and self.gathered is None
+        self.arena = GradientArena(trainable) if full_on_gpu else None
         self.generator = Generator(
-            self.gathered.model if self.gathered else self.model, self.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
-            cache_storage=self.arena.buffer if self.arena else None,
+            self.gathered.model if self.gathered else self.model, self.tokenizer, max_batch=config.generation_batch_size,
+            cuda_graphs=config.generation_cuda_graphs, cache_storage=self.arena.buffer if self.arena else None,
         )  # fmt: skip
         self.rollout: Rollout | None = None  # this rank's part of the current generation batch
         self.rollout_step = -1

@@ -157,7 +157,9 @@ class _Training:
                 if final_checkpoint and self.saved != config.max_steps:
                     self._save()
             except KeyboardInterrupt:
-                if self.point.step != self.saved:
+                # A sharded checkpoint needs every rank at the same point, which a signal does not give:
+                # a sharded run resumes from its last periodic checkpoint instead.
+                if self.point.step != self.saved and not self.shards:
                     self._save()
                 raise
             finally:

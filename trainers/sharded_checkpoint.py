@@ -22,6 +22,7 @@ saved per rank and can only be resumed with the same number of ranks.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,7 +65,8 @@ def read_shards(path: Path, model, optimizer, saved: dict) -> None:
             f"checkpoint {path} holds 8-bit optimizer state of {saved.get('world_size')} process(es); resume it with "
             f"that many, or train with optimizer adamw to resume at any number"
         )
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")  # it is
         dcp.load(state, checkpoint_id=str(Path(path) / SHARDED_DIR))
     _write_back(optimizer, model, state["optimizer"])
     for group, kept in zip(optimizer.param_groups, saved["param_groups"]):
