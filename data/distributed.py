@@ -108,14 +108,6 @@ def shard_of(items: list) -> list:
     return items[rank() :: world_size()]
 
 
-def unshard(pieces: list[list]) -> list:
-    """Inverse of `shard_of`: every rank's share (in rank order) back into the original order."""
-    out = []
-    for i in range(max((len(p) for p in pieces), default=0)):
-        out.extend(p[i] for p in pieces if i < len(p))
-    return out
-
-
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank ([obj] alone for one process)."""
     if not active():
@@ -140,6 +132,15 @@ def sum_over_ranks(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def broadcast_parameters(parameters: list[torch.nn.Parameter]) -> None:
+    """Rank 0's values in every rank's replica (as DDP does when it starts): replicas that begin equal stay equal."""
+    if not active():
+        return
+    with torch.no_grad():
+        for p in parameters:
+            dist.broadcast(p.data, src=0)
 
 
 def sum_gradients(parameters: list[torch.nn.Parameter], bucket_bytes: int = 1 << 26) -> None:

@@ -148,3 +148,23 @@ def test_a_rank_that_dies_ends_the_job_with_its_error(tmp_path):
     assert done.returncode != 0
     assert "rank 1 breaks on purpose" in done.stdout + done.stderr
     assert time.monotonic() - started < 60  # the other rank did not wait out its collective
+
+
+def test_slurm_scripts_for_several_nodes_run_torchrun_on_each(tmp_path, capsys):
+    published = ROOT / "launch/configs/wu17_v5.yaml"
+    out = tmp_path / "slurm"
+    main(["slurm", "--config", str(published), "--out", str(out), "--set", f"run_dir={tmp_path / 'run'}",
+          "--nodes", "2", "--gpus-per-node", "4"])  # fmt: skip
+    capsys.readouterr()
+    dpo = (out / "02_dpo.sbatch").read_text().splitlines()
+    assert "#SBATCH --gres=gpu:a100:4" in dpo and "#SBATCH --nodes=2" in dpo and "#SBATCH --ntasks-per-node=1" in dpo
+    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host' in dpo
+    srun = [line for line in dpo if line.startswith("srun ")]
+    assert len(srun) == 1
+    words = srun[0].split()
+    assert words[:2] == ["srun", "--ntasks-per-node=1"] and words[2].endswith("torchrun")
+    assert words[3:8] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=$head:29500",
+                          "--rdzv-id=$SLURM_JOB_ID"]  # fmt: skip
+    assert words[8:14] == ["-m", "launch.cli", "pipeline", "--config", str(published), "--stage"] and words[14] == "dpo"
+    tables = (out / "09_tables.sbatch").read_text()
+    assert "torchrun" not in tables and "--gres" not in tables and "--nodes" not in tables  # one CPU job, as before

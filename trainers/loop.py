@@ -125,6 +125,7 @@ class _Training:
         self.checkpoint_dir = out_dir / "checkpoints"
         self.log = MetricsLog(out_dir / "metrics.jsonl")
         self.parameters = [p for p in recipe.model.parameters() if p.requires_grad]
+        sharding.start_replicas(recipe.model, self.parameters)
         # A sharded model's optimizer updates each rank's local shards (trainers/sharding.py).
         self.shards = sharding.LocalShards(self.parameters) if sharding.is_sharded(recipe.model) else None
         self.optimizer = build_optimizer(self.shards.parameters if self.shards else self.parameters, config)

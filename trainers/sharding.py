@@ -67,6 +67,12 @@ def set_gradient_sync(model, enabled: bool) -> None:
         unit.set_requires_gradient_sync(enabled)
 
 
+def start_replicas(model, parameters: list[torch.nn.Parameter]) -> None:
+    """Replicated training starts from rank 0's weights (a LoRA initialisation drawn differently would never be noticed)."""
+    if not is_sharded(model):
+        distributed.broadcast_parameters(parameters)
+
+
 def finish_gradients(model, parameters: list[torch.nn.Parameter]) -> None:
     """After the step's micro-batches: every rank holds the global batch's gradient (its shard of it when sharded)."""
     if not is_sharded(model):
