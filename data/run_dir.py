@@ -45,6 +45,9 @@ def owned(directory, shared: bool = False):
     not each other (pipeline stages run side by side under one run directory).
     A process that already holds the directory may enter again (nested use).
     """
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds the directory for all ranks and writes in it
+        yield Path(directory).expanduser()
+        return
     path = usable_directory(directory)
     key = os.path.realpath(path)
     if key in _held:

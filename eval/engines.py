@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data import distributed
 from data.errors import UserError
 from data.tokens import encode_continuation, encode_prompt, left_pad, pad_id_of
 
@@ -121,6 +122,21 @@ class _ModelCaller:
 
 
 
+def _merge_ranks(pieces: dict[int, list], stats: dict, before: dict) -> dict[int, list]:
+    """Every rank's results by request index, and the engine's counters summed over ranks (one process: unchanged)."""
+    if not distributed.active():
+        return pieces
+    mine = {key: stats[key] - before[key] for key in stats}
+    merged: dict[int, list] = {}
+    everyone = distributed.gather_objects((pieces, mine))
+    for rank_pieces, _ in everyone:
+        for i, values in rank_pieces.items():
+            merged.setdefault(i, []).extend(values)
+    for key in stats:
+        stats[key] = before[key] + sum(delta[key] for _, delta in everyone)
+    return merged
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest batch first."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -173,6 +189,7 @@ class LoglikelihoodEngine:
         row_list = list(rows)
         keeps = [max(len(c) for _, c in rows[r]) for r in row_list]
         pieces: dict[int, list[float]] = {}
+        stats_before = dict(self.stats)
         for batch, logprobs in self._batched_logprobs(row_list, keeps, desc):
             # Gather every scored token of the batch at once: one copy off the device.
             owners, b_idx, pos_idx, tok_idx = [], [], [], []
@@ -187,6 +204,7 @@ class LoglikelihoodEngine:
             values = logprobs[b_idx, pos_idx, tok_idx].double().tolist()
             for i, value in zip(owners, values):
                 pieces.setdefault(i, []).append(value)
+        pieces = _merge_ranks(pieces, self.stats, stats_before)
         for i, values in pieces.items():
             results[i] = math.fsum(values)
         return results
@@ -194,6 +212,7 @@ class LoglikelihoodEngine:
     def next_token_logprobs(self, prefixes: list[list[int]], desc: str = "next-token") -> list[torch.Tensor]:
         """The log-softmax over the vocabulary after each token-id prefix (float32, on CPU)."""
         out: list[torch.Tensor | None] = [None] * len(prefixes)
+        stats_before = dict(self.stats)
         index: dict[tuple[int, ...], list[int]] = {}
         for i, prefix in enumerate(prefixes):
             index.setdefault(tuple(prefix), []).append(i)
@@ -203,7 +222,8 @@ class LoglikelihoodEngine:
             for j, r in enumerate(batch):
                 for i in index[keys[r]]:
                     out[i] = last[j]
-        return out
+        found = _merge_ranks({i: [t] for i, t in enumerate(out) if t is not None}, self.stats, stats_before)
+        return [found[i][0] for i in range(len(prefixes))]
 
     # -- the batched forward
 
@@ -216,7 +236,8 @@ class LoglikelihoodEngine:
         """
         device = model_device(self.model)
         pad = pad_id_of(self.tokenizer)
-        batches = length_sorted_batches([len(r) for r in rows], self.batch_size)
+        # Under torchrun each rank computes every N-th batch (the same batches as one process: the same numbers).
+        batches = distributed.shard_of(length_sorted_batches([len(r) for r in rows], self.batch_size))
         for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
             start = time.perf_counter()
             seqs = [self._truncate(list(rows[i]), keeps[i]) for i in batch]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data import distributed
 from data.errors import UserError
 from data.tokens import encode_prompt
 from eval.decoder import CacheDecoder, StaticDecoder, bucket, supports_static_decoding
@@ -258,10 +259,13 @@ class GenerationEngine:
         for row in rows:
             groups.setdefault(row["sampling"], []).append(row)
         batch = self.generator.max_batch
+        texts: dict[tuple[int, int], str] = {}  # (request, copy) -> answer, of the chunks this rank computed
         for sampling, group in groups.items():
             # Longest prompts first (memory errors come at once), a prompt's samples side by side (one prefill).
             group.sort(key=lambda r: (-len(r["ids"]), r["request"], r["sample"]))
-            for first in tqdm(range(0, len(group), batch), desc=desc, leave=False, disable=len(group) <= batch):
+            # Under torchrun each rank decodes every N-th chunk: the same chunks, so the same answers, as one process.
+            starts = distributed.shard_of(list(range(0, len(group), batch)))
+            for first in tqdm(starts, desc=desc, leave=False, disable=len(group) <= batch):
                 chunk = group[first : first + batch]
                 done = self.generator.generate(
                     [r["ids"] for r in chunk], [r["max_new"] for r in chunk], sampling,
@@ -269,11 +273,15 @@ class GenerationEngine:
                 )  # fmt: skip
                 for row, completion in zip(chunk, done):
                     for copy in row["copies"]:
-                        answers[row["request"]][copy] = cut_at_stop(completion.text, row["stop"])
+                        texts[row["request"], copy] = cut_at_stop(completion.text, row["stop"])
+        generated = {key: self.generator.stats[key] - before[key] for key in ("prompt_tokens", "generated_tokens", "seconds")}
+        for rank_texts, rank_generated in distributed.gather_objects((texts, generated)):
+            for (request, copy), text in rank_texts.items():
+                answers[request][copy] = text
+            for key, value in rank_generated.items():
+                self.stats[key] += value
         self.stats["requests"] += len(requests)
         self.stats["rows"] += len(rows)
-        for key in ("prompt_tokens", "generated_tokens", "seconds"):
-            self.stats[key] += self.generator.stats[key] - before[key]
         return answers
 
     def _rows(self, requests: list[GenerationRequest]) -> list[dict]:

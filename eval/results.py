@@ -26,6 +26,7 @@ import math
 import os
 from pathlib import Path
 
+from data import distributed
 from data.files import atomic_write_text
 from eval.metrics import Metric
 
@@ -44,7 +45,12 @@ def audit_path(out_dir: str | Path, name: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON through a temporary file and os.replace: readers see the old file or the new one."""
+    """Write JSON through a temporary file and os.replace: readers see the old file or the new one.
+
+    Under torchrun every rank computes the same results (data/distributed.py); rank 0 alone writes them.
+    """
+    if not distributed.is_main():
+        return
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
@@ -86,7 +92,8 @@ class AuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.temporary = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self._file = open(self.temporary, "wb")
+        # Under torchrun rank 0 writes the file; the other ranks count and hash the same records, and write nothing.
+        self._file = open(self.temporary if distributed.is_main() else os.devnull, "wb")
         self._digest = hashlib.sha256()
         self.records = 0
 
@@ -99,9 +106,11 @@ class AuditLog:
     def commit(self) -> str:
         """Put the audit file in place; returns its sha256 (as 'sha256:<hex>') for the result."""
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if distributed.is_main():
+            os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.temporary, self.path)
+        if distributed.is_main():
+            os.replace(self.temporary, self.path)
         return "sha256:" + self._digest.hexdigest()
 
     def __enter__(self):
@@ -110,7 +119,8 @@ class AuditLog:
     def __exit__(self, *exc):
         if not self._file.closed:  # not committed: the run stopped or failed
             self._file.close()
-            self.temporary.unlink(missing_ok=True)
+            if distributed.is_main():
+                self.temporary.unlink(missing_ok=True)
         return False
 
 

@@ -17,6 +17,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data import distributed
 from data.errors import UserError, reason_of
 from data.hub import check_path_exists
 from data.prompts import format_question, resolved_format
@@ -64,7 +65,8 @@ def run_evaluation(
     settings = settings.checked()
     if model_obj is None:
         check_path_exists("model", model)
-    with owned(out_dir) as out:  # one writer per output directory
+    distributed.start()  # under torchrun: the ranks share the items of each benchmark (eval/engines.py, eval/generation.py)
+    with owned(out_dir) as out:  # one writer per output directory (under torchrun, rank 0)
         remove_stale_exec_folders()
         runtime = _Runtime(model, model_obj, tokenizer_obj, settings.batch_size, settings.seed, settings.dtype)
         summary = _start_summary(out, model, run_name, settings.names)
@@ -76,6 +78,7 @@ def run_evaluation(
                     summary["benchmarks"][name] = _evaluate_one(name, out, model, run_name, judge, settings, sources, runtime)
                     write_json_atomic(out / SUMMARY_FILE, summary)
                     bar.update()
+    distributed.barrier()  # every rank returns once rank 0's files exist
     failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
     _log(f"eval: results in {out} ({SUMMARY_FILE}, <benchmark>.json, <benchmark>.jsonl)"
          + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
@@ -100,7 +103,7 @@ def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings,
             "options": benchmark.settings(bench_options),
         }
         settings_hash = stable_hash(described)
-        earlier = finished_result(out, name, settings_hash)
+        earlier = distributed.broadcast_from_main(finished_result(out, name, settings_hash))  # every rank decides alike
         if benchmark.needs_scoring_judge and not judge_obj.can_score:
             result = _no_judge_result(benchmark, described, out, run_name)
             _log(f"  {name}: skipped, {NO_JUDGE} (it needs a 0-100 judge: --judge local --judge-model PATH)")
@@ -213,7 +216,8 @@ def _no_judge_result(benchmark, described: dict, out: Path, run_name: str | None
 def _write_result_without_audit(out: Path, name: str, result: dict) -> None:
     """A failed or skipped result; an earlier audit file belonged to the result it replaces, so it goes too."""
     write_json_atomic(result_path(out, name), result)
-    audit_path(out, name).unlink(missing_ok=True)
+    if distributed.is_main():
+        audit_path(out, name).unlink(missing_ok=True)
 
 
 class ModelUnavailable(UserError):
@@ -249,7 +253,7 @@ class _Runtime:
         if self.model is None:
             cuda = torch.cuda.is_available()
             dtype = getattr(torch, self.dtype) if self.dtype else (torch.bfloat16 if cuda else None)
-            device = "cuda" if cuda else None
+            device = str(distributed.local_device(torch.device("cuda"))) if cuda else None
             if is_adapter_dir(self.model_id):  # a LoRA adapter: its base model with the adapter unmerged
                 _log(f"eval: loading the adapter {self.model_id} on its base model ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
                 self.model, tokenizer = load_adapter_model(self.model_id, dtype=dtype, device=device)

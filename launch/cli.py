@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -39,7 +40,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            click.echo(f"error: {err}", err=True)
+            report_error(f"error: {err}")
             ctx.exit(2)
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo(INTERRUPTED, err=True)
@@ -95,12 +96,31 @@ def disk_full_message(err: BaseException) -> str:
     return f"no space left on device{where}; free some space (or choose another output directory) and rerun with --resume"
 
 
+def report_error(line: str) -> None:
+    """One line on stderr. Under torchrun, an error before the process group exists comes from the config and
+    is the same on every rank, so rank 0 says it; one after it may be a single rank's, so that rank says it."""
+    distributed = sys.modules.get("data.distributed")  # imported (with torch) only by commands that need it
+    if distributed is not None and distributed.active():
+        line = f"[rank {distributed.rank()}] {line}"
+    elif os.environ.get("RANK", "0") != "0":
+        return
+    click.echo(line, err=True)
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun only rank 0 prints progress and results (errors still reach stderr from any rank)."""
+    if os.environ.get("RANK", "0") != "0":  # torchrun's rank of this process
+        os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when its bars are made
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
 def main(argv=None):
     quiet_library_noise()
+    quiet_other_ranks()
     try:
         code = cli.main(args=argv, standalone_mode=False)
     except UserError as err:  # raised before a command runs
-        click.echo(f"error: {err}", err=True)
+        report_error(f"error: {err}")
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo(INTERRUPTED, err=True)
@@ -111,8 +131,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    finally:
+        _leave_process_group()
     if isinstance(code, int) and code:  # a command's ctx.exit(code)
         sys.exit(code)
+
+
+def _leave_process_group() -> None:
+    distributed = sys.modules.get("data.distributed")
+    if distributed is not None:
+        distributed.stop()
 
 
 if __name__ == "__main__":

@@ -240,6 +240,8 @@ def run_grpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
 
 
 def run_tables_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
+    from data import distributed
     from launch.tables import write_tables
 
-    return write_tables(settings["tables"], stage_dir)
+    outputs = write_tables(settings["tables"], stage_dir) if distributed.is_main() else {}  # rank 0 writes
+    return distributed.broadcast_from_main(outputs)

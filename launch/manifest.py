@@ -32,7 +32,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
-    """The stage's manifest, or None when it has none (pending) or it cannot be read."""
+    """The stage's manifest, or None when it has none (pending) or it cannot be read.
+
+    Under torchrun every rank gets rank 0's reading, so all ranks decide alike what to run (rank 0 writes manifests).
+    """
+    if _under_torchrun():
+        from data import distributed
+
+        return distributed.broadcast_from_main(_read_manifest(stage_dir) if distributed.is_main() else None)
+    return _read_manifest(stage_dir)
+
+
+def _under_torchrun() -> bool:
+    return os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def _read_manifest(stage_dir: Path) -> dict | None:
     try:
         data = json.loads((Path(stage_dir) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -41,6 +56,8 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 
 def write_manifest(stage_dir: Path, manifest: dict) -> None:
+    if _under_torchrun() and os.environ.get("RANK", "0") != "0":
+        return  # rank 0 writes the run's files
     atomic_write_text(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 

@@ -8,6 +8,10 @@ included. `submit.sh` submits the jobs in pipeline order, each waiting
 beside Phase 1, the GRPO conditions run side by side once the merged DPO
 model exists, and each eval starts when its own training ends. A skipped
 stage (fv without a Lean project) gets no job.
+
+With `--nodes` or `--gpus-per-node` above 1, a GPU stage's job runs one
+`torchrun` per node through `srun`, meeting at the first node of the job
+(c10d rendezvous): the stage then uses all the job's GPUs (data/distributed.py).
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ class ClusterOptions:
     signal_seconds: int = 600  # SIGTERM this long before the time limit: time to write a checkpoint
     requeue: bool = True  # a preempted or timed-out stage goes back in the queue and resumes
     environment: dict[str, str] | None = None  # exported in every job (CARRIED_VARIABLES, --offline)
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.nodes * self.gpus_per_node > 1
 
 
 def twophase_executable() -> str:
@@ -50,11 +60,32 @@ def twophase_executable() -> str:
     return str(beside) if beside.exists() else "twophase"
 
 
-def stage_command(config_path: Path, stage: str, overrides: tuple[str, ...]) -> str:
-    words = [twophase_executable(), "pipeline", "--config", str(config_path), "--stage", stage]
+def stage_command(config_path: Path, stage: str, overrides: tuple[str, ...], options: ClusterOptions | None = None) -> str:
+    arguments = ["pipeline", "--config", str(config_path), "--stage", stage]
     for item in overrides:
-        words += ["--set", item]
-    return shlex.join(words)
+        arguments += ["--set", item]
+    if options is None or not options.distributed or stage in CPU_ONLY_STAGES:
+        return shlex.join([twophase_executable(), *arguments])
+    return torchrun_lines(arguments, options)
+
+
+RENDEZVOUS_PORT = 29500
+
+
+def torchrun_lines(arguments: list[str], options: ClusterOptions) -> str:
+    """One torchrun per node (srun starts them), meeting at the job's first node; each starts gpus_per_node ranks."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    words = [
+        torchrun, f"--nnodes={options.nodes}", f"--nproc-per-node={options.gpus_per_node}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=$head:{RENDEZVOUS_PORT}", "--rdzv-id=$SLURM_JOB_ID",
+        "-m", "launch.cli", *arguments,
+    ]  # fmt: skip
+    quoted = " ".join(w if w.startswith("--rdzv-") else shlex.quote(w) for w in words)  # $head, $SLURM_JOB_ID expand
+    return "\n".join([
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
+        "export NCCL_NVLS_ENABLE=0  # NVLink multicast off (see the README's \"More than one GPU\")",
+        f"srun --ntasks-per-node=1 {quoted}",
+    ])  # fmt: skip
 
 
 def sbatch_script(stage: str, command: str, job_name: str, log_dir: Path, workdir: Path, options: ClusterOptions) -> str:
@@ -65,7 +96,10 @@ def sbatch_script(stage: str, command: str, job_name: str, log_dir: Path, workdi
     if options.account:
         lines.append(f"#SBATCH --account={options.account}")
     if not cpu_only:
-        lines.append(f"#SBATCH --gres=gpu:{options.gpu_type}:1" if options.gpu_type else "#SBATCH --gres=gpu:1")
+        gpus = options.gpus_per_node
+        lines.append(f"#SBATCH --gres=gpu:{options.gpu_type}:{gpus}" if options.gpu_type else f"#SBATCH --gres=gpu:{gpus}")
+        if options.nodes > 1:
+            lines += [f"#SBATCH --nodes={options.nodes}", "#SBATCH --ntasks-per-node=1"]
     lines.append(f"#SBATCH --cpus-per-task={CPU_STAGE_CPUS if cpu_only else options.cpus_per_task}")
     if options.mem and not cpu_only:
         lines.append(f"#SBATCH --mem={options.mem}")
@@ -74,6 +108,8 @@ def sbatch_script(stage: str, command: str, job_name: str, log_dir: Path, workdi
         lines += [f"#SBATCH --signal=B:TERM@{options.signal_seconds}", "#SBATCH --requeue"]
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(workdir))}  # relative paths in the config and --set mean what they meant here"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted((options.environment or {}).items())]
+    *setup, command = command.split("\n")  # torchrun's lines: the rendezvous host and NCCL settings, then srun
+    lines += setup
     if options.requeue and not cpu_only:
         lines += _run_and_requeue(command)
     else:
@@ -155,7 +191,7 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
     jobs, written = [], []
     for number, stage in enumerate(running, start=1):
         script = f"{number:02d}_{stage.name}.sbatch"
-        command = stage_command(config_path.resolve(), stage.name, overrides)
+        command = stage_command(config_path.resolve(), stage.name, overrides, options)
         text = sbatch_script(stage.name, command, f"{run_dir.name}-{stage.name}", log_dir, Path.cwd(), options)
         path = out_dir / script
         atomic_write_text(path, text)
@@ -183,8 +219,10 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
 @click.option("--requeue/--no-requeue", default=True, show_default=True,
               help="Requeue a preempted or timed-out job, which then resumes from its checkpoint.")
 @click.option("--offline", is_flag=True, help="Jobs never ask the hub (HF_HUB_OFFLINE=1): models and data are pre-downloaded.")
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Nodes per GPU stage (torchrun on each).")
+@click.option("--gpus-per-node", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs (ranks) per node.")
 def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem,
-                  signal_seconds, requeue, offline):
+                  signal_seconds, requeue, offline, nodes, gpus_per_node):  # fmt: skip
     """Write one sbatch script per pipeline stage (one GPU each) and submit.sh, which chains them.
 
     Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
@@ -193,7 +231,7 @@ def slurm_command(config_path, out_dir, overrides, partition, account, time_limi
 
     config, stages = load_pipeline(config_path, overrides)
     options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem, signal_seconds, requeue,
-                             carried_environment(offline))  # fmt: skip
+                             carried_environment(offline), nodes, gpus_per_node)  # fmt: skip
     files = write_scripts(stages, config, Path(config_path), tuple(overrides), Path(out_dir), options)
     for stage in stages:
         if stage.skip_reason:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ def run_stages(run_dir: Path, stages: list[Stage], plan: dict, only: str | None 
     if only is not None and only not in by_name:
         raise UserError(f"no stage named {only!r}; the stages are: {', '.join(by_name)}")
     chosen = [by_name[only]] if only else stages
+    _join_process_group()
     # A whole run owns run_dir; one-stage runs (the cluster's jobs) share it, each owning its stage's directory.
     with owned(run_dir, shared=only is not None):
         for stage in chosen:  # refuse changed settings before the plan is rewritten: it describes the run that finished
@@ -81,7 +83,16 @@ def write_plan(run_dir: Path, config: dict, stages: list[Stage]) -> None:
         "stages": [{"name": s.name, "needs": list(s.needs), "skip_reason": s.skip_reason} for s in stages],
         "written_at": now(),
     }
-    atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan, indent=2) + "\n")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes the run's files
+        atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan, indent=2) + "\n")
+
+
+def _join_process_group() -> None:
+    """Under torchrun all ranks run the stages together; they join before the first manifest is read."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        from data import distributed
+
+        distributed.start()
 
 
 def run_stage(stage: Stage, run_dir: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 from data.errors import UserError
 from trainers.config import DPOConfig, make_config
 from trainers.dpo import DPORecipe
-from trainers.loop import _reduce
+from trainers.loop import _sum_shares
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
 LAYOUTS = ("stacked", "shared_prompt", "packed", "packed_shared_prompt")
@@ -58,7 +58,7 @@ def _run_step(recipe: DPORecipe, step: int) -> dict:
             values, n = recipe.pair_logprobs(recipe.model, micro_batch["batch"]), len(micro_batch["indices"])
             logps.update({index: (values[i], values[n + i]) for i, index in enumerate(micro_batch["indices"])})
     grads = {name: p.grad.clone() for name, p in recipe.model.named_parameters() if p.grad is not None}
-    logged = _reduce(metrics)  # what the loop logs for the step
+    logged = _sum_shares(metrics)  # what the loop logs for the step: the passes' shares, summed
     return {"passes": [mb["indices"] for mb in passes], "loss": loss, "grads": grads, "logps": logps, "logged": logged}
 
 

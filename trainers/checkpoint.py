@@ -7,6 +7,11 @@ A checkpoint is a directory `checkpoints/step-000100/` holding
     state.pt                step, scheduler, RNG states (python, numpy, torch, cuda), the recipe's state
     manifest.json           size and sha256 of each file above, written last
 
+A sharded model (several processes, full fine-tuning) writes its weights and
+optimizer state as `sharded/` instead, one file per rank through
+torch.distributed.checkpoint (trainers/sharded_checkpoint.py); the manifest
+then lists those files, and any number of processes can resume it.
+
 It is written to a temporary directory next to its final place and renamed
 when complete: a crash leaves either the old set of checkpoints or the new
 one, never a partial directory that looks valid. Older checkpoints are
@@ -30,8 +35,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from data import distributed
 from data.errors import UserError
 from data.files import atomic_directory, atomic_write_text, torch_save
+from trainers import sharded_checkpoint
+from trainers.sharding import is_sharded
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 
@@ -62,6 +70,7 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.pt")
+REQUIRED_SHARDED = ("state.pt", f"{sharded_checkpoint.SHARDED_DIR}/.metadata")
 MANIFEST = "manifest.json"
 
 # Tests stop a run at a named moment of a step or a save (with a signal, or as a kill would) through these
@@ -81,6 +90,8 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler
     is moved aside first, so there is never a moment when a valid checkpoint has been given up.
     """
     final = Path(checkpoint_dir) / f"step-{step:06d}"
+    if is_sharded(model):  # every rank calls this, and writes its shards
+        return _save_sharded(final, step, model, optimizer, scheduler, rng, recipe_state)
     if final.exists():
         if checkpoint_problem(final) is None:
             return final
@@ -92,15 +103,47 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler
         moment("save:optimizer", step)
         torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "recipe": recipe_state}, tmp / "state.pt")
         moment("save:state", step)
-        _write_manifest(tmp, step)
+        _write_manifest(tmp, step, CHECKPOINT_FILES)
         moment("save:manifest", step)
     moment("save:renamed", step)
     return final
 
 
-def _write_manifest(directory: Path, step: int) -> None:
+def _save_sharded(final: Path, step: int, model, optimizer, scheduler, rng: dict, recipe_state: dict) -> Path:
+    """All ranks write their shards into one temporary directory; rank 0 adds state.pt and the manifest and renames it."""
+    intact = distributed.broadcast_from_main(final.exists() and checkpoint_problem(final) is None)
+    if intact:
+        return final
+    tmp = sharded_checkpoint.make_temporary_directory(final)
+    try:
+        kept = sharded_checkpoint.write_shards(tmp, model, optimizer)
+        distributed.barrier()  # every rank's shards are on disk
+        moment("save:weights", step)
+        if distributed.is_main():
+            torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "recipe": recipe_state,
+                        "sharded": kept}, tmp / "state.pt")  # fmt: skip
+            moment("save:state", step)
+            _write_manifest(tmp, step, _files_under(tmp))
+            moment("save:manifest", step)
+            if final.exists():
+                _move_aside(final)
+            os.replace(tmp, final)
+    except BaseException:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    distributed.barrier()  # no rank goes on before the checkpoint is in place
+    moment("save:renamed", step)
+    return final
+
+
+def _files_under(directory: Path) -> list[str]:
+    return sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
+def _write_manifest(directory: Path, step: int, names) -> None:
     """manifest.json: the size and sha256 of every file of the checkpoint; written last."""
-    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)} for name in CHECKPOINT_FILES}
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)} for name in names}
     atomic_write_text(directory / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
 
 
@@ -123,7 +166,8 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{missing[0]} is missing" if missing else None
     try:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
-        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in CHECKPOINT_FILES}
+        required = REQUIRED_SHARDED if "state.pt" in files and "trainable.safetensors" not in files else CHECKPOINT_FILES
+        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in (*required, *files)}
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
     for name, (size, digest) in expected.items():
@@ -170,18 +214,35 @@ def restore_newest(checkpoint_dir: Path, model, optimizer, scheduler, report=pri
     until a checkpoint has been read whole. None when there is no intact checkpoint.
     """
     for path in reversed(list_checkpoints(checkpoint_dir)):
-        problem = checkpoint_problem(path)
+        problem = distributed.broadcast_from_main(checkpoint_problem(path) if distributed.is_main() else None)
         if problem is None:
             try:
+                if sharded_checkpoint.is_sharded_checkpoint(path):
+                    return path, _restore_sharded(path, model, optimizer, scheduler)
                 contents = _read_checkpoint(path)
+            except UserError:
+                raise
             except Exception as err:  # noqa: BLE001 - any failure to read means the files are damaged
                 problem = f"it cannot be read: {_first_line(err)}"
         if problem is not None:
             report(f"checkpoint {path} is damaged ({problem}); skipping it")
             continue
+        if is_sharded(model):
+            raise UserError(
+                f"checkpoint {path} was written by one process; resume it with one process (a checkpoint of several "
+                f"processes resumes at any number)"
+            )
         _apply_checkpoint(path, contents, model, optimizer, scheduler)
         return path, contents["state"]
     return None
+
+
+def _restore_sharded(path: Path, model, optimizer, scheduler) -> dict:
+    """A checkpoint of several processes, read by this run's processes (any number, one included)."""
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    sharded_checkpoint.read_shards(path, model, optimizer, state["sharded"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
 
 
 def _read_checkpoint(path: Path) -> dict:

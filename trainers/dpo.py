@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data import distributed
 from data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
 from data.errors import UserError
 from data.files import atomic_torch_save
@@ -43,6 +44,7 @@ from trainers.models import (
     load_policy,
     pair_logprobs_of,
     reference_model,
+    resolve_device,
 )
 from trainers.packed_attention import use_packed_attention, verify_packed_attention
 
@@ -80,9 +82,11 @@ class DPORecipe:
 
     # --- what the loop asks of a recipe -------------------------------------------------
     def step_batches(self, step: int) -> list[dict]:
+        """This rank's slice of the step's pairs (all of them for one process), grouped into passes."""
         indices = self.sampler.indices(step * self.pairs_per_step, self.pairs_per_step)
         self.pairs_seen = (step + 1) * self.pairs_per_step
-        return self._micro_batches(indices, self.config.micro_batch_size, self.config.max_tokens_per_pass)
+        mine = indices[distributed.my_slice(self.pairs_per_step)]
+        return self._micro_batches(mine, self.config.micro_batch_size, self.config.max_tokens_per_pass)
 
     def loss(self, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         batch, indices = micro_batch["batch"], micro_batch["indices"]
@@ -93,23 +97,27 @@ class DPORecipe:
             policy[:n], policy[n:], reference[:n], reference[n:],
             beta=self.config.beta, loss_type=self.config.loss_type, label_smoothing=self.config.label_smoothing,
         )  # fmt: skip
-        share = n / self.pairs_per_step  # this micro-batch's part of the step's mean
-        # The loop averages metrics over a step's passes; weighting each pass by its pairs makes
-        # that average the mean over the step's pairs, also when packed passes hold unequal numbers.
-        weight = share * micro_batch["passes_in_step"]
+        share = n / self.pairs_per_step  # this micro-batch's part of the (global) step's mean
+        # The loop sums the micro-batches' shares (over every rank): means over the step's pairs.
         metrics = {
-            "rewards/chosen": chosen_rewards.mean().item() * weight,
-            "rewards/rejected": rejected_rewards.mean().item() * weight,
-            "rewards/accuracy": float((chosen_rewards > rejected_rewards).sum()) / n * weight,
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item() * weight,
-            "logps/chosen": policy[:n].detach().mean().item() * weight,
-            "logps/rejected": policy[n:].detach().mean().item() * weight,
+            "rewards/chosen": chosen_rewards.mean().item() * share,
+            "rewards/rejected": rejected_rewards.mean().item() * share,
+            "rewards/accuracy": float((chosen_rewards > rejected_rewards).sum()) / n * share,
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean().item() * share,
+            "logps/chosen": policy[:n].detach().mean().item() * share,
+            "logps/rejected": policy[n:].detach().mean().item() * share,
             "tokens": micro_batch["pair_tokens"],
         }
         return losses.mean() * share, metrics
 
     def step_metrics(self) -> dict[str, float]:
         return {}
+
+    def preparation_seconds(self) -> float:
+        return 0.0
+
+    def truncate_logs_after(self, step: int) -> None:
+        pass  # DPO keeps no log of its own
 
     def memory_advice(self) -> str:
         """What to lower when a step does not fit in GPU memory."""
@@ -156,14 +164,18 @@ class DPORecipe:
         # No activations are kept, so a pass can hold twice the training pass's pairs or tokens.
         pairs_per_pass, tokens_per_pass = 2 * self.config.micro_batch_size, 2 * self.config.max_tokens_per_pass
         chunk = 2 * self.pairs_per_step  # pairs collated at a time: bounds the host and device memory
+        needed = distributed.shard_of(needed)  # each rank computes a share; the table is gathered below
         with torch.no_grad():
-            for start in tqdm(range(0, len(needed), chunk), desc="reference log-probs"):
+            for start in tqdm(range(0, len(needed), chunk), desc="reference log-probs", disable=not distributed.is_main()):
                 for mb in self._micro_batches(needed[start : start + chunk], pairs_per_pass, tokens_per_pass):
                     with autocast_context(self.device, self.config.precision):
                         logps = self._reference_logps_live(mb["batch"]).float().cpu()
                     n = len(mb["indices"])
                     table[mb["indices"], 0], table[mb["indices"], 1] = logps[:n], logps[n:]
-        atomic_torch_save(table, cache)
+        for other in distributed.gather_objects(table):
+            table = torch.where(other.isnan(), table, other)
+        if distributed.is_main():
+            atomic_torch_save(table, cache)
         return table
 
     def _micro_batches(self, indices: list[int], pairs_per_pass: int, tokens_per_pass: int) -> list[dict]:
@@ -173,10 +185,7 @@ class DPORecipe:
         """
         pairs = [self.tokenized_pair(i) for i in indices]
         passes = split_into_passes(pairs, self.config.layout, pairs_per_pass, tokens_per_pass)
-        batches = [self._on_device([indices[j] for j in group], [pairs[j] for j in group]) for group in passes]
-        for batch in batches:
-            batch["passes_in_step"] = len(batches)
-        return batches
+        return [self._on_device([indices[j] for j in group], [pairs[j] for j in group]) for group in passes]
 
     def tokenized_pair(self, index: int) -> TokenizedPair:
         """The token ids of pair `index`, truncated as configured."""
@@ -206,20 +215,34 @@ def load_pairs(config: DPOConfig) -> list:
     return pairs
 
 
+def check_world_size(config: DPOConfig) -> None:
+    """The step's pairs are the global batch: each of the processes takes an equal share of them."""
+    distributed.check_divides(
+        config.micro_batch_size * config.grad_accum_steps, "micro_batch_size x grad_accum_steps (pairs per step)",
+        "choose a number of processes that divides it, or change grad_accum_steps",
+    )
+
+
 def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     """Train, save the adapter, and merge it when `merge_after`; returns the output paths."""
     started = time.time()
     check_policy_source(config)
+    check_world_size(config)
     pairs = load_pairs(config)  # bad input is refused before out_dir is touched
+    distributed.start(resolve_device(config.device))
     with owned_out_dir(config.out_dir, resume) as out_dir:
-        seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG
+        seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG: the same on every rank
         recipe = DPORecipe(config, out_dir, pairs=pairs)
-        save_config(config, out_dir / "config.json")
+        if distributed.is_main():
+            save_config(config, out_dir / "config.json")
         last = train(recipe, config, out_dir, resume=resume)
-        outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl"), "final": str(recipe.save_final())}
-        if config.lora and config.merge_after:
-            merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype)
-            outputs["merged"] = str(merged)
+        outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl")}
+        if distributed.is_main():  # every rank holds the same weights: one writes them
+            outputs["final"] = str(recipe.save_final())
+            if config.lora and config.merge_after:
+                merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype)
+                outputs["merged"] = str(merged)
+        distributed.barrier()  # every rank returns once rank 0's outputs exist
     outputs["minutes"] = round((time.time() - started) / 60, 2)
     outputs["last_metrics"] = last
     return outputs

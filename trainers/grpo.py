@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data import distributed
 from data.errors import UserError
 from data.hub import save_model
 from data.lean_workbook import STOP_STRING, LeanTask
@@ -47,10 +48,12 @@ from trainers.models import (
     frozen_copy,
     load_policy,
     reference_model,
+    resolve_device,
     token_logprobs_of,
 )
 from trainers.rewards import build_reward
-from trainers.rollouts import Rollout, rollout_seeds, sample_completions
+from trainers.sharding import GatheredCopy, shard_model
+from trainers.rollouts import Rollout, RolloutSlice, rollout_seeds, rollout_slice, sample_completions
 
 
 class GRPORecipe:
@@ -69,6 +72,11 @@ class GRPORecipe:
             self.close()  # a Lean reward has started its REPLs
             raise
         self.reference = frozen_copy(self.model) if config.beta > 0 and not config.lora else None
+        # Several processes, full fine-tuning: train sharded (FSDP2), generate with a gathered copy (trainers/sharding.py).
+        self.gathered = None
+        if distributed.active() and not config.lora:
+            self.gathered = GatheredCopy(self.model)
+            shard_model(self.model, self.device)
         self.prompts = [prompt_text(task, config.prompt_format, self.tokenizer) for task in self.tasks]
         lean_code = config.prompt_format == "raw" and isinstance(self.tasks[0], LeanTask)
         default_stops = [STOP_STRING] if lean_code else []  # a Lean completion ends at its closing fence
@@ -78,50 +86,58 @@ class GRPORecipe:
         self.sampling = SamplingParams(config.temperature, config.top_p, config.top_k).check()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # Full fine-tuning on a GPU: the KV cache borrows the gradients' memory (see trainers/grad_arena.py).
-        self.arena = GradientArena(trainable) if self.device.type == "cuda" and not config.lora else None
+        # (Not when sharded: the gradients are DTensor shards, and generation uses the gathered copy.)
+        full_on_gpu = self.device.type == "cuda" and not config.lora and self.gathered is None
+        self.arena = GradientArena(trainable) if full_on_gpu else None
         self.generator = Generator(
-            self.model, self.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
-            cache_storage=self.arena.buffer if self.arena else None,
+            self.gathered.model if self.gathered else self.model, self.tokenizer, max_batch=config.generation_batch_size,
+            cuda_graphs=config.generation_cuda_graphs, cache_storage=self.arena.buffer if self.arena else None,
         )  # fmt: skip
-        self.rollout: Rollout | None = None
+        self.rollout: Rollout | None = None  # this rank's part of the current generation batch
         self.rollout_step = -1
         self.advantages = self.old_logps = self.ref_logps = None
+        self.rollout_tokens = 0.0  # response tokens of the whole generation batch, every rank's
         self.rollout_metrics: dict[str, float] = {}
+        self.generation_and_scoring_s = 0.0
         trainable, total = count_trainable(self.model)
         tqdm.write(f"trainable parameters: {trainable:,} of {total:,}")
 
     # --- what the loop asks of a recipe -------------------------------------------------
-    def step_batches(self, step: int) -> list[slice]:
+    def step_batches(self, step: int) -> list[RolloutSlice]:
         generation_step = step // self.config.num_iterations
         if self.rollout is None or generation_step != self.rollout_step:
             self._new_rollout(generation_step, step)
-        self.first_iteration = step % self.config.num_iterations == 0
+        first_iteration = step % self.config.num_iterations == 0
         if self.arena is not None:
             self.arena.attach()  # after generation: the update's gradients take the cache's memory back
-        return self._row_slices(self.config.micro_batch_size)
+        return self._micro_batches(self.config.micro_batch_size, compare_sampler=first_iteration)
 
-    def loss(self, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
-        batch, columns = self._rows(rows)
-        logps = self._token_logprobs(self.model, batch)
-        mask = response_mask(batch["labels"])
-        # stored log-probs cover the full width; position t of this batch is column start + t there
-        stored = slice(columns.start, columns.stop - 1)
-        old = self.old_logps[rows, stored].to(self.device) if self.old_logps is not None else logps.detach()
-        ref = self.ref_logps[rows, stored].to(self.device) if self.ref_logps is not None else None
+    def loss(self, mb: RolloutSlice) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = self._token_logprobs(self.model, mb)
+        mask = response_mask(mb.labels)
+        old = mb.old_logps if mb.old_logps is not None else logps.detach()
         loss, metrics = grpo_loss(
-            logps, old, self.advantages[rows].to(self.device), mask, ref_logps=ref, beta=self.config.beta,
+            logps, old, mb.advantages, mask, ref_logps=mb.ref_logps, beta=self.config.beta,
             clip_low=self.config.clip_low, clip_high=self.config.clip_high,
             aggregation=self.config.aggregation, max_response_length=self.config.max_new_tokens,
         )  # fmt: skip
-        metrics["tokens"] = int(batch["attention_mask"].sum())
-        if self.first_iteration:  # before any update on this rollout: policy and sampler are the same model
-            sampled = self.rollout.sampler_logprobs[rows, stored].to(self.device)
-            metrics["sampler_logprob_gap"] = float(((logps.detach() - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
-        return loss * self._share(rows, mask), metrics
+        # The loop sums metric shares over micro-batches and ranks: weighting by rows gives means over the step's rows.
+        metrics = {name: value * mb.row_share for name, value in metrics.items()}
+        metrics["tokens"] = int(mb.attention_mask.sum())
+        if mb.sampler_logprobs is not None:  # before any update on this rollout: policy and sampler are the same model
+            gap = ((logps.detach() - mb.sampler_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+            metrics["sampler_logprob_gap"] = float(gap) * mb.row_share
+        share = mask.sum().item() / max(self.rollout_tokens, 1.0) if self.config.aggregation == "token" else mb.row_share
+        return loss * share, metrics
 
     def step_metrics(self) -> dict[str, float]:
         metrics, self.rollout_metrics = self.rollout_metrics, {}  # reported once, on the step that generated
         return metrics
+
+    def preparation_seconds(self) -> float:
+        """Generation and scoring, on the step that generated (what the loop subtracts to time the update)."""
+        seconds, self.generation_and_scoring_s = self.generation_and_scoring_s, 0.0
+        return seconds
 
     def memory_advice(self) -> str:
         """What to lower when a step does not fit in GPU memory."""
@@ -130,32 +146,46 @@ class GRPORecipe:
                 f"(now {config.generation_batch_size}) for generation, or max_new_tokens (now {config.max_new_tokens})")  # fmt: skip
 
     def state_dict(self) -> dict:
-        """For μ > 1 a resume may land inside a generation batch: keep that batch."""
+        """For μ > 1 a resume may land inside a generation batch: keep that batch (every rank's part of it)."""
         if self.config.num_iterations == 1 or self.rollout is None:
             return {"rollout_step": -1}
-        return {
-            "rollout_step": self.rollout_step,
+        mine = {
             "rollout": self.rollout,
             "advantages": self.advantages,
             "old_logps": self.old_logps,
             "ref_logps": self.ref_logps,
         }
+        return {"rollout_step": self.rollout_step, "rollout_tokens": self.rollout_tokens,
+                "ranks": distributed.gather_objects(mine)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("rollout_step", -1) >= 0:
-            self.rollout_step = state["rollout_step"]
-            self.rollout = state["rollout"]
-            self.advantages, self.old_logps, self.ref_logps = state["advantages"], state["old_logps"], state["ref_logps"]
+        if state.get("rollout_step", -1) < 0:
+            return
+        ranks = state["ranks"] if "ranks" in state else [state]  # checkpoints of one process before "ranks" existed
+        if len(ranks) != distributed.world_size():
+            raise UserError(
+                f"the checkpoint stopped inside a generation batch of {len(ranks)} process(es) (num_iterations > 1); "
+                f"resume it with {len(ranks)} process(es), or from a checkpoint at a multiple of num_iterations"
+            )
+        mine = ranks[distributed.rank()]
+        self.rollout_step = state["rollout_step"]
+        self.rollout = mine["rollout"]
+        self.advantages, self.old_logps, self.ref_logps = mine["advantages"], mine["old_logps"], mine["ref_logps"]
+        self.rollout_tokens = state.get("rollout_tokens") or float(response_mask(self.rollout.labels).sum())
 
     # --- one generation batch ------------------------------------------------------------
     def _new_rollout(self, generation_step: int, step: int) -> None:
+        """This rank's prompts (all of them for one process): generate, score, and their advantages."""
         config = self.config
         indices = self.sampler.indices(generation_step * config.prompts_per_step, config.prompts_per_step)
+        indices = indices[distributed.my_slice(config.prompts_per_step)]  # whole groups: advantages stay per prompt
         rows = config.prompts_per_step * config.num_generations
+        seeds = rollout_seeds(config.seed, generation_step, rows)[distributed.my_slice(rows)]
+        if self.gathered:
+            self.gathered.refresh(self.model)  # the generating copy gets the weights of the last update
         self.rollout = sample_completions(
             self.generator, [self.prompts[i] for i in indices], config.num_generations, config.max_new_tokens,
-            self.sampling, rollout_seeds(config.seed, generation_step, rows),
-            stop_strings=self.stop_strings, max_prompt_length=config.max_prompt_length,
+            self.sampling, seeds, stop_strings=self.stop_strings, max_prompt_length=config.max_prompt_length,
         )  # fmt: skip
         self.rollout_step = generation_step
         scoring_started = time.perf_counter()  # rewards (a Lean check can take seconds) and old/ref log-probs
@@ -164,61 +194,62 @@ class GRPORecipe:
             name: torch.tensor(fn(tasks, self.rollout.completions, step=step), dtype=torch.float32)
             for name, fn in self.rewards.items()
         }
-        total = torch.stack(list(scores.values())).sum(0)
-        self.advantages = group_advantages(total, config.num_generations, config.advantage_scale, config.advantage_eps)
+        # Every rank's rewards, in global row order: "batch" advantages and the logged summaries span all ranks.
+        everyone = distributed.gather_objects(scores)
+        all_scores = {name: torch.cat([s[name] for s in everyone]) for name in scores}
+        total = torch.stack(list(all_scores.values())).sum(0)
+        advantages = group_advantages(total, config.num_generations, config.advantage_scale, config.advantage_eps)
+        self.advantages = advantages[distributed.my_slice(rows)]
+        self.rollout_tokens = distributed.sum_over_ranks(float(response_mask(self.rollout.labels).sum()))
         self.old_logps = self._logps_of_rollout(self.model) if config.num_iterations > 1 else None
         self.ref_logps = self._logps_of_rollout_under_reference() if config.beta > 0 else None
-        self.rollout_metrics = self._rollout_summary(total, scores, time.perf_counter() - scoring_started)
-        self._write_samples(step, tasks, total, scores)
+        scoring_seconds = time.perf_counter() - scoring_started
+        self.generation_and_scoring_s = self.rollout.generation_seconds + scoring_seconds
+        self._log_rollout(step, tasks, total, all_scores, advantages, scoring_seconds)
 
     def _logps_of_rollout(self, model) -> torch.Tensor:
         pieces = []
         with torch.no_grad(), autocast_context(self.device, self.config.precision):
-            for rows in self._row_slices(2 * self.config.micro_batch_size):  # no activations kept: bigger batches fit
-                batch, _ = self._rows(rows, trim=False)
-                pieces.append(self._token_logprobs(model, batch).float().cpu())
+            for mb in self._micro_batches(2 * self.config.micro_batch_size, trim=False):  # no activations kept
+                pieces.append(self._token_logprobs(model, mb).float().cpu())
         return torch.cat(pieces)
 
-    def _token_logprobs(self, model, batch: dict) -> torch.Tensor:
-        return token_logprobs_of(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.config.logprob_chunk_size
-        )
+    def _token_logprobs(self, model, mb: RolloutSlice) -> torch.Tensor:
+        return token_logprobs_of(model, mb.input_ids, mb.attention_mask, mb.labels, self.config.logprob_chunk_size)
 
     def _logps_of_rollout_under_reference(self) -> torch.Tensor:
         with reference_model(self.model, self.reference) as reference:
             return self._logps_of_rollout(reference)
 
-    def _row_slices(self, size: int) -> list[slice]:
-        return [slice(i, min(i + size, len(self.rollout))) for i in range(0, len(self.rollout), size)]
-
-    def _rows(self, rows: slice, trim: bool = True) -> tuple[dict, slice]:
-        """The rows of the rollout as a model batch and the columns kept.
-
-        With `trim`, columns that are padding in every row are dropped: a
-        micro-batch of short completions should not pay for the longest one.
-        """
-        ids, mask, labels = self.rollout.input_ids[rows], self.rollout.attention_mask[rows], self.rollout.labels[rows]
-        columns = slice(0, ids.shape[1])
-        if trim:
-            used = mask.any(0).nonzero().flatten()
-            columns = slice(int(used[0]), int(used[-1]) + 1)
-        batch = {
-            "input_ids": ids[:, columns].to(self.device),
-            "attention_mask": mask[:, columns].to(self.device),
-            "labels": labels[:, columns].to(self.device),
-        }
-        return batch, columns
-
-    def _share(self, rows: slice, mask: torch.Tensor) -> float:
-        """This micro-batch's part of the whole generation batch's aggregated loss."""
-        if self.config.aggregation == "token":
-            return float(mask.sum()) / float(response_mask(self.rollout.labels).sum().clamp(min=1))
-        return (rows.stop - rows.start) / len(self.rollout)
+    def _micro_batches(self, size: int, trim: bool = True, compare_sampler: bool = False) -> list[RolloutSlice]:
+        global_rows = self.config.prompts_per_step * self.config.num_generations
+        return [
+            rollout_slice(self.rollout, slice(i, min(i + size, len(self.rollout))), self.device, global_rows,
+                          self.advantages, self.old_logps, self.ref_logps, trim=trim, compare_sampler=compare_sampler)
+            for i in range(0, len(self.rollout), size)
+        ]  # fmt: skip
 
     # --- logging ----------------------------------------------------------------------------
-    def _rollout_summary(self, total, scores, scoring_seconds) -> dict[str, float]:
+    def _log_rollout(self, step, tasks, total, scores, advantages, scoring_seconds) -> None:
+        """The step's reward and length summaries and its samples.jsonl records, over every rank's rows."""
+        mine = {
+            "completions": self.rollout.completions,
+            "lengths": self.rollout.completion_lengths,
+            "truncated": self.rollout.truncated,
+            "task_ids": [task.id for task in tasks],
+            "details": {name: getattr(fn, "details", None) for name, fn in self.rewards.items()},
+        }
+        everyone = distributed.gather_objects(mine)
+        rollout = {key: [v for rank in everyone for v in rank[key]] for key in ("completions", "lengths", "truncated", "task_ids")}
+        details = {name: [row for rank in everyone for row in (rank["details"][name] or [])] for name in self.rewards}
+        generation_seconds = max(distributed.gather_objects(self.rollout.generation_seconds))
+        self.rollout_metrics = self._rollout_summary(total, scores, rollout, generation_seconds, scoring_seconds)
+        if distributed.is_main():
+            self._write_samples(step, rollout, total, scores, advantages, details)
+
+    def _rollout_summary(self, total, scores, rollout, generation_seconds, scoring_seconds) -> dict[str, float]:
         groups = total.view(-1, self.config.num_generations)
-        lengths = torch.tensor(self.rollout.completion_lengths, dtype=torch.float32)
+        lengths = torch.tensor(rollout["lengths"], dtype=torch.float32)
         generated = float(lengths.sum())
         metrics = {
             "reward/mean": float(total.mean()),
@@ -227,25 +258,24 @@ class GRPORecipe:
             "completion/length_mean": float(lengths.mean()),
             "completion/length_min": float(lengths.min()),
             "completion/length_max": float(lengths.max()),
-            "completion/truncated_fraction": sum(self.rollout.truncated) / len(self.rollout),
-            "time/generation_s": self.rollout.generation_seconds,
+            "completion/truncated_fraction": sum(rollout["truncated"]) / len(rollout["truncated"]),
+            "time/generation_s": generation_seconds,
             "time/scoring_s": scoring_seconds,
-            "generation_tokens_per_s": generated / max(self.rollout.generation_seconds, 1e-9),
+            "generation_tokens_per_s": generated / max(generation_seconds, 1e-9),
         }
         for name, values in scores.items():
             metrics[f"reward/{name}"] = float(values.mean())
         return metrics
 
-    def _write_samples(self, step, tasks, total, scores) -> None:
-        details = {name: getattr(fn, "details", None) for name, fn in self.rewards.items()}
+    def _write_samples(self, step, rollout, total, scores, advantages, details) -> None:
         with open(self.samples_path, "a", encoding="utf-8") as handle:
-            for i, (task, text) in enumerate(zip(tasks, self.rollout.completions)):
+            for i, (task_id, text) in enumerate(zip(rollout["task_ids"], rollout["completions"])):
                 record = {
-                    "step": step + 1, "task_id": task.id, "sample": i % self.config.num_generations,
+                    "step": step + 1, "task_id": task_id, "sample": i % self.config.num_generations,
                     "completion": text, "reward": float(total[i]),
                     "rewards": {name: float(values[i]) for name, values in scores.items()},
-                    "advantage": float(self.advantages[i]), "length": self.rollout.completion_lengths[i],
-                    "truncated": self.rollout.truncated[i],
+                    "advantage": float(advantages[i]), "length": rollout["lengths"][i],
+                    "truncated": rollout["truncated"][i],
                 }  # fmt: skip
                 for name, rows in details.items():
                     if rows:
@@ -258,7 +288,10 @@ class GRPORecipe:
             keep_records_up_to(self.samples_path, step)
 
     def save_final(self) -> Path:
-        return save_model(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
+        """One ordinary save_pretrained directory, written by rank 0 (a sharded model is gathered first: every rank calls this)."""
+        model = self.gathered.refresh(self.model) if self.gathered else self.model
+        path = self.out_dir / ("adapter" if self.config.lora else "model")
+        return save_model(model, self.tokenizer, path) if distributed.is_main() else path
 
     def close(self) -> None:
         for fn in self.rewards.values():
@@ -314,17 +347,29 @@ def load_tasks(config: GRPOConfig) -> list:
     return tasks
 
 
+def check_world_size(config: GRPOConfig) -> None:
+    """The step's prompts are the global batch: each process generates and scores whole groups of them."""
+    distributed.check_divides(
+        config.prompts_per_step, "prompts_per_step", "choose a number of processes that divides it (each process "
+        "takes whole groups of completions, so advantages stay per prompt)",
+    )
+
+
 def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     started = time.time()
     check_policy_source(config)
+    check_world_size(config)
     tasks = load_tasks(config)  # bad input is refused before out_dir is touched
+    distributed.start(resolve_device(config.device))
     with owned_out_dir(config.out_dir, resume) as out_dir:
         seed_everything(config.seed)
         recipe = GRPORecipe(config, out_dir, tasks=tasks)
-        save_config(config, out_dir / "config.json")
+        if distributed.is_main():
+            save_config(config, out_dir / "config.json")
         try:
             last = train(recipe, config, out_dir, resume=resume)
             final = recipe.save_final()
+            distributed.barrier()  # every rank returns once rank 0's outputs exist
         finally:
             recipe.close()
     return {

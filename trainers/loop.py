@@ -12,12 +12,15 @@ knows everything else. One optimizer step is:
 
 `recipe.loss` returns each micro-batch's share of the step's loss (e.g. a
 mean over its pairs times its share of the step's pairs), so summing the
-backward passes gives exactly the gradient of the full-batch loss.
+backward passes gives exactly the gradient of the full-batch loss. Its
+metrics are shares too, and are summed the same way: the loop knows no
+recipe's metric names, only `tokens` (trained tokens; tokens_per_s is tokens
+per second of update time, the step minus the recipe's `preparation_seconds`).
 
-Metrics returned by `recipe.loss` are averaged over micro-batches, except
-`tokens`, which is summed: tokens_per_s is trained (non-padding) tokens per
-second of update time, i.e. of the step minus any `time/generation_s` and
-`time/scoring_s` the recipe reports.
+On several processes (torchrun; data/distributed.py) the step's batch is the
+global batch: each rank's `step_batches` are its slice of it, the shares are
+shares of the global step, so the gradients and the metrics are summed over
+ranks once per step, and rank 0 alone writes the log and the checkpoints.
 
 Resumption is exact: the data position is a function of the step, and the
 checkpoint holds the weights, the optimizer, the scheduler and the RNG states
@@ -42,6 +45,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from data import distributed
 from data.errors import UserError
 from data.files import atomic_write_text, remove_stale_temporaries
 from data.run_dir import owned
@@ -57,20 +61,36 @@ from trainers.checkpoint import (
 )
 from trainers.config import TrainConfig
 from trainers.optim import build_optimizer, build_scheduler
+from trainers import sharding
 from trainers.reporting import Reporters
 
 
 class Recipe(Protocol):
+    """Every hook the loop calls; an algorithm (trainers/dpo.py, trainers/grpo.py) implements them all."""
+
     model: torch.nn.Module
     device: torch.device
 
-    def step_batches(self, step: int) -> list: ...
+    def step_batches(self, step: int) -> list:
+        """This rank's micro-batches of optimizer step `step` (objects that `loss` understands)."""
 
-    def loss(self, micro_batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, micro_batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's share of the step's loss, and its shares of the step's metrics (summed by the loop)."""
 
-    def step_metrics(self) -> dict[str, float]: ...
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the whole step that are not sums over micro-batches (e.g. GRPO's rewards); the same on every rank."""
 
-    def state_dict(self) -> dict: ...
+    def preparation_seconds(self) -> float:
+        """Seconds of this step spent before the update (GRPO: generation and scoring); 0 when none."""
+
+    def memory_advice(self) -> str:
+        """Which settings to lower when a step does not fit in GPU memory."""
+
+    def truncate_logs_after(self, step: int) -> None:
+        """Drop the recipe's own audit records of steps after `step` (they will be redone)."""
+
+    def state_dict(self) -> dict:
+        """What the recipe needs to resume exactly (e.g. the data position)."""
 
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -108,18 +128,22 @@ class _Training:
         self.log = MetricsLog(out_dir / "metrics.jsonl")
         self.reporters = Reporters(config.report_to, out_dir, dataclasses.asdict(config))  # report_to: optional live logging
         self.parameters = [p for p in recipe.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.parameters, config)
+        sharding.start_replicas(recipe.model, self.parameters)
+        # A sharded model's optimizer updates each rank's local shards (trainers/sharding.py).
+        self.shards = sharding.LocalShards(self.parameters) if sharding.is_sharded(recipe.model) else None
+        self.optimizer = build_optimizer(self.shards.parameters if self.shards else self.parameters, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.autocast = autocast_context(recipe.device, config.precision)
 
     def run(self, resume: bool, final_checkpoint: bool) -> dict:
         config = self.config
         start_step = _restore(self.recipe, self.optimizer, self.scheduler, self.checkpoint_dir, self.log, resume, config.seed)
-        if hasattr(self.recipe, "truncate_logs_after"):  # a recipe's own audit logs follow the metrics log
-            self.recipe.truncate_logs_after(start_step)
+        if distributed.is_main():
+            self.recipe.truncate_logs_after(start_step)  # a recipe's own audit logs follow the metrics log
         self.point = ResumePoint(start_step, rng_state(), self.recipe.state_dict())
         self.saved = start_step  # step 0 needs no checkpoint; a resumed step has one
-        self.progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                             disable=not distributed.is_main())  # fmt: skip
         last: dict = {}
         window: list[dict] = []  # the steps since the last printed line, averaged when printed
         with DeferredInterrupts() as self.interrupts:
@@ -129,7 +153,7 @@ class _Training:
                     window.append(last)
                     self.progress.update(1)
                     self.progress.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "grad_norm") if k in last})
-                    if config.log_every and (step + 1) % config.log_every == 0:
+                    if config.log_every and (step + 1) % config.log_every == 0 and distributed.is_main():
                         tqdm.write(_format_metrics(_reduce(window) | {"step": step + 1}))
                         window = []
                     if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
@@ -137,7 +161,9 @@ class _Training:
                 if final_checkpoint and self.saved != config.max_steps:
                     self._save()
             except KeyboardInterrupt:
-                if self.point.step != self.saved:
+                # A sharded checkpoint needs every rank at the same point, which a signal does not give:
+                # a sharded run resumes from its last periodic checkpoint instead.
+                if self.point.step != self.saved and not self.shards:
                     self._save()
                 raise
             finally:
@@ -163,22 +189,25 @@ class _Training:
 
     def _update(self, step: int, collected: list[dict], started: float) -> dict:
         recipe, config = self.recipe, self.config
+        sharding.finish_gradients(recipe.model, self.parameters)  # once per step: the global batch's gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+        if self.shards:
+            self.shards.hand_over_gradients()
         self.optimizer.step()
         moment("step:after_optimizer", step + 1)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.shards:
+            recipe.model.zero_grad(set_to_none=True)
         if recipe.device.type == "cuda":
             torch.cuda.synchronize(recipe.device)
         elapsed = time.perf_counter() - started
 
-        metrics = _reduce(collected)
-        metrics["loss"] = sum(m["loss"] for m in collected)  # contributions sum to the step's loss
+        metrics = _sum_shares([m for rank in distributed.gather_objects(collected) for m in rank])
         metrics.update(recipe.step_metrics())
-        metrics.update({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), "step_time_s": elapsed})
-        # GRPO reports its generation and scoring time; the rest of the step is the update
-        update_seconds = elapsed - metrics.get("time/generation_s", 0.0) - metrics.get("time/scoring_s", 0.0)
+        metrics.update({"step": step + 1, "lr": lr, "grad_norm": sharding.total_norm(grad_norm), "step_time_s": elapsed})
+        update_seconds = elapsed - recipe.preparation_seconds()
         metrics["time/update_s"] = update_seconds
         if "tokens" in metrics:
             metrics["tokens_per_s"] = metrics["tokens"] / max(update_seconds, 1e-9)
@@ -190,16 +219,21 @@ class _Training:
         """Checkpoint `point`, then prune; a signal meanwhile waits, so the write is never cut short."""
         point = self.point
         with self.interrupts.deferred():
-            save_checkpoint(self.checkpoint_dir, point.step, self.recipe.model, self.optimizer, self.scheduler,
-                            point.rng, point.recipe_state)  # fmt: skip
-            prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
+            # Replicated weights are the same on every rank: rank 0 writes them. Sharded ones: each rank its shards.
+            if distributed.is_main() or self.shards:
+                save_checkpoint(self.checkpoint_dir, point.step, self.recipe.model, self.optimizer, self.scheduler,
+                                point.rng, point.recipe_state)  # fmt: skip
+            if distributed.is_main():
+                prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
             self.saved = point.step
 
 
-def _accumulate_gradients(recipe, step: int, autocast) -> list[dict]:
+def _accumulate_gradients(recipe: Recipe, step: int, autocast) -> list[dict]:
     """Forward and backward passes of the step's micro-batches; the gradients add up in the parameters."""
     collected: list[dict] = []
-    for micro_batch in recipe.step_batches(step):
+    micro_batches = recipe.step_batches(step)
+    for i, micro_batch in enumerate(micro_batches):
+        sharding.set_gradient_sync(recipe.model, i == len(micro_batches) - 1)  # sharded: reduce once, at the last
         with autocast:
             loss, metrics = recipe.loss(micro_batch)
         loss.backward()
@@ -207,10 +241,16 @@ def _accumulate_gradients(recipe, step: int, autocast) -> list[dict]:
     return collected
 
 
-def _out_of_memory(recipe, err: Exception) -> str:
-    advice = getattr(recipe, "memory_advice", lambda: "lower micro_batch_size")()
+def _out_of_memory(recipe: Recipe, err: Exception) -> str:
+    advice = recipe.memory_advice()
     first = str(err).strip().splitlines()[0][:160] if str(err).strip() else "CUDA out of memory"
     return f"out of GPU memory in a training step ({first}); {advice}, then rerun with --resume"
+
+
+def _sum_shares(collected: list[dict]) -> dict:
+    """The step's metrics: each micro-batch's (every rank's) shares added up."""
+    keys = dict.fromkeys(k for m in collected for k in m)  # first-seen order, for readable logs
+    return {key: sum(m[key] for m in collected if key in m) for key in keys}
 
 
 def _reduce(collected: list[dict]) -> dict:
@@ -229,11 +269,17 @@ def owned_out_dir(out_dir, resume: bool):
     Before anything is written there: leftovers of killed runs are removed, and a
     directory that holds an earlier run's checkpoints is refused without --resume.
     """
+    if not distributed.is_main():  # rank 0 holds the directory for the whole job; the others wait until it has
+        distributed.barrier()
+        refuse_earlier_run(Path(out_dir) / "checkpoints", resume)
+        yield Path(out_dir)
+        return
     with owned(out_dir) as path:
         checkpoint_dir = path / "checkpoints"
         if checkpoint_dir.is_dir():
             remove_stale_temporaries(checkpoint_dir)
         refuse_earlier_run(checkpoint_dir, resume)
+        distributed.barrier()
         yield path
 
 
@@ -278,14 +324,19 @@ class MetricsLog:
         self.path = Path(path)
 
     def reset(self) -> None:
-        atomic_write_text(self.path, "")
+        if distributed.is_main():
+            atomic_write_text(self.path, "")
 
     def write(self, metrics: dict) -> None:
+        if not distributed.is_main():
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records of steps the checkpoint does not contain (they will be redone)."""
+        if not distributed.is_main():
+            return
         if not self.path.exists():
             return self.reset()
         keep_records_up_to(self.path, step)

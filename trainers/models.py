@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from data import distributed
 from data.errors import UserError
 from data.hub import check_path_exists, load_causal_lm, load_tokenizer
 from data.tokens import positions_from_mask
@@ -46,7 +47,7 @@ def check_policy_source(config: TrainConfig) -> None:
 
 def load_policy(config: TrainConfig):
     """The model to train (LoRA-wrapped when `config.lora`), its tokenizer and device."""
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))  # each rank's own GPU under torchrun
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(config.model, dtype=weight_dtype(config.precision, device), device=device)
     return prepare_policy(model, config), tokenizer, device

@@ -92,3 +92,47 @@ def layout(prompt_ids: list[list[int]], completions: list[Completion], pad_id: i
         truncated=[c.finish == "length" for c in completions],
         generation_seconds=seconds,
     )  # fmt: skip
+
+
+@dataclass
+class RolloutSlice:
+    """One micro-batch of the update: some rows of a rollout with everything the loss needs, on the device.
+
+    Columns that are padding in every row are dropped (`trim`): a micro-batch of
+    short completions should not pay for the longest one. The stored (N, T − 1)
+    log-probabilities are cut to the same columns.
+    """
+
+    input_ids: torch.Tensor  # (n, t)
+    attention_mask: torch.Tensor  # (n, t)
+    labels: torch.Tensor  # (n, t)
+    advantages: torch.Tensor  # (n,)
+    old_logps: torch.Tensor | None  # (n, t − 1): the sampling policy's, for μ > 1; None: the current policy's, detached
+    ref_logps: torch.Tensor | None  # (n, t − 1): the reference model's, for β > 0
+    sampler_logprobs: torch.Tensor | None  # (n, t − 1): the sampler's own, to compare with before any update
+    row_share: float  # n / the rows of the whole (global) generation batch
+
+
+def rollout_slice(
+    rollout: Rollout, rows: slice, device: torch.device, global_rows: int, advantages: torch.Tensor,
+    old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+    trim: bool = True, compare_sampler: bool = False,
+) -> RolloutSlice:  # fmt: skip
+    """Rows `rows` of `rollout` (and of the per-row tensors that go with it) as a micro-batch."""
+    ids, mask, labels = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.labels[rows]
+    columns = slice(0, ids.shape[1])
+    if trim:
+        used = mask.any(0).nonzero().flatten()
+        columns = slice(int(used[0]), int(used[-1]) + 1)
+    stored = slice(columns.start, columns.stop - 1)  # position t of the (t − 1)-wide log-probs is column start + t
+
+    def on_device(table: torch.Tensor | None) -> torch.Tensor | None:
+        return None if table is None else table[rows, stored].to(device)
+
+    return RolloutSlice(
+        input_ids=ids[:, columns].to(device), attention_mask=mask[:, columns].to(device),
+        labels=labels[:, columns].to(device), advantages=advantages[rows].to(device),
+        old_logps=on_device(old_logps), ref_logps=on_device(ref_logps),
+        sampler_logprobs=on_device(rollout.sampler_logprobs) if compare_sampler else None,
+        row_share=(rows.stop - rows.start) / global_rows,
+    )  # fmt: skip

@@ -27,6 +27,7 @@ import re
 import sys
 from pathlib import Path
 
+from data import distributed
 from data.errors import UserError
 from data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
 from data.prompts import GRPO_FORMATS, check_format_name
@@ -73,7 +74,10 @@ class RandomReward:
     def __call__(self, tasks: list[LeanTask], completions: list[str], *, step: int = 0) -> list[float]:
         _check_lengths(tasks, completions)
         rng = random.Random(f"{self.seed}/{step}")
-        return [rng.random() for _ in completions]
+        # Under torchrun each process scores an equal slice of the step's rows: skip the draws of the ranks before it,
+        # so a row's reward does not depend on the number of processes.
+        skipped = distributed.rank() * len(completions)
+        return [rng.random() for _ in range(skipped + len(completions))][skipped:]
 
 
 # An `axiom` declared by the answer could state the theorem itself.
