@@ -61,8 +61,24 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+_alone = False  # a one-process group that runs the multi-process code path (start_alone)
+
+
+def start_alone(device: torch.device) -> None:
+    """A process group of this process alone, in which every multi-process code path runs (FSDP2 sharding,
+    collectives, sharded checkpoints) as it would on N GPUs: `twophase bench --process-group` uses it to
+    check and measure those paths on a single GPU. Not for training: one process needs none of it."""
+    global _alone
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    _alone = True
+
+
 def active() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_initialized() and (dist.get_world_size() > 1 or _alone)
 
 
 def rank() -> int:

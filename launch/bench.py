@@ -92,14 +92,14 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
               prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=256,
-              layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1) -> dict:  # fmt: skip
+              layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1, process_group=False) -> dict:  # fmt: skip
     """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
     from data.hh_rlhf import PreferencePair
     from trainers.config import DPOConfig, make_config
     from trainers.loop import MetricsLog, train
     from trainers.models import prepare_policy, resolve_device, weight_dtype
 
-    device = resolve_device(device)
+    device = join_processes(resolve_device(device), process_group)
     precision = "bf16" if device.type == "cuda" else "fp32"
     pairs_per_step = micro_batch_size * grad_accum_steps
     pair_lengths = pair_lengths_of(lengths, seq_len, prompt_len, steps * pairs_per_step)
@@ -122,10 +122,12 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
         records = MetricsLog(Path(out_dir) / "metrics.jsonl").read()
+    if not records:  # under torchrun only rank 0 writes the metrics; the other ranks have nothing to report
+        return {}
     measured = records[warmup_steps:] or records  # the first steps pay for warm-up (allocator, kernels)
     shape = f"fixed {prompt_len}+2x{seq_len - prompt_len}" if lengths == "fixed" else lengths
     return {
-        "benchmark": "dpo", "architecture": architecture, "device": _device_name(device), "lengths": shape,
+        "benchmark": "dpo", "architecture": architecture, "device": _device_name(device), **_processes(), "lengths": shape,
         "layout": config.layout, "pairs_per_step": pairs_per_step, "micro_batch_size": micro_batch_size,
         "tokens_per_pass": config.max_tokens_per_pass if config.layout in ("packed", "packed_shared_prompt") else None,
         "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
@@ -165,7 +167,8 @@ COMPLETION_LENGTHS = ("full", "mixed")
 
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=512,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
-               cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full") -> dict:  # fmt: skip
+               cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full",
+               process_group=False) -> dict:  # fmt: skip
     """Phase 2 steps on random prompts of `prompt_len` tokens.
 
     completion_lengths "full": every completion runs to max_new_tokens (EOS is ignored: a random model
@@ -178,7 +181,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     from trainers.loop import MetricsLog, train
     from trainers.models import prepare_policy, resolve_device, weight_dtype
 
-    device = resolve_device(device)
+    device = join_processes(resolve_device(device), process_group)
     precision = "bf16" if device.type == "cuda" else "fp32"
     with tempfile.TemporaryDirectory() as out_dir:
         config = make_config(GRPOConfig, dict(
@@ -200,10 +203,12 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
         records = MetricsLog(Path(out_dir) / "metrics.jsonl").read()
+    if not records:  # under torchrun only rank 0 writes the metrics; the other ranks have nothing to report
+        return {}
     measured = records[1:] or records
     median = lambda key: statistics.median(r[key] for r in measured)  # noqa: E731
     return {
-        "benchmark": "grpo", "architecture": architecture, "device": _device_name(device),
+        "benchmark": "grpo", "architecture": architecture, "device": _device_name(device), **_processes(),
         "completions_per_step": prompts * generations, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
         "micro_batch_size": micro_batch_size,
         "cuda_graphs": cuda_graphs, "completion_lengths": completion_lengths,
@@ -239,8 +244,9 @@ def _scripted_generator(recipe, completion_lengths: str):
             return "eos" if reason == "length" and row.max_new < self.limit else reason
 
     config = recipe.config
+    generating = recipe.gathered.model if recipe.gathered else recipe.model  # sharded: the gathered copy generates
     return ScriptedLengths(
-        recipe.model, recipe.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
+        generating, recipe.tokenizer, max_batch=config.generation_batch_size, cuda_graphs=config.generation_cuda_graphs,
         stop_at_eos=False, cache_storage=recipe.arena.buffer if recipe.arena else None,
     )  # fmt: skip
 
@@ -276,6 +282,27 @@ def _synthetic_dpo_class():
     return SyntheticDPO
 
 
+def join_processes(device: torch.device, alone: bool) -> torch.device:
+    """The device this process benchmarks on. Under torchrun: its rank's GPU, in the job's process group
+    (the global batch split over ranks, as in training). `alone`: a one-process group that runs the
+    multi-process code path on this one device (data/distributed.py: start_alone)."""
+    from data import distributed
+
+    device = distributed.local_device(device)
+    if distributed.launched_world_size() > 1:
+        distributed.start(device)
+    elif alone:
+        distributed.start_alone(device)
+    return device
+
+
+def _processes() -> dict:
+    """How many processes measured together, and whether they ran the multi-process code path."""
+    from data import distributed
+
+    return {"processes": distributed.world_size(), "process_group": distributed.active()}
+
+
 def _reset_peak(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -291,6 +318,10 @@ def _device_name(device) -> str:
 
 
 def _emit(result: dict, out: str | None) -> None:
+    from data import distributed
+
+    if not distributed.is_main():  # under torchrun, rank 0 reports for the job (its memory: one GPU's)
+        return
     click.echo(json.dumps(result))
     if out:
         with open(out, "a", encoding="utf-8") as handle:
@@ -298,6 +329,11 @@ def _emit(result: dict, out: str | None) -> None:
 
 
 ARCH = click.Choice(sorted(ARCHITECTURES))
+
+
+PROCESS_GROUP_HELP = ("Run the multi-GPU code path (GRPO: FSDP2 shards and a gathered copy; DPO: the gradient all-reduce) "
+                      "in a process group of this one process, to check and measure it on one GPU. Under torchrun the "
+                      "job's own group is used.")
 
 
 @click.group("bench")
@@ -322,9 +358,10 @@ def bench_group():
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
 @click.option("--logprob-chunk-size", default=256, show_default=True, help="Rows projected onto the vocabulary at once.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pass, micro_batch_size, grad_accum_steps,
-                      seq_len, precompute, optimizer, logprob_chunk_size, device, out):  # fmt: skip
+                      seq_len, precompute, optimizer, logprob_chunk_size, device, process_group, out):  # fmt: skip
     """Phase 1 setting: LoRA r=64, 4 x 4 pairs a step, checkpointing, 8-bit AdamW.
 
     Tokens are counted as TRL counts them (prompt twice, replies once, no padding), whatever the layout.
@@ -335,7 +372,7 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
     for layout in layouts or [None]:
         _emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
                         device=device, logprob_chunk_size=logprob_chunk_size, layout=layout, lengths=lengths,
-                        tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps), out)  # fmt: skip
+                        tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps, process_group=process_group), out)  # fmt: skip
         gc.collect()  # the last model's weights go before the next one is built
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -353,13 +390,15 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
               help="full: every completion to the limit; mixed: half end early at uniform lengths in [limit/8, limit).")
 @click.option("--stochastic-rounding/--no-stochastic-rounding", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size, generation_batch_size, cuda_graphs,
-                       completion_lengths, stochastic_rounding, device, out):  # fmt: skip
+                       completion_lengths, stochastic_rounding, device, process_group, out):  # fmt: skip
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
     _emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, prompt_len=prompt_len, micro_batch_size=micro_batch_size,
                      generation_batch_size=generation_batch_size, device=device, cuda_graphs=cuda_graphs,
-                     stochastic_rounding=stochastic_rounding, completion_lengths=completion_lengths), out)  # fmt: skip
+                     stochastic_rounding=stochastic_rounding, completion_lengths=completion_lengths,
+                     process_group=process_group), out)  # fmt: skip
 
 
 @bench_group.command("eval")

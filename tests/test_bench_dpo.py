@@ -94,3 +94,19 @@ def test_trl_baseline_gets_the_benchmark_pairs_token_for_token(lengths):
         assert ids(row["prompt"]) == pair.prompt
         assert ids(row["prompt"] + row["chosen"] + "</s>") == pair.prompt + pair.chosen
         assert ids(row["prompt"] + row["rejected"] + "</s>") == pair.prompt + pair.rejected
+
+
+def test_bench_runs_the_sharded_path_in_a_one_process_group():
+    """--process-group: GRPO trains FSDP2-sharded and generates from the gathered copy, in this one process.
+    The copy is the policy: before any update on a rollout the sampler's log-probs are the policy's."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "launch.cli", "bench", "grpo", "--arch", "tiny", "--steps", "2",
+               "--max-new-tokens", "6", "--process-group"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["processes"], report["process_group"], report["completions_per_step"]) == (1, True, 16)
+    assert report["sampler_logprob_gap"] < 1e-5

@@ -3,7 +3,6 @@ data/prompt_rows.py), and the README's three-row examples read as they are writt
 
 import json
 
-import pytest
 
 from data.hh_rlhf import PreferencePair
 from data.preferences import CONVERSATIONAL, HH, IMPLICIT, PLAIN, load_preferences
