@@ -72,7 +72,7 @@ def start_alone(device: torch.device) -> None:
     if dist.is_initialized():
         return
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     _alone = True
 
