@@ -81,8 +81,12 @@ def _open_sources(paths: list[str]) -> list[tuple[str, object]]:
     return sources
 
 
-def _build_root(root: str, sources, installs: dict[str, bytes]) -> None:
+def _build_root(root: str, sources, installs: dict[str, bytes], work_options: str) -> None:
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+    # The writable /tmp comes first: a visible path below /tmp (a project cloned there, its .venv)
+    # is then bound inside it, read-only, instead of being hidden under it.
+    os.makedirs(root + "/tmp")
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, work_options)
     for path, source in sources:
         target = root + path
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -98,8 +102,7 @@ def _build_root(root: str, sources, installs: dict[str, bytes]) -> None:
     for name, content in installs.items():
         with open(f"{root}/sandbox/{name}", "wb") as f:
             f.write(content)
-    os.makedirs(root + "/proc")
-    os.makedirs(root + "/tmp")
+    os.makedirs(root + "/proc", exist_ok=True)
 
 
 def _switch_root(root: str) -> None:
@@ -121,7 +124,7 @@ def _make_read_only() -> None:
         mounts = [line.split() for line in f]
     for fields in mounts:
         target, options = fields[4], fields[5].split(",")
-        if target == "/proc":
+        if target in ("/proc", "/tmp"):  # /tmp is the program's writable work folder
             continue
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
         flags |= (MS_NODEV if "nodev" in options else 0) | (MS_NOEXEC if "noexec" in options else 0)
@@ -135,13 +138,12 @@ def build_file_system(config: dict) -> None:
             installs[name] = f.read()
     sources = _open_sources(config["visible"])
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    _build_root(STAGING, sources, installs)
+    owner = f"uid={config.get('uid', 0)},gid={config.get('gid', 0)}"
+    _build_root(STAGING, sources, installs, f"size={config['work_bytes']},mode=0700,{owner}")
     # Before the old root goes: a user namespace may mount a proc only while it can see a complete one.
     _mount("proc", STAGING + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _switch_root(STAGING)
     _make_read_only()
-    owner = f"uid={config.get('uid', 0)},gid={config.get('gid', 0)}"
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['work_bytes']},mode=0700,{owner}")
 
 
 # --------------------------------------------------------------------------- the program

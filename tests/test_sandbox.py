@@ -343,3 +343,24 @@ def test_an_unavailable_sandbox_is_one_clear_error_naming_the_opt_out(monkeypatc
             HumanEval().check_ready({"sandbox": "off"})
     finally:
         sandbox.isolation_problem.cache_clear()
+
+
+def test_an_environment_under_tmp_stays_visible_below_the_writable_tmp(isolation_works, tmp_path):
+    """A clone in /tmp with its .venv there: the program still runs its interpreter (bound read-only
+    inside the fresh /tmp) and can write beside it, but not into the environment."""
+    import subprocess
+
+    environment = tmp_path / "clone" / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True, timeout=120)
+    program = (
+        "import json, os, sys\n"
+        "open('/tmp/work.txt', 'w').write('ok')\n"
+        "try:\n    open(os.path.join(sys.prefix, 'x'), 'w'); inside = 'wrote'\nexcept OSError as err:\n    inside = type(err).__name__\n"
+        "print(json.dumps({'prefix': sys.prefix, 'work': open('/tmp/work.txt').read(), 'inside': inside}))\n"
+    )
+    runner = f"from eval.execution import run_python\nr = run_python({program!r}, timeout=10.0)\nprint(r.stdout, r.stderr, r.returncode)"
+    result = subprocess.run([str(environment / "bin" / "python"), "-c", runner], capture_output=True, text=True,
+                            timeout=120, cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[0])
+    assert report == {"prefix": str(environment), "work": "ok", "inside": "OSError"}, result.stdout
