@@ -260,9 +260,13 @@ def test_program_reading_stdin_sees_end_of_file():
 
 
 def test_program_runs_in_an_empty_private_folder_in_isolated_mode():
+    # Empty, but for the read-only way to the interpreter when the evaluator's environment lives under /tmp.
+    from eval.sandbox import visible_paths
+
+    expected = sorted({p.split("/")[2] for p in visible_paths() if p.startswith("/tmp/")})
     completion = (
         "    return a + b\nimport os, sys\n"
-        "assert os.getcwd() == '/tmp' and os.listdir('.') == [], (os.getcwd(), os.listdir('.'))\n"
+        f"assert os.getcwd() == '/tmp' and sorted(os.listdir('.')) == {expected!r}, (os.getcwd(), os.listdir('.'))\n"
         "assert sys.flags.isolated == 1\n"
     )
     assert verdict(completion)[:2] == (True, "passed")
