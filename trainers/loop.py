@@ -232,8 +232,7 @@ def _accumulate_gradients(recipe: Recipe, step: int, autocast) -> list[dict]:
     """Forward and backward passes of the step's micro-batches; the gradients add up in the parameters."""
     collected: list[dict] = []
     micro_batches = recipe.step_batches(step)
-    for i, micro_batch in enumerate(micro_batches):
-        sharding.set_gradient_sync(recipe.model, i == len(micro_batches) - 1)  # sharded: reduce once, at the last
+    for micro_batch in micro_batches:
         with autocast:
             loss, metrics = recipe.loss(micro_batch)
         loss.backward()
