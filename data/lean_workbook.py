@@ -220,16 +220,27 @@ def load_lean_tasks(
     returned, "skipped": {reason: count}, "duplicate_ids": ids of different
     theorems that were renamed}.
     """
+    rows, skipped = read_task_rows(source, split)
+    return lean_tasks_from_rows(rows, skipped, limit)
+
+
+def read_task_rows(source, split: str | None) -> tuple[list, Counter]:
+    """The rows of a local .json / .jsonl file (those of `split`) or of a hub dataset's split,
+    and the count of rows already skipped (malformed lines, other splits) by reason."""
     source = str(source)
     skipped: Counter = Counter()
     path = Path(source).expanduser()
     if path.exists():
-        rows = _select_split(_read_local_rows(path, skipped), split, source, skipped)
-    elif looks_like_path(source):
+        if path.is_dir():
+            raise UserError(f"{source} is a directory; pass a .json / .jsonl file of tasks or a hub dataset id")
+        return _select_split(_read_local_rows(path, skipped), split, source, skipped), skipped
+    if looks_like_path(source):
         raise UserError(f"no such file: {source}; pass an existing .json / .jsonl file or a hub dataset id")
-    else:
-        rows = load_hub_dataset(source, split or "train")
+    return load_hub_dataset(source, split or "train"), skipped
 
+
+def lean_tasks_from_rows(rows, skipped: Counter, limit: int | None = None) -> tuple[list[LeanTask], dict]:
+    """Lean tasks of rows read by `read_task_rows`, and load_lean_tasks' report."""
     tasks: list[LeanTask] = []
     theorems: set[tuple[str, str]] = set()
     rows_read = sum(skipped.values())  # malformed lines and other splits were rows too

@@ -42,7 +42,7 @@ from data.hh_rlhf import (
     _iter_rows,
     classify_hh_row,
 )
-from data.prompts import ASSISTANT_MARKER
+from data.prompts import ASSISTANT_MARKER, chat_messages
 
 HH, PLAIN, CONVERSATIONAL, IMPLICIT = "hh", "plain", "conversational", "conversational (implicit prompt)"
 LAYOUT_FIELDS = {
@@ -51,7 +51,6 @@ LAYOUT_FIELDS = {
     CONVERSATIONAL: '"prompt", "chosen" and "rejected" lists of chat messages',
     IMPLICIT: '"chosen" and "rejected" conversations (lists of chat messages) sharing all but the last message',
 }
-ROLES = ("system", "user", "assistant")
 
 # Skip reasons of the layouts other than hh (hh's own are in data/hh_rlhf.py).
 WRONG_TYPES = "fields of another layout"
@@ -99,12 +98,12 @@ def _plain_pair(row: dict):
 
 
 def _conversational_pair(row: dict):
-    prompt = _messages(row["prompt"])
+    prompt = chat_messages(row["prompt"])
     if prompt is None:
         return None, NOT_MESSAGES
     if not prompt:
         return None, EMPTY_PROMPT
-    chosen, rejected = _messages(row["chosen"]), _messages(row["rejected"])
+    chosen, rejected = chat_messages(row["chosen"]), chat_messages(row["rejected"])
     if chosen is None or rejected is None:
         return None, NOT_MESSAGES
     if not _one_assistant_reply(chosen) or not _one_assistant_reply(rejected):
@@ -113,7 +112,7 @@ def _conversational_pair(row: dict):
 
 
 def _implicit_pair(row: dict):
-    chosen, rejected = _messages(row["chosen"]), _messages(row["rejected"])
+    chosen, rejected = chat_messages(row["chosen"]), chat_messages(row["rejected"])
     if chosen is None or rejected is None:
         return None, NOT_MESSAGES
     if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
@@ -135,18 +134,6 @@ def _pair(prompt, chosen: str, rejected: str):
     if not isinstance(prompt, str):
         prompt = tuple(dict(m) for m in prompt)
     return PreferencePair(prompt=prompt, chosen=" " + chosen.lstrip(), rejected=" " + rejected.lstrip()), None
-
-
-def _messages(value) -> list[dict] | None:
-    """The messages as {"role", "content"} dicts, or None when `value` is not a list of chat messages."""
-    if not isinstance(value, list):
-        return None
-    messages = []
-    for item in value:
-        if not isinstance(item, dict) or item.get("role") not in ROLES or not isinstance(item.get("content"), str):
-            return None
-        messages.append({"role": item["role"], "content": item["content"]})
-    return messages
 
 
 def _one_assistant_reply(messages: list[dict]) -> bool:

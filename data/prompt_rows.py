@@ -14,17 +14,13 @@ receives these `PromptTask`s: `task.fields` holds the row's other fields.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from data.errors import UserError
-from data.hub import load_hub_dataset, looks_like_path
-from data.lean_workbook import LeanTask, _read_local_rows, _select_split, build_prompt, load_lean_tasks
-from data.prompts import GRPO_FORMATS, apply_chat_template, check_format
+from data.lean_workbook import LeanTask, build_prompt, lean_tasks_from_rows, read_task_rows
+from data.prompts import GRPO_FORMATS, apply_chat_template, chat_messages, check_format
 
 LEAN, PROMPT = "lean", "prompt"
-ROLES = ("system", "user", "assistant")
 
 NOT_AN_OBJECT = "row is not an object"
 NO_PROMPT = "no prompt"
@@ -55,10 +51,8 @@ def parse_prompt_row(row, number: int) -> PromptTask | str:
     if isinstance(prompt, str):
         if not prompt.strip():
             return NO_PROMPT
-    elif isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in prompt
-    ):
-        prompt = tuple({"role": m["role"], "content": m["content"]} for m in prompt)
+    elif prompt and (messages := chat_messages(prompt)):
+        prompt = tuple(messages)
     else:
         return NO_PROMPT if prompt in (None, "", []) else BAD_MESSAGES
     task_id = str(row.get("id") if row.get("id") not in (None, "") else f"row-{number}")
@@ -84,20 +78,10 @@ def prompt_text(task, prompt_format: str, tokenizer=None) -> str:
 
 def load_tasks(source: str, split: str | None = "train", limit: int | None = None) -> tuple[list, dict]:
     """The tasks of a file or hub dataset in either layout, and a report with `layout`, `rows`, `used`, `skipped`."""
-    source = str(source)
-    skipped: Counter = Counter()
-    path = Path(source).expanduser()
-    if path.exists():
-        if path.is_dir():
-            raise UserError(f"{source} is a directory; pass a .json / .jsonl file of tasks or a hub dataset id")
-        rows = _select_split(_read_local_rows(path, skipped), split, source, skipped)
-    elif looks_like_path(source):
-        raise UserError(f"no such file: {source}; pass an existing .json / .jsonl file or a hub dataset id")
-    else:
-        rows = load_hub_dataset(source, split or "train")
+    rows, skipped = read_task_rows(source, split)  # read once, whichever layout it turns out to be
     first = next((row for row in rows if isinstance(row, dict)), None)
     if detect_layout(first) == LEAN:
-        tasks, report = load_lean_tasks(source, split=split, limit=limit)
+        tasks, report = lean_tasks_from_rows(rows, skipped, limit)
         return tasks, {"layout": LEAN, **report}
     tasks = []
     rows_read = sum(skipped.values())  # malformed lines and other splits were rows too

@@ -112,6 +112,22 @@ def resolved_format(tokenizer, fmt: str) -> str:
 # --------------------------------------------------------------------------- HH transcripts (DPO)
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(value) -> list[dict] | None:
+    """`value` as {"role", "content"} messages, or None when it is not a list of chat messages
+    (each a mapping with a known role and text content). Other keys of a message are dropped."""
+    if not isinstance(value, list):
+        return None
+    messages = []
+    for item in value:
+        if not isinstance(item, dict) or item.get("role") not in ROLES or not isinstance(item.get("content"), str):
+            return None
+        messages.append({"role": item["role"], "content": item["content"]})
+    return messages
+
+
 def transcript_to_messages(prompt: str) -> list[dict]:
     """Turn an HH prompt into chat messages: `[{"role": "user"|"assistant", "content": ...}]`.
 

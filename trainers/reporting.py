@@ -14,6 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from data import distributed
 from data.errors import UserError
 
 REPORTERS = ("tensorboard", "wandb")
@@ -38,6 +39,8 @@ class Reporters:
     def __init__(self, report_to: list[str], out_dir: Path, config: dict | None = None):
         check_reporters(report_to)
         self.writers = []
+        if not distributed.is_main():  # one job, one run: rank 0 reports it (as it writes metrics.jsonl)
+            return
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
