@@ -7,13 +7,13 @@ Ctrl-C or SIGTERM says where the checkpoint is and the exact command that resume
 from __future__ import annotations
 
 import dataclasses
-import math
 import shlex
 from pathlib import Path
 
 import click
 
 from trainers.config import DPOConfig, GRPOConfig, load_config
+from trainers.loop import readable_number
 
 CONFIG_HELP = "YAML file of config keys (see launch/configs/ and the README's table of keys)."
 SET_HELP = "Override one config key, e.g. --set lr=1e-6 --set max_steps=10 (repeatable)."
@@ -83,19 +83,6 @@ def interrupted_message(name: str, out_dir, config_path, overrides) -> str:
         return f"interrupted before the first checkpoint; nothing to resume: rerun with: {shlex.join(command)}"
     return (f"interrupted: the newest checkpoint is {checkpoints[-1]}; continue with: "
             f"{shlex.join(command + ['--resume'])}")  # fmt: skip
-
-
-def readable_number(value) -> str:
-    """A metric for a person: 4 significant digits, small numbers in exponent form (1e-06, -3.2e-05), never -0."""
-    if isinstance(value, bool) or not isinstance(value, float):
-        return str(value)
-    if value == 0:
-        return "0"
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    if abs(value) >= 1e4:
-        return f"{value:.0f}"
-    return f"{value:.4g}"
 
 
 def report_outputs(outputs: dict) -> None:

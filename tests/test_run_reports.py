@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from launch.train import readable_number
+from trainers.loop import readable_number
 
 
 @pytest.mark.parametrize("value, text", [

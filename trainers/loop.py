@@ -368,10 +368,21 @@ def keep_records_up_to(path: Path, step: int) -> None:
 def _format_metrics(metrics: dict) -> str:
     """One line per logging interval: metrics averaged over the steps since the last line."""
     parts = [f"step {metrics['step']}"]
-    for key, value in metrics.items():
-        if key != "step":
-            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    parts += [f"{key} {readable_number(value)}" for key, value in metrics.items() if key != "step"]
     return " | ".join(parts)
+
+
+def readable_number(value) -> str:
+    """A metric for a person: 4 significant digits, small numbers in exponent form (1e-06, -3.2e-05), never -0."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value == 0:
+        return "0"
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if abs(value) >= 1e4:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
 
 
 class sigterm_as_interrupt:
