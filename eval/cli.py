@@ -33,7 +33,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--judge-base-url", default=None, help="Endpoint judge base URL ($JUDGE_BASE_URL, $OPENAI_BASE_URL).")
 @click.option("--judge-api-key", default=None, help="Endpoint judge key; prefer $JUDGE_API_KEY or $OPENAI_API_KEY.")
 @click.option("--judge-concurrency", type=int, default=8, show_default=True, help="Endpoint judge: parallel requests.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per forward pass, for both engines.")
+@click.option("--batch-size", default="auto", show_default=True,
+              help="Rows per batch, for both engines: a number, or auto (as many as the free GPU memory holds; 8 on CPU).")
 @click.option("--prompt-format", type=click.Choice(["auto", "hh", "chat", "raw"]), default="auto", show_default=True,
               help="How questions are asked (data/prompts.py). hh: '\\n\\nHuman: {question}\\n\\nAssistant:', the HH-RLHF "
                    "layout Phase 1 trains on; chat: the chat template; raw: the question alone; auto: chat if the "

@@ -29,7 +29,9 @@ at column W + i. Row r's real tokens start at column first[r]; a query may see
 columns first[r] … its own. Decode steps attend over the first `kv_len`
 columns only, rounded up to a multiple of `kv_block`, so the graphs are keyed
 by (rows, kv_len, sampling) and are shared by all prompts, whatever their
-length, for the life of the engine.
+length, until a batch needs more slots or columns than the cache has: then the
+cache is allocated anew at the new size and the graphs are captured again
+(`CapturedSteps`).
 
 Interface (both decoders):
 
@@ -99,10 +101,9 @@ class StaticDecoder:
         self.vocab_keys = vocabulary_keys(self.head.out_features, self.device)
         self.ops = FusedOps(compiled=self.use_graphs)
         self.fused_qkv = all(_plain_linear(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers)
-        self.capacity = 0
+        self.capacity = self.cache_slots = 0
         self.kv = self.qkv_weight = None
-        self.graphs: dict = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.graphs = CapturedSteps(self.use_graphs)
         self._state(max_batch)
 
     def _state(self, rows: int) -> None:
@@ -120,25 +121,30 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------ cache
 
-    def _reserve(self, columns: int, ring: int) -> None:
-        """Make sure the cache holds `columns` columns; a larger cache invalidates the captured graphs."""
+    def _reserve(self, slots: int, columns: int, ring: int) -> None:
+        """Make sure the cache holds `slots` rows of `columns` columns; a new cache invalidates the captured graphs.
+
+        The cache is sized by the batch that needs it, not by `max_batch`: an
+        evaluation decodes 256 short rows in one benchmark and 64 long ones in
+        the next, and 256 long rows would not fit in the card.
+        """
         columns = math.ceil(columns / self.kv_block) * self.kv_block
-        if columns > self.capacity:
+        if slots > self.cache_slots or columns > self.capacity:
+            self.graphs.drop()  # they read and write the old buffers
             self.kv = self.qkv_weight = None  # free the old buffers first
-            cache_shape = (len(self.layers), 2, self.max_batch, self.kv_heads, columns, self.head_dim)
+            cache_shape = (len(self.layers), 2, slots, self.kv_heads, columns, self.head_dim)
             self.kv, rest = self._carve(cache_shape, self.storage)
             if self.fused_qkv:
                 attn = self.layers[0].self_attn
                 rows = attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
                 self.qkv_weight, _ = self._carve((len(self.layers), rows, attn.q_proj.in_features), rest)
-            self.capacity = columns
+            self.capacity, self.cache_slots = columns, slots
             self.key_columns = torch.arange(columns, dtype=torch.long, device=self.device)
-            self.graphs.clear()
         if ring > self.ring:
+            self.graphs.drop()
             self.ring = ring
             self.ring_tokens = torch.zeros(self.max_batch, ring, dtype=torch.long, device=self.device)
             self.ring_logprobs = torch.zeros(self.max_batch, ring, dtype=torch.float32, device=self.device)
-            self.graphs.clear()
 
     def _carve(self, shape, storage):
         """A tensor of `shape` from the front of `storage` when it fits (returning the rest), else a new one."""
@@ -201,8 +207,8 @@ class StaticDecoder:
         """Prefill the distinct `prompts`; row r continues prompts[expand[r]]. Returns the first tokens."""
         rows = len(expand)
         width = max(len(p) for p in prompts)
-        self._reserve(width + max_new, ring)
         slots = bucket(rows, self.max_batch)
+        self._reserve(slots, width + max_new, ring)
         expand = expand + [expand[0]] * (slots - rows)  # filler slots copy row 0; their tokens are ignored
         self.kv[:, :, :slots, :, width:].zero_()  # columns not yet written must hold finite values
         self._refresh_fused_weights()
@@ -260,17 +266,7 @@ class StaticDecoder:
         return tokens, logprobs
 
     def _step(self, slots: int, kv_len: int, sampling: SamplingParams) -> None:
-        key = (slots, kv_len, sampling)
-        graph = self.graphs.get(key)
-        if graph is not None:
-            graph.replay()
-            return
-        self._decode(slots, kv_len, sampling)  # eager: the real step, and the warm-up of a capture
-        if self.use_graphs:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):  # records the step; runs nothing
-                self._decode(slots, kv_len, sampling)
-            self.graphs[key] = graph
+        self.graphs.run((slots, kv_len, sampling), lambda: self._decode(slots, kv_len, sampling))
 
     def _decode(self, b: int, kv_len: int, sampling: SamplingParams) -> None:
         """One token for slots [0, b): forward, choose, and advance every state tensor in place."""
@@ -306,6 +302,55 @@ class StaticDecoder:
         for state in (self.tokens, self.positions, self.first, self.seeds, self.ring_tokens, self.ring_logprobs):
             state[:new] = state[order]
         self.slots = new
+
+
+class CapturedSteps:
+    """Decode steps captured as CUDA graphs, one per key, all in one private memory pool.
+
+    `run(key, step)` replays the key's graph; the first time, it runs `step`
+    eagerly (the real step, and the warm-up a capture needs) and then captures it.
+
+    Why `drop` starts a new pool: PyTorch's pool handle is only an id. The
+    caching allocator keeps a pool alive while some graph captured into it
+    lives, and asserts that a capture into an existing id finds it alive
+    (`it->second->use_count > 0`, CUDACachingAllocator.cpp). Once every graph
+    of the pool is gone its memory stays reserved until freed, so the id is
+    still known but dead, and capturing into it again crashed the process:
+    a generating benchmark, then HumanEval's longer generation (a larger
+    cache, so the graphs were dropped), then the first new capture. A new
+    round of captures therefore gets a new id, and the dead pool's memory is
+    given back at once.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle() if enabled else None
+
+    def run(self, key, step) -> None:
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        step()
+        if self.enabled:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):  # records the step; runs nothing
+                step()
+            self.graphs[key] = graph
+
+    def drop(self) -> None:
+        """Forget every graph (the buffers they use are about to change); later captures use a new pool."""
+        if not self.graphs:
+            return  # nothing was captured into the pool: it is still unused, and reusable
+        self.graphs.clear()
+        if self.enabled:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the dead pool's blocks
+            self.pool = torch.cuda.graph_pool_handle()
+
+    def __len__(self) -> int:
+        return len(self.graphs)
 
 
 class CacheDecoder:

@@ -10,7 +10,8 @@ one-at-a-time results.
 How the engine batches:
 
 * Rows are sorted by token length, longest first, and cut into batches of
-  `batch_size`: rows of similar length waste little padding, and the longest
+  `batch_size` rows ("auto": as many as fit the memory free, at most 64;
+  eval/batching.py): rows of similar length waste little padding, and the longest
   batch runs first, so running out of memory happens at once, not after an hour.
 * Padding is on the left, with position ids counted from each row's first real
   token. Every row then ends in the last column, so "the next token" and "the
@@ -42,6 +43,7 @@ import torch
 from data import distributed
 from data.errors import UserError
 from data.tokens import encode_continuation, encode_prompt, left_pad, pad_id_of
+from eval.batching import AUTO, CPU_ROWS, check_batch_size, model_config, scoring_batches, scoring_budget
 
 try:  # tqdm ships with transformers; progress bars are a convenience only
     from tqdm.auto import tqdm
@@ -163,13 +165,14 @@ class LoglikelihoodEngine:
     of the question, since for them the row is the context alone.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int | str = AUTO, max_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = check_batch_size(batch_size)
         self.max_length = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.prompt_hasher = None  # set by the runner to hash everything the model is shown
         self.stats = {"requests": 0, "rows": 0, "forwards": 0, "tokens": 0, "seconds": 0.0}
+        self.batch_rows: set[int] = set()  # the rows per batch used since the runner last cleared it
         self._call = _ModelCaller(model)
 
     # -- public API
@@ -237,7 +240,7 @@ class LoglikelihoodEngine:
         device = model_device(self.model)
         pad = pad_id_of(self.tokenizer)
         # Under torchrun each rank computes every N-th batch (the same batches as one process: the same numbers).
-        batches = distributed.shard_of(length_sorted_batches([len(r) for r in rows], self.batch_size))
+        batches = distributed.shard_of(self._batches([len(r) for r in rows], keeps))
         for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
             start = time.perf_counter()
             seqs = [self._truncate(list(rows[i]), keeps[i]) for i in batch]
@@ -246,9 +249,17 @@ class LoglikelihoodEngine:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             self.stats["forwards"] += 1
             self.stats["rows"] += len(batch)
+            self.batch_rows.add(len(batch))
             self.stats["tokens"] += int(mask.sum())
             self.stats["seconds"] += time.perf_counter() - start
             yield batch, logprobs
+
+    def _batches(self, lengths: list[int], keeps: list[int]) -> list[list[int]]:
+        budget = scoring_budget(self.model) if self.batch_size == AUTO else None
+        if budget is None:
+            return length_sorted_batches(lengths, CPU_ROWS if self.batch_size == AUTO else self.batch_size)
+        vocab = model_config(self.model).vocab_size
+        return scoring_batches([min(n, self.max_length or n) for n in lengths], keeps, vocab, budget)
 
     def _truncate(self, row: list[int], keep: int) -> list[int]:
         # Too long for the model: drop the oldest context tokens, never the scored ones.

@@ -36,6 +36,7 @@ import torch
 from data import distributed
 from data.errors import UserError
 from data.tokens import encode_prompt
+from eval.batching import AUTO, MAX_GENERATION_ROWS, check_batch_size, generation_rows
 from eval.decoder import CacheDecoder, StaticDecoder, bucket, supports_static_decoding
 from eval.sampling import SamplingParams
 
@@ -234,12 +235,18 @@ class GenerationEngine:
     A greedy answer is generated once and copied n times. A sampled answer k of
     a prompt is seeded by (seed, prompt, k), so it does not change with batch
     size, request order or --limit, and a rerun reproduces it.
+
+    `batch_size` "auto" picks the rows of each batch from the memory free for
+    the KV cache of its prompts and answers (eval/batching.py).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, seed: int = 0, stop_at_eos: bool = True):
-        self.generator = Generator(model, tokenizer, max_batch=max(1, int(batch_size)), stop_at_eos=stop_at_eos)
+    def __init__(self, model, tokenizer, batch_size: int | str = AUTO, seed: int = 0, stop_at_eos: bool = True):
+        self.batch_size = check_batch_size(batch_size)
+        most = MAX_GENERATION_ROWS if self.batch_size == AUTO else self.batch_size
+        self.generator = Generator(model, tokenizer, max_batch=most, stop_at_eos=stop_at_eos)
         self.tokenizer = tokenizer
         self.seed = seed
+        self.batch_rows: set[int] = set()  # the rows per batch used since the runner last cleared it
         self.prompt_hasher = None  # set by the runner to hash everything the model is shown
         self.stats = {"requests": 0, "rows": 0, "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
 
@@ -258,11 +265,12 @@ class GenerationEngine:
         groups: dict[SamplingParams, list] = {}
         for row in rows:
             groups.setdefault(row["sampling"], []).append(row)
-        batch = self.generator.max_batch
         texts: dict[tuple[int, int], str] = {}  # (request, copy) -> answer, of the chunks this rank computed
         for sampling, group in groups.items():
             # Longest prompts first (memory errors come at once), a prompt's samples side by side (one prefill).
             group.sort(key=lambda r: (-len(r["ids"]), r["request"], r["sample"]))
+            batch = self._rows_per_batch(group)
+            self.batch_rows.add(batch)
             # Under torchrun each rank decodes every N-th chunk: the same chunks, so the same answers, as one process.
             starts = distributed.shard_of(list(range(0, len(group), batch)))
             for first in tqdm(starts, desc=desc, leave=False, disable=len(group) <= batch):
@@ -283,6 +291,15 @@ class GenerationEngine:
         self.stats["requests"] += len(requests)
         self.stats["rows"] += len(rows)
         return answers
+
+    def _rows_per_batch(self, group: list[dict]) -> int:
+        if self.batch_size != AUTO:
+            return self.batch_size
+        columns = len(group[0]["ids"]) + max(r["max_new"] for r in group)  # the longest prompt comes first
+        decoder = self.generator.decoder
+        held = sum(t.numel() * t.element_size() for t in (getattr(decoder, "kv", None), getattr(decoder, "qkv_weight", None))
+                   if t is not None)  # fmt: skip
+        return generation_rows(self.generator.model, columns, held)
 
     def _rows(self, requests: list[GenerationRequest]) -> list[dict]:
         """One row per answer to compute; a greedy request is computed once for all its n answers."""

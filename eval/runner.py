@@ -148,6 +148,8 @@ def _run_one(benchmark, source, described, settings_hash, runtime, judge, out, s
     hasher = hashlib.sha256()
     generator.prompt_hasher = scorer.prompt_hasher = hasher
     gen_before, score_before = dict(generator.stats), dict(scorer.stats)
+    generator.batch_rows.clear()
+    scorer.batch_rows.clear()
     with AuditLog(audit_path(out, benchmark.name)) as audit:
         ctx = EvalContext(
             generator=generator,
@@ -186,6 +188,7 @@ def _run_one(benchmark, source, described, settings_hash, runtime, judge, out, s
             "generation": _stats_delta(gen_before, generator.stats),
             "loglikelihood": _stats_delta(score_before, scorer.stats),
         },
+        "batch_rows": {"generation": sorted(generator.batch_rows), "loglikelihood": sorted(scorer.batch_rows)},
         "finished_at": _now(),
         "versions": _versions(),
     }

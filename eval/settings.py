@@ -22,6 +22,7 @@ from typing import Literal
 
 from data.errors import UserError
 from data.prompts import EVAL_FORMATS, EvalFormat, check_format_name
+from eval.batching import check_batch_size
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class EvalSettings:
     judge: str = "string-match"  # string-match | local | endpoint | local:PATH
     judge_options: dict = field(default_factory=dict)  # model, base_url, concurrency, min_mass, ...
     benchmark_judges: dict = field(default_factory=dict)  # {benchmark: judge} where it differs from `judge`
-    batch_size: int = 8  # rows per forward pass, for both engines
+    batch_size: int | str = "auto"  # rows per batch, both engines; "auto": from the free memory (eval/batching.py)
     prompt_format: EvalFormat = "auto"  # data/prompts.py
     data_dir: str | None = None  # read each benchmark from its local file here instead of the hub
     samples_per_question: int | None = None  # Betley: answers per question (None: the YAML's 100)
@@ -51,11 +52,11 @@ class EvalSettings:
         for name in names:
             self.judge_of(name)  # a misconfigured judge fails now, not after an hour of generation
         options = flat_options(self.options, ALL)
-        check_arguments({"limit": self.limit, "batch_size": self.batch_size,
-                         "samples_per_question": self.samples_per_question, **options})  # fmt: skip
+        check_arguments({"limit": self.limit, "samples_per_question": self.samples_per_question, **options})
+        batch_size = check_batch_size(self.batch_size)
         if self.samples_per_question is not None:
             options["betley.samples_per_question"] = int(self.samples_per_question)
-        return dataclasses.replace(self, benchmarks=",".join(names), options=options)
+        return dataclasses.replace(self, benchmarks=",".join(names), options=options, batch_size=batch_size)
 
     @property
     def names(self) -> list[str]:
@@ -109,7 +110,7 @@ def flat_options(options: dict, benchmarks: tuple[str, ...]) -> dict:
 
 
 # The least each numeric argument or benchmark option may be: anything else is one line before the model loads.
-LEAST = {"limit": 1, "batch_size": 1, "samples_per_question": 1, "max_new_tokens": 1, "judge_max_tokens": 1,
+LEAST = {"limit": 1, "samples_per_question": 1, "max_new_tokens": 1, "judge_max_tokens": 1,
          "n_samples": 1, "num_shots": 0, "workers": 1}  # fmt: skip
 
 

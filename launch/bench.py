@@ -37,11 +37,18 @@ import click
 import torch
 
 from data.collators import LAYOUTS
+from data.errors import UserError
 
 ARCHITECTURES = {
     "deepseek-prover-v2-7b": dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=102400, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
+    # The pipeline check's model (`twophase bench pipeline`): DeepSeek-Prover-V2-7B's family at 0.8B parameters,
+    # over the project's tiny byte-level BPE tokenizer (data/tiny.py), whose 1,024 ids it takes as its vocabulary.
+    "llama-0.8b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, vocab_size=1024, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
     ),
     "tiny": dict(
         hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -50,10 +57,11 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
-def random_model(architecture: str, device: torch.device, dtype: torch.dtype):
+def random_model(architecture: str, device: torch.device, dtype: torch.dtype, **changes):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**ARCHITECTURES[architecture], bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    layout = ARCHITECTURES[architecture] | changes
+    config = LlamaConfig(**layout, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise directly in the target dtype: no float32 copy of 7B weights
@@ -220,6 +228,77 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         "update_tokens_per_s": round(median("tokens_per_s"), 1), "peak_memory_gib": round(_peak_gib(device), 2),
         "sampler_logprob_gap": round(median("sampler_logprob_gap"), 5),
     }  # fmt: skip
+
+
+SHIPPED_PIPELINE = Path(__file__).resolve().parent / "configs" / "wu17_v5.yaml"
+
+
+def bench_pipeline(run_dir: str, architecture: str = "llama-0.8b", config_path: str | Path = SHIPPED_PIPELINE,
+                   overrides: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """The shipped pipeline, every stage, on a random-weight model and data in the real formats, in this process.
+
+    What a user runs, shortened: the shipped config with the model replaced by a
+    random-weight `architecture` over the tiny BPE tokenizer (saved to
+    RUN_DIR/model, loaded by path like any model), Phase 1 on the bundled
+    HH-RLHF-format pairs, Phase 2 on the bundled Lean Workbook-format tasks,
+    and every evaluation on all eight benchmarks from eval/samples/ (their real
+    schemas; HumanEval really executes) at their shipped settings: the same
+    generation lengths and sampling, in the same order, so the CUDA allocator,
+    graphs and memory see what a real run makes them see. Betley is judged by
+    the model itself, so it runs its whole code path. `overrides` (KEY=VALUE,
+    as `twophase pipeline --set`) replace any key, e.g. real data files.
+
+    Returns each stage's status and seconds. A stage that fails raises a UserError naming it.
+    """
+    from data.tiny import build_tiny_tokenizer
+    from launch.demo import EVAL_SAMPLES, SAMPLES
+    from launch.experiment import load_pipeline
+    from launch.manifest import read_manifest
+    from launch.pipeline import execute
+    from trainers.models import resolve_device
+
+    device = resolve_device("auto")
+    run = Path(run_dir).resolve()
+    model_dir = run / "model"
+    if not (model_dir / "config.json").is_file():
+        tokenizer = build_tiny_tokenizer()
+        model = random_model(architecture, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                             vocab_size=len(tokenizer))  # fmt: skip
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        del model
+    judge = f"{{kind: local, model: {model_dir}, min_mass: 0.0}}"
+    shortened = (
+        f"run_dir={run}", f"model={model_dir}", f"dpo.dataset={SAMPLES / 'hh_demo.jsonl'}", "dpo.max_steps=30",
+        "dpo.save_every=10", f"grpo.dataset={SAMPLES / 'lean_demo.jsonl'}", "grpo.max_steps=4", "grpo.save_every=2",
+        f"eval.data_dir={EVAL_SAMPLES}", f"eval.benchmark_judges.betley={judge}",
+    )  # fmt: skip
+    if device.type != "cuda":  # a CPU check of this command: float32 (the shipped bf16 autocast is for GPUs)
+        shortened += ("dpo.precision=fp32", "grpo.precision=fp32")
+    config, stages = load_pipeline(config_path, (*shortened, *overrides))
+    started = time.perf_counter()
+    failure = None
+    try:
+        execute(config, stages)
+    except UserError as err:
+        failure = str(err)
+    report = {"benchmark": "pipeline", "architecture": architecture, "device": _device_name(device),
+              "config": str(config_path), "seconds": round(time.perf_counter() - started, 1), "stages": {}}  # fmt: skip
+    for stage in stages:
+        manifest = read_manifest(run / stage.name) or {}
+        status = "skipped" if stage.skip_reason else manifest.get("status", "not run")
+        report["stages"][stage.name] = {"status": status, "seconds": manifest.get("seconds")}
+    broken = [name for name, entry in report["stages"].items() if entry["status"] not in ("done", "skipped")]
+    report["passed"] = failure is None and not broken
+    if not report["passed"]:
+        raise PipelineFailed(report, failure or f"stages not done: {', '.join(broken)}")
+    return report
+
+
+class PipelineFailed(Exception):
+    def __init__(self, report: dict, reason: str):
+        super().__init__(reason)
+        self.report = report
 
 
 def _scripted_generator(recipe, completion_lengths: str):
@@ -401,18 +480,94 @@ def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size
                      process_group=process_group), out)  # fmt: skip
 
 
+@bench_group.command("pipeline")
+@click.option("--run-dir", default="runs/bench-pipeline", show_default=True, type=click.Path(file_okay=False),
+              help="Where the pipeline writes (a rerun resumes it; remove it to start afresh).")
+@click.option("--arch", type=ARCH, default="llama-0.8b", show_default=True)
+@click.option("--config", "config_path", default=str(SHIPPED_PIPELINE), show_default=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline key (repeatable).")
+@click.option("--out", default=None, help="Append the result as a JSON line to this file.")
+def bench_pipeline_command(run_dir, arch, config_path, overrides, out):
+    """The shipped pipeline end to end (all stages, all eight benchmarks) on a random-weight model; fails loudly."""
+    try:
+        report = bench_pipeline(run_dir, arch, config_path, overrides)
+    except PipelineFailed as failed:
+        _emit(failed.report, out)
+        raise UserError(f"the pipeline check failed: {failed}") from None
+    _emit(report, out)
+
+
+def bench_evaluation(architecture: str, data_dir: str, out_dir: str, tokenizer_dir: str | None = None,
+                     benchmarks: str = "all", limit: int | None = None, samples_per_question: int | None = None,
+                     prompt_format: str = "hh", batch_size="auto") -> dict:  # fmt: skip
+    """`twophase eval` of a random-weight `architecture` on the benchmark files in `data_dir`; each benchmark's time.
+
+    The runner is the real one (eval/runner.py) with the shipped settings; Betley's
+    0-100 judge is the evaluated model itself, so its judging costs what a local
+    judge of the same size costs. With `tokenizer_dir` the texts are tokenized as
+    that tokenizer does and the model's vocabulary is the tokenizer's size.
+    """
+    from data.hub import load_tokenizer
+    from eval.runner import run_evaluation
+    from eval.settings import EvalSettings
+    from trainers.models import resolve_device, weight_dtype
+
+    device = resolve_device("auto")
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else synthetic_tokenizer(ARCHITECTURES[architecture]["vocab_size"])
+    model = random_model(architecture, device, weight_dtype("bf16", device), vocab_size=len(tokenizer)).eval()
+    judge = {"kind": "local", "model": f"random {architecture}", "model_obj": model, "tokenizer_obj": tokenizer, "min_mass": 0.0}
+    settings = EvalSettings(benchmarks=benchmarks, limit=limit, data_dir=data_dir, prompt_format=prompt_format,
+                            batch_size=batch_size, samples_per_question=samples_per_question,
+                            benchmark_judges={"betley": judge})  # fmt: skip
+    _reset_peak(device)
+    started = time.perf_counter()
+    summary = run_evaluation(f"random {architecture}", out_dir, settings, model_obj=model, tokenizer_obj=tokenizer)
+    report = {"benchmark": "evaluation", "architecture": architecture, "device": _device_name(device),
+              "parameters": sum(p.numel() for p in model.parameters()), "vocabulary": len(tokenizer),
+              "tokenizer": tokenizer_dir or "synthetic", "limit": limit, "batch_size": batch_size,
+              "seconds": round(time.perf_counter() - started, 1),
+              "peak_memory_gib": round(_peak_gib(device), 2) if device.type == "cuda" else None, "benchmarks": {}}  # fmt: skip
+    for name, entry in summary["benchmarks"].items():
+        result = json.loads(Path(entry["result"]).read_text(encoding="utf-8"))
+        stats = result.get("engine_stats") or {}
+        generation, scoring = stats.get("generation") or {}, stats.get("loglikelihood") or {}
+        report["benchmarks"][name] = {
+            "status": result["status"], "items": result.get("n_items"), "seconds": result.get("seconds"),
+            "generated_tokens": generation.get("generated_tokens"),
+            "generation_tokens_per_s": round(generation["generated_tokens"] / generation["seconds"], 1) if generation.get("seconds") else None,
+            "scored_tokens": scoring.get("tokens"), "batch_rows": result.get("batch_rows"),
+            "reason": result.get("reason"),
+        }  # fmt: skip
+    return report
+
+
 @bench_group.command("eval")
 @click.option("--arch", type=ARCH, default="deepseek-prover-v2-7b", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--loglik-batch-size", default=32, show_default=True)
 @click.option("--gen-batch-size", default=64, show_default=True)
 @click.option("--questions", default=256, show_default=True)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Instead of the engine workloads: a whole `twophase eval` of the random model on the benchmark "
+                   "files here (eval/benchmarks/__init__.py names them), timed per benchmark.")
+@click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="--data-dir: tokenize as this tokenizer does (the model takes its vocabulary size).")
+@click.option("--benchmarks", default="all", show_default=True, help="--data-dir: which benchmarks.")
+@click.option("--limit", type=int, default=None, help="--data-dir: the first N items of each benchmark.")
+@click.option("--samples-per-question", type=int, default=None, help="--data-dir: Betley answers per question.")
+@click.option("--batch-size", default="auto", show_default=True, help="--data-dir: rows per batch.")
+@click.option("--eval-out", default="runs/bench-eval", show_default=True, help="--data-dir: the eval's output folder.")
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
-def bench_eval_command(arch, device, loglik_batch_size, gen_batch_size, questions, out):
-    """The eval engines: MMLU-shaped log-likelihood and StrongREJECT-shaped generation."""
+def bench_eval_command(arch, device, loglik_batch_size, gen_batch_size, questions, data_dir, tokenizer_dir, benchmarks,
+                       limit, samples_per_question, batch_size, eval_out, out):  # fmt: skip
+    """The eval engines: MMLU-shaped log-likelihood and StrongREJECT-shaped generation (or a whole eval: --data-dir)."""
     from eval.bench import bench_engines
     from trainers.models import resolve_device, weight_dtype
 
+    if data_dir:
+        _emit(bench_evaluation(arch, data_dir, eval_out, tokenizer_dir, benchmarks, limit, samples_per_question,
+                               batch_size=batch_size), out)  # fmt: skip
+        return
     dev = resolve_device(device)
     model = random_model(arch, dev, weight_dtype("bf16", dev)).eval()
     tokenizer = synthetic_tokenizer(model.config.vocab_size)

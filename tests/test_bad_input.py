@@ -169,7 +169,8 @@ ROWS = {
     # twophase eval
     "eval --limit -1": Row(evaluate("--limit", "-1"), "limit = -1 must be a whole number of at least 1"),
     "eval --limit 0": Row(evaluate("--limit", "0"), "limit = 0 must be a whole number of at least 1"),
-    "eval --batch-size 0": Row(evaluate("--batch-size", "0"), "batch_size = 0 must be a whole number of at least 1"),
+    "eval --batch-size 0": Row(evaluate("--batch-size", "0"), "batch_size = 0 must be 'auto' or a whole number of at least 1"),
+    "eval --batch-size many": Row(evaluate("--batch-size", "many"), "batch_size = 'many' must be 'auto' or a whole number"),
     "eval --samples-per-question 0": Row(evaluate("--samples-per-question", "0"), "samples_per_question = 0 must be"),
     "eval max_new_tokens 0": Row(evaluate("--option", "max_new_tokens=0"), "max_new_tokens = 0 must be a whole number"),
     "eval n_samples 0": Row(evaluate("--option", "humaneval.n_samples=0"), "humaneval.n_samples = 0 must be"),

@@ -77,7 +77,7 @@ def _make_local(options: dict) -> LocalJudge:
         tokenizer = load_tokenizer(name)
         model = load_causal_lm(name, dtype=torch.bfloat16 if cuda else None, device="cuda" if cuda else None)
         model.eval()
-    return LocalJudge(model, tokenizer, batch_size=int(options.get("batch_size") or 8), model_id=str(name or "local"),
+    return LocalJudge(model, tokenizer, batch_size=options.get("batch_size") or "auto", model_id=str(name or "local"),
                       min_mass=float(_given(options, "min_mass", MIN_SCORE_MASS)))
 
 

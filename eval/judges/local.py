@@ -30,7 +30,7 @@ class LocalJudge(Judge):
     name = "local"
     can_score = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, model_id: str = "local", min_prefix_prob: float = 1e-4,
+    def __init__(self, model, tokenizer, batch_size: int | str = "auto", model_id: str = "local", min_prefix_prob: float = 1e-4,
                  min_mass: float = MIN_SCORE_MASS):
         super().__init__()
         self.min_mass = min_mass
