@@ -7,7 +7,7 @@ layout generates 1,241 tokens/s at 8 rows, 7,359 at 64 and 14,436 at 256
 is compute-bound once a batch holds a few thousand tokens. So "auto" means:
 
 * generation: the largest power of two of rows, at most 256, whose KV cache
-  (rows × columns × bytes per cached token) fits in 60 % of the memory
+  (rows × columns × bytes per cached token) fits in 75 % of the memory
   available (free on the device, cached by PyTorch's allocator, or held by
   the engine's own cache, which a new batch size replaces); the rest is for
   the prefill's activations, the sampler and the CUDA graphs;
@@ -32,7 +32,7 @@ AUTO = "auto"
 MAX_GENERATION_ROWS = 256  # the measured best (see above); more rows were not measured
 MAX_SCORING_ROWS = 64
 CPU_ROWS = 8
-CACHE_SHARE = 0.6
+CACHE_SHARE = 0.75
 SCORING_SHARE = 0.5
 
 

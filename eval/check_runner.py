@@ -41,11 +41,14 @@ class CandidateBroken(BaseException):
 
 
 class CandidateRaised(Exception):
-    """An exception whose type is not a built-in one, raised in the candidate."""
+    """An exception raised in the candidate, known here only by its name and message."""
 
     def __init__(self, name: str, message: str):
-        super().__init__(message)
+        Exception.__init__(self, message)
         self.name = name
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Channel:
@@ -71,13 +74,24 @@ class Channel:
         return reply
 
 
+# Exceptions that steer the interpreter rather than report an error: raised from a call that
+# `map` or a generator makes, a StopIteration silently ends the iteration, so `all(map(...))`
+# over a wrong candidate would be True. The candidate's own is never raised as one of these.
+CONTROL_FLOW = (StopIteration, StopAsyncIteration, GeneratorExit)
+
+
 def _exception(name: str, message: str) -> Exception:
-    """The built-in exception the candidate named (so a test may catch it), else a CandidateRaised."""
+    """The exception the candidate named, as plain data: a CandidateRaised carrying its name and message.
+
+    For a built-in error type the CandidateRaised is also an instance of it, so a test's
+    `except ValueError` still catches it; never for the control-flow exceptions above.
+    """
     kind = getattr(builtins, name, None)
-    if isinstance(kind, type) and issubclass(kind, Exception):
+    if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, CONTROL_FLOW):
         try:
-            return kind(message)
-        except Exception:  # noqa: BLE001 - e.g. UnicodeDecodeError takes five arguments
+            named = type(name, (CandidateRaised, kind), {"__init__": CandidateRaised.__init__, "__str__": CandidateRaised.__str__})
+            return named(name, message)
+        except TypeError:  # a built-in type that cannot be a base (none in CPython 3.10-3.13, but be safe)
             pass
     return CandidateRaised(name, message)
 

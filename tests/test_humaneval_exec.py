@@ -184,6 +184,17 @@ def test_exception_in_the_candidate_reaches_the_test_as_its_builtin_type():
     assert (passed, reason) == (False, "failed: IndexError: list index out of range")
 
 
+def test_a_stop_iteration_from_the_candidate_cannot_end_the_tests_iteration():
+    """A test that consumes the candidate through `map` inside `all()`: a raised StopIteration would end
+    the iteration early and make all() True; the candidate's exception arrives as data, named."""
+    problem = {**ADD, "test": "def check(candidate):\n    assert all(map(lambda a: candidate(a, 1) == a + 1, [1, 2, 3]))\n"}
+    assert verdict("    return a + b\n", problem=problem)[:2] == (True, "passed")
+    passed, reason, _ = verdict("    raise StopIteration('done early')\n", problem=problem)
+    assert (passed, reason) == (False, "failed: StopIteration: done early")
+    passed, reason, _ = verdict("    raise StopAsyncIteration\n", problem=problem)
+    assert (passed, reason) == (False, "failed: StopAsyncIteration")
+
+
 def test_the_test_sees_the_prompts_helpers_and_the_function_by_name():
     # HumanEval/32 calls the prompt's `poly`; HumanEval/33 calls the entry point by its name.
     problem = {
