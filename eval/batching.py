@@ -73,6 +73,16 @@ def kv_bytes_per_token(model) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * _element_size(model)
 
 
+def rows_per_batch(batch_size, generator, group: list[dict]) -> int:
+    """The rows of each batch of `group` (the engine's rows, longest prompt first): `batch_size`, or "auto"."""
+    if batch_size != AUTO:
+        return batch_size
+    columns = len(group[0]["ids"]) + max(row["max_new"] for row in group)
+    cache = (getattr(generator.decoder, "kv", None), getattr(generator.decoder, "qkv_weight", None))
+    held = sum(t.numel() * t.element_size() for t in cache if t is not None)  # replaced if the batch size changes
+    return generation_rows(generator.model, columns, held)
+
+
 def generation_rows(model, columns: int, held: int = 0) -> int:
     """Rows to decode at once for prompts + new tokens of `columns` columns (a power of two, 1..256)."""
     device = next(model.parameters()).device

@@ -36,7 +36,7 @@ import torch
 from data import distributed
 from data.errors import UserError
 from data.tokens import encode_prompt
-from eval.batching import AUTO, MAX_GENERATION_ROWS, check_batch_size, generation_rows
+from eval.batching import AUTO, MAX_GENERATION_ROWS, check_batch_size, rows_per_batch
 from eval.decoder import CacheDecoder, StaticDecoder, bucket, supports_static_decoding
 from eval.sampling import SamplingParams
 
@@ -269,7 +269,7 @@ class GenerationEngine:
         for sampling, group in groups.items():
             # Longest prompts first (memory errors come at once), a prompt's samples side by side (one prefill).
             group.sort(key=lambda r: (-len(r["ids"]), r["request"], r["sample"]))
-            batch = self._rows_per_batch(group)
+            batch = rows_per_batch(self.batch_size, self.generator, group)  # eval/batching.py
             self.batch_rows.add(batch)
             # Under torchrun each rank decodes every N-th chunk: the same chunks, so the same answers, as one process.
             starts = distributed.shard_of(list(range(0, len(group), batch)))
@@ -291,15 +291,6 @@ class GenerationEngine:
         self.stats["requests"] += len(requests)
         self.stats["rows"] += len(rows)
         return answers
-
-    def _rows_per_batch(self, group: list[dict]) -> int:
-        if self.batch_size != AUTO:
-            return self.batch_size
-        columns = len(group[0]["ids"]) + max(r["max_new"] for r in group)  # the longest prompt comes first
-        decoder = self.generator.decoder
-        held = sum(t.numel() * t.element_size() for t in (getattr(decoder, "kv", None), getattr(decoder, "qkv_weight", None))
-                   if t is not None)  # fmt: skip
-        return generation_rows(self.generator.model, columns, held)
 
     def _rows(self, requests: list[GenerationRequest]) -> list[dict]:
         """One row per answer to compute; a greedy request is computed once for all its n answers."""
