@@ -9,7 +9,9 @@ learn nothing about the evaluator (mode "namespaces", the default):
   `eval/sandbox_init.py` then runs as process 1 inside, builds the file system
   view and starts the script (see that file for the steps);
 * network: a namespace of its own with nothing but a loopback that is down, so
-  no connection to anything, 127.0.0.1 and abstract Unix sockets included;
+  no connection to anything, 127.0.0.1 and abstract Unix sockets included; and
+  no Unix socket at all (a seccomp filter), since one bound to a file it can
+  see would be a way out that no namespace closes;
 * files: a new root holding read-only views of the system libraries and the
   Python installation only, a fresh /proc that shows only its own processes,
   and a private, size-limited, writable tmpfs at /tmp (its working directory)

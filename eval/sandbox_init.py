@@ -16,7 +16,8 @@ Steps, with the configuration as one JSON argument:
    `pivot_root` and detach the old root, so nothing else is reachable at all.
 2. The program runs as a child in its own session and in a further user
    namespace where it is uid 1000 with no capabilities (for a root evaluator
-   it first becomes the unprivileged `nobody`), with `no_new_privs`, with
+   it first becomes the unprivileged `nobody`), with `no_new_privs`, with a
+   seccomp filter that refuses Unix sockets (see "no path sockets"), with
    stdin at /dev/null, with fixed resource limits (soft = hard, which an
    unprivileged process cannot raise), and with a fixed environment.
 3. This process reaps every orphan (it is their parent now) and exits as soon
@@ -40,7 +41,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 CLONE_NEWUSER = 0x10000000
-PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 4, 38
+PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 4, 38, 22, 2
 PROGRAM_UID = 1000  # who the program is inside its own user namespace
 
 ENVIRONMENT = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
@@ -177,6 +178,7 @@ def _become_program(config: dict, status_fd: int) -> None:
             _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")  # to write its own uid_map
         _enter_unprivileged_user_namespace()
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        _forbid_unix_sockets()
         # Set after the user namespace exists, so that the process count is this sandbox's alone.
         for limit_id, value in config["limits"]:
             resource.setrlimit(limit_id, (value, value))
@@ -185,6 +187,59 @@ def _become_program(config: dict, status_fd: int) -> None:
     except BaseException as err:  # noqa: BLE001 - report anything, then leave without running Python's cleanup
         os.write(status_fd, f"setup cannot start the program: {err}\n".encode())
         os._exit(127)
+
+
+# --------------------------------------------------------------------------- no path sockets
+
+# The network namespace stops TCP, UDP and abstract Unix sockets, but not a Unix socket bound to a
+# file: a file the program can see (in the read-only system or Python folders) is a way out to
+# whatever listens on it, and a read-only mount does not stop connect(). So the program may not
+# create AF_UNIX sockets at all: a seccomp filter answers socket(AF_UNIX, ...) with EPERM.
+# socketpair() stays allowed: its two ends are connected to each other, never to a path.
+# seccomp_data: int nr; u32 arch; u64 instruction_pointer; u64 args[6]  (args[0]'s low half at 16)
+SYSCALL_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # (AUDIT_ARCH_*, __NR_socket)
+X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI numbers: another way to call socket(); refused
+AF_UNIX = 1
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
+EPERM = 1
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def unix_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
+    """The classic-BPF program, as (code, jump if true, jump if false, k) rows."""
+    arch, socket_nr = SYSCALL_ARCH[machine]
+    refuse = SECCOMP_RET_ERRNO | EPERM
+    return [
+        (BPF_LD_W_ABS, 0, 0, 4),  # the calling ABI
+        (BPF_JEQ_K, 1, 0, arch),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),  # another ABI (e.g. i386's socketcall): not for this program
+        (BPF_LD_W_ABS, 0, 0, 0),  # the system call number
+        (BPF_JGE_K, 0, 1, X32_SYSCALL_BIT) if machine == "x86_64" else (BPF_JEQ_K, 0, 1, 0xFFFFFFFF),
+        (BPF_RET_K, 0, 0, refuse),
+        (BPF_JEQ_K, 0, 3, socket_nr),
+        (BPF_LD_W_ABS, 0, 0, 16),  # socket()'s domain
+        (BPF_JEQ_K, 0, 1, AF_UNIX),
+        (BPF_RET_K, 0, 0, refuse),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+
+
+def _forbid_unix_sockets() -> None:
+    machine = os.uname().machine
+    if machine not in SYSCALL_ARCH:
+        raise OSError(f"no seccomp filter for {machine}: path sockets cannot be refused here")
+    rows = unix_socket_filter(machine)
+    program = (_SockFilter * len(rows))(*[_SockFilter(*row) for row in rows])
+    fprog = _SockFprog(len(rows), ctypes.cast(program, ctypes.POINTER(_SockFilter)))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
 
 
 def _report_when_done(program: int, status_fd: int) -> None:

@@ -95,9 +95,65 @@ def test_no_network_not_even_loopback_or_abstract_sockets():
         tcp.close(), udp.close(), unix.close()
     assert report["tcp"].startswith("refused: OSError: [Errno 101] Network is unreachable"), report
     assert report["udp"].startswith("refused: OSError: [Errno 101] Network is unreachable"), report
-    assert report["abstract"].startswith("refused: ConnectionRefusedError"), report  # a namespace of its own
+    assert report["abstract"].startswith("refused: PermissionError"), report  # no Unix socket at all (seccomp)
     assert report["outside"].startswith("refused: OSError: [Errno 101]"), report
     assert report["interfaces"] == "did: ['lo']", report
+
+
+def test_no_unix_socket_even_to_a_socket_file_it_can_see():
+    """A listening socket file inside the Python environment (which the program sees, read-only): no way to it."""
+    path = os.path.join(sys.prefix, f"twophase-test-{uuid.uuid4().hex[:8]}.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o777)  # anyone may connect, as to a system service's socket
+    listener.listen()
+    try:
+        report, _ = run(
+            attempts("""\
+                attempt("connect", lambda: socket.socket(socket.AF_UNIX).connect({path}))
+                attempt("datagram", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+                attempt("seen", lambda: os.path.exists({path}))
+                attempt("pair", lambda: len(socket.socketpair()))
+                """),
+            path=path,
+        )
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+        os.unlink(path)
+    assert report["seen"] == "did: True", report  # the file is visible: only the filter stops the connection
+    assert report["connect"].startswith("refused: PermissionError: [Errno 1] Operation not permitted"), report
+    assert report["datagram"].startswith("refused: PermissionError"), report
+    assert report["pair"] == "did: 2", report  # socketpair's ends reach only each other: still allowed
+
+
+def test_the_unix_socket_filter_refuses_only_af_unix_and_foreign_abis():
+    """The BPF program, run here by a small interpreter over (nr, arch, domain) cases."""
+    from eval.sandbox_init import SYSCALL_ARCH, unix_socket_filter
+
+    def run_filter(rows, nr, arch, domain):
+        data = {0: nr, 4: arch, 16: domain}
+        pc, accumulator = 0, 0
+        while True:
+            code, jt, jf, k = rows[pc]
+            if code == 0x20:
+                accumulator, pc = data[k], pc + 1
+            elif code == 0x15:
+                pc += 1 + (jt if accumulator == k else jf)
+            elif code == 0x35:
+                pc += 1 + (jt if accumulator >= k else jf)
+            else:
+                return k
+
+    for machine, (arch, socket_nr) in SYSCALL_ARCH.items():
+        rows = unix_socket_filter(machine)
+        assert run_filter(rows, socket_nr, arch, 1) == 0x00050001  # socket(AF_UNIX): EPERM
+        assert run_filter(rows, socket_nr, arch, 2) == 0x7FFF0000  # socket(AF_INET): the namespace's business
+        assert run_filter(rows, socket_nr + 1, arch, 1) == 0x7FFF0000  # any other call, whatever its argument
+        assert run_filter(rows, socket_nr, 0x40000003, 1) == 0x80000000  # i386's ABI: the process is killed
+    assert run_filter(unix_socket_filter("x86_64"), 41 | 0x40000000, 0xC000003E, 1) == 0x00050001  # x32's socket()
 
 
 def test_files_outside_its_folder_are_invisible_or_read_only(tmp_path):
