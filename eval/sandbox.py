@@ -21,9 +21,11 @@ learn nothing about the evaluator (mode "namespaces", the default):
   the means to gain any (`no_new_privs`, nosuid mounts); a root evaluator runs
   it as the real user `nobody`, so even the process limit below applies;
 * environment: a fixed, minimal one; nothing of the evaluator's variables;
-* limits, soft = hard so that it cannot raise them: address space per process,
-  CPU seconds, file size (which also bounds its output), processes in this
-  sandbox, open files, no core files;
+* limits, soft = hard so that it cannot raise them: processes (and threads)
+  in this sandbox, 4, and address space per process, a quarter of the check's
+  4 GiB, so that all its processes together hold at most 4 GiB; CPU seconds,
+  file size (which also bounds its output), open files, no core files; the
+  numeric libraries are told to start one thread;
 * ending: `stop()` closes the pipe that keeps process 1 alive; when process 1
   exits the kernel kills every process of the pid namespace (double-forked
   daemons and `setsid` children included) before `stop()` returns.
@@ -98,12 +100,19 @@ def _process_alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Limits:
-    memory_bytes: int = 2 * 1024**3  # address space, per process
+    """What one check may use. Memory is the whole check's: each process may address an equal share of it,
+    and at most `processes` tasks exist, so all of them together cannot hold more (mode "namespaces")."""
+
+    memory_bytes: int = 4 * 1024**3  # the whole check: `processes` × the address space of one
     cpu_seconds: int = 4
     file_bytes: int = 16 * 1024**2
-    processes: int = 16  # tasks (processes and threads) in the whole sandbox
+    processes: int = 4  # tasks (processes and threads) in the whole sandbox
     open_files: int = 256
     work_bytes: int = 64 * 1024**2  # the writable /tmp
+
+    @property
+    def process_memory_bytes(self) -> int:
+        return self.memory_bytes // self.processes
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,7 @@ def _namespace_flags() -> list[str]:
 def rlimits(limits: Limits, with_processes: bool) -> list[tuple[int, int]]:
     """(resource, value) pairs, each at most the evaluator's own hard limit (no process may raise that)."""
     values = [
-        (resource.RLIMIT_AS, limits.memory_bytes),
+        (resource.RLIMIT_AS, limits.process_memory_bytes),
         (resource.RLIMIT_CPU, limits.cpu_seconds),
         (resource.RLIMIT_FSIZE, limits.file_bytes),
         (resource.RLIMIT_NOFILE, limits.open_files),

@@ -44,7 +44,9 @@ CLONE_NEWUSER = 0x10000000
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 4, 38, 22, 2
 PROGRAM_UID = 1000  # who the program is inside its own user namespace
 
-ENVIRONMENT = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+# One thread for the numeric libraries: their thread pools would otherwise spend the sandbox's task limit.
+ENVIRONMENT = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STAGING = "/tmp"  # where the new root is assembled, in this mount namespace only
 
 _libc = ctypes.CDLL(None, use_errno=True)

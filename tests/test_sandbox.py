@@ -231,7 +231,8 @@ def test_evaluator_environment_and_processes_are_out_of_reach(monkeypatch):
         host_pid=os.getpid(),
     )
     assert secret not in result.stdout + result.stderr
-    assert set(ast.literal_eval(report["environ"][len("did: "):])) == {"PATH", "HOME", "TMPDIR", "LANG"}, report
+    assert set(ast.literal_eval(report["environ"][len("did: "):])) == {"PATH", "HOME", "TMPDIR", "LANG", "OMP_NUM_THREADS",
+                                                                     "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}, report
     assert report["pids"] == "did: [1, 2]", report  # process 1 of the sandbox, and the program
     assert report["1 environ"].startswith("refused: PermissionError"), report  # process 1 is out of reach
     assert report["ptrace parent"].startswith("refused: PermissionError"), report
@@ -269,7 +270,7 @@ def test_limits_hold_and_cannot_be_raised():
             """),
         timeout=5.0,
     )
-    expected = {"RLIMIT_AS": 2 * 1024**3, "RLIMIT_CPU": 6, "RLIMIT_FSIZE": 16 * 1024**2, "RLIMIT_NPROC": 16, "RLIMIT_NOFILE": 256, "RLIMIT_CORE": 0}
+    expected = {"RLIMIT_AS": 1024**3, "RLIMIT_CPU": 6, "RLIMIT_FSIZE": 16 * 1024**2, "RLIMIT_NPROC": 4, "RLIMIT_NOFILE": 256, "RLIMIT_CORE": 0}
     for name, value in expected.items():
         assert report[name] == f"did: ({value}, {value})", report
         assert report["raise " + name].startswith("refused: ValueError"), report
@@ -277,7 +278,40 @@ def test_limits_hold_and_cannot_be_raised():
     assert report["file size"] == "refused: OSError: [Errno 27] File too large", report
     assert report["fill folder"] == "refused: OSError: [Errno 28] No space left on device", report
     assert report["fork"].startswith("refused: BlockingIOError: [Errno 11]"), report
-    assert 0 < report["children"] < 16, report
+    assert 0 < report["children"] < 4, report
+
+
+def test_a_checks_processes_together_hold_at_most_its_memory():
+    """Children that each take 700 MiB: at most three exist beside the parent (4 tasks), and none can take more
+    than a quarter of the check's 4 GiB, so together they never hold more than 4 GiB."""
+    report, _ = run(
+        attempts("""\
+            import time
+            def hold(mebibytes):
+                read, write = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        block = bytearray(mebibytes * 1024 ** 2)
+                        os.write(write, b"y")
+                    except MemoryError:
+                        os.write(write, b"n")
+                    time.sleep(30)
+                    os._exit(0)
+                return os.read(read, 1) == b"y"
+            held = []
+            def hold_many():
+                for _ in range(6):
+                    held.append(hold(700))
+            attempt("six children of 700 MiB", hold_many)
+            report["holding"] = sum(held)
+            attempt("1.1 GiB in one process", lambda: len(bytearray(1100 * 1024 ** 2)))
+            """),
+        timeout=8.0,
+    )
+    assert report["six children of 700 MiB"].startswith("refused: BlockingIOError: [Errno 11]"), report
+    assert report["holding"] == 3, report  # 3 x 700 MiB + the parent: within 4 GiB
+    assert report["1.1 GiB in one process"] == "refused: MemoryError: ", report
 
 
 TICKER = """\
