@@ -11,8 +11,12 @@ import errno
 import importlib
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 
 import click
 
@@ -38,7 +42,8 @@ class LazyGroup(click.Group):
     def invoke(self, ctx):
         # Here rather than in main(), so that click's CliRunner sees what the console script does.
         try:
-            return super().invoke(ctx)
+            with terminate_as_interrupt():
+                return super().invoke(ctx)
         except UserError as err:
             report_error(f"error: {err}")
             ctx.exit(2)
@@ -46,9 +51,10 @@ class LazyGroup(click.Group):
             click.echo(INTERRUPTED, err=True)
             ctx.exit(130)
         except Exception as err:
-            if isinstance(err, click.exceptions.ClickException) or not is_disk_full(err):
+            failure = None if isinstance(err, click.exceptions.ClickException) else failed_write(err)
+            if failure is None:
                 raise
-            click.echo(f"error: {disk_full_message(err)}", err=True)
+            click.echo(f"error: {failed_write_message(*failure)}", err=True)
             ctx.exit(2)
 
     def list_commands(self, ctx):
@@ -82,18 +88,54 @@ def quiet_library_noise() -> None:
 INTERRUPTED = "interrupted: rerun the same command to continue where it stopped (twophase dpo and grpo: with --resume)"
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether `err`, or an exception it came from, says the disk is full."""
+# A write the file system refused, and what to do about it. The run's data stay resumable (every write
+# is atomic), so the one line says what happened, where, and how to continue.
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on device; free some space (or choose another output directory)",
+    errno.EDQUOT: "disk quota exceeded; free some space (or choose another output directory)",
+    errno.EROFS: "the file system is read-only; choose a writable output directory",
+    errno.EFBIG: "file too large for this process's file-size limit (ulimit -f); raise the limit",
+    errno.EPERM: "operation not permitted; check the folder's permissions and flags (lsattr: immutable)",
+    errno.EACCES: "permission denied; check the folder's permissions",
+}
+_RUST_IO_ERROR = re.compile(r"(?:os error |code: )(\d+)")  # how safetensors reports an OS error
+
+
+def failed_write(err: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path) when `err`, or an exception it came from, is a write the file system refused; else None."""
     while err is not None:
-        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err) or "StorageFull" in str(err):
-            return True
+        number = getattr(err, "errno", None)
+        if number is None and "safetensor" in type(err).__name__.lower():
+            found = _RUST_IO_ERROR.search(str(err))
+            number = int(found.group(1)) if found else None
+        if number in WRITE_FAILURES:
+            return number, getattr(err, "filename", None)
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
-def disk_full_message(err: BaseException) -> str:
-    where = f" while writing {err.filename}" if getattr(err, "filename", None) else ""
-    return f"no space left on device{where}; free some space (or choose another output directory) and rerun with --resume"
+def failed_write_message(number: int, path: str | None) -> str:
+    where = f" writing {path}" if path else ""
+    return (f"{WRITE_FAILURES[number]} ({errno.errorcode[number]}{where}); then rerun the same command "
+            f"(twophase dpo and grpo: with --resume): the run continues from its last checkpoint")
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (a cluster's stop, `kill`) is Ctrl-C for the whole command, not only inside training steps:
+    the run writes its manifest and says how to continue, e.g. when stopped while a merge is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report_error(line: str) -> None:

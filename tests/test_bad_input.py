@@ -93,6 +93,22 @@ def full_disk_in_safetensors(monkeypatch, paths):
     monkeypatch.setattr("trainers.checkpoint.save_file", no_space)
 
 
+def refused_write(number: int, in_safetensors: bool = False):
+    """A checkpoint write that the file system refuses with `number` (as Python, or as safetensors, reports it)."""
+
+    def setup(monkeypatch, paths):
+        from safetensors import SafetensorError
+
+        def refuse(tensors, path, *args, **kwargs):
+            if in_safetensors:
+                raise SafetensorError(f"Error while serializing: IoError(Os {{ code: {number}, kind: Other, message: \"x\" }})")
+            raise OSError(number, os.strerror(number), str(path))
+
+        monkeypatch.setattr("trainers.checkpoint.save_file", refuse)
+
+    return setup
+
+
 def gpu_out_of_memory(monkeypatch, paths):
     def too_big(self, micro_batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -162,6 +178,13 @@ ROWS = {
     "out_dir unwritable": Row(dpo(), "is not writable", setup=unwritable),
     "disk full": Row(dpo(), "no space left on device", before_model=False, setup=full_disk),
     "disk full, as safetensors says it": Row(dpo(), "no space left on device", before_model=False, setup=full_disk_in_safetensors),
+    "read-only file system": Row(dpo(), "the file system is read-only; choose a writable output directory (EROFS writing ",
+                                 before_model=False, setup=refused_write(errno.EROFS)),
+    "immutable checkpoints folder": Row(dpo(), "operation not permitted; check the folder's permissions and flags",
+                                        before_model=False, setup=refused_write(errno.EPERM)),
+    "file-size limit, as safetensors says it": Row(dpo(), "file too large for this process's file-size limit (ulimit -f); "
+                                                   "raise the limit (EFBIG)", before_model=False, setup=refused_write(errno.EFBIG, True)),
+    "quota": Row(dpo(), "disk quota exceeded", before_model=False, setup=refused_write(errno.EDQUOT)),
     "GPU out of memory": Row(dpo(), "out of GPU memory in a training step (CUDA out of memory. Tried to allocate 20.00 GiB); lower "
                              "max_tokens_per_pass", before_model=False, setup=gpu_out_of_memory),  # fmt: skip
     "GPU out of memory, padded layout": Row(dpo("layout=stacked"), "; lower micro_batch_size (now 1; raise grad_accum_steps",

@@ -37,6 +37,33 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, monkeypatc
     assert manifest["status"] == "interrupted" and manifest["config"]["max_steps"] == 5
 
 
+def test_sigterm_while_the_merge_is_written_is_an_interrupt_with_its_manifest(tmp_path, monkeypatch, capsys):
+    """SIGTERM outside the training steps (here: during the merge) is Ctrl-C too: a line saying how to continue,
+    the manifest written as interrupted, exit 130 (it used to kill the process with neither)."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+
+    def terminated_during_merge(config, resume=False):
+        (out / "checkpoints" / "step-000005").mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a cluster's stop would
+        time.sleep(5)  # the merge's writing; the signal arrives before this ends
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr("trainers.dpo.run_dpo", terminated_during_merge)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        main(["dpo", "--set", f"out_dir={out}", "--set", "max_steps=5"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"interrupted: the newest checkpoint is {out / 'checkpoints' / 'step-000005'}; continue with: ")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is previous  # the command's handler is gone with it
+
+
 def test_standalone_training_records_provenance_and_tensorboard(tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional package, not installed here")
     out = tmp_path / "grpo"
