@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import trainers.checkpoint as checkpoint
 from data.errors import UserError
 from data.run_dir import LOCK_FILE
-from trainers.checkpoint import checkpoint_problem, list_checkpoints
+from trainers.checkpoint import checkpoint_problem, list_checkpoints, sha256_of
 from trainers.config import DPOConfig, make_config
 from trainers.dpo import run_dpo
 from trainers.loop import keep_records_up_to
@@ -196,6 +196,20 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
+def _rewrite_manifest(checkpoint, step=None):
+    """The manifest made to match the files as they are now (and to name `step`, if given)."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        entry["bytes"], entry["sha256"] = (checkpoint / name).stat().st_size, sha256_of(checkpoint / name)
+    manifest["step"] = manifest["step"] if step is None else step
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _state_of_step_4(checkpoint):
+    shutil.copy(checkpoint.parent / "step-000004" / "state.pt", checkpoint / "state.pt")
+    _rewrite_manifest(checkpoint)
+
+
 DAMAGES = {
     "truncated weights": (lambda c: _truncate(c / "trainable.safetensors"), "trainable.safetensors has"),
     "truncated optimizer": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt has"),
@@ -206,7 +220,11 @@ DAMAGES = {
     "flipped bit in optimizer": (lambda c: _flip_a_byte(c / "optimizer.pt"), "optimizer.pt does not match"),
     "garbled manifest": (lambda c: (c / "manifest.json").write_text("{"), "manifest.json is unreadable"),
     "no manifest, truncated weights": (
-        lambda c: ((c / "manifest.json").unlink(), _truncate(c / "trainable.safetensors")), "it cannot be read"),
+        lambda c: ((c / "manifest.json").unlink(), _truncate(c / "trainable.safetensors")), "manifest.json is missing"),
+    "no manifest, a flipped bit": (
+        lambda c: ((c / "manifest.json").unlink(), _flip_a_byte(c / "trainable.safetensors")), "manifest.json is missing"),
+    "step 4's state in step 6, manifest rewritten": (_state_of_step_4, "its state.pt is of step 4, not 6"),
+    "manifest of another step": (lambda c: _rewrite_manifest(c, step=4), "its manifest.json is of step 4, not 6"),
 }  # fmt: skip
 
 
@@ -239,6 +257,14 @@ def test_with_every_checkpoint_damaged_the_run_starts_over(two_checkpoints, tiny
     assert sum(" is damaged (" in line for line in lines) == 2
     assert f"no intact checkpoint in {out / 'checkpoints'}: starting from step 0" in lines
     _assert_same_run(out, uninterrupted)
+
+
+def test_checkpoints_that_is_not_a_folder_is_one_line(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    with pytest.raises(UserError, match=r"checkpoints is not a directory, so it cannot hold this run's checkpoints"):
+        run_dpo(_config(tiny_model_dir, out), resume=True)
 
 
 def test_torn_and_damaged_log_lines(tmp_path, capsys):

@@ -158,18 +158,21 @@ def sha256_of(path: Path) -> str:
 def checkpoint_problem(path: Path) -> str | None:
     """What is wrong with the checkpoint at `path`, or None when every file matches its manifest.
 
-    A checkpoint without a manifest (written before checkpoints had one) is only checked for its files.
+    A checkpoint without a manifest cannot be verified (a changed or half-written file would go
+    unnoticed), so it counts as damaged; so does one whose manifest names another step.
     """
     path = Path(path)
     if not (path / MANIFEST).exists():
-        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-        return f"{missing[0]} is missing" if missing else None
+        return f"{MANIFEST} is missing, so its files cannot be verified"
     try:
-        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files, step = manifest["files"], int(manifest["step"])
         required = REQUIRED_SHARDED if "state.pt" in files and "trainable.safetensors" not in files else CHECKPOINT_FILES
         expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in (*required, *files)}
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
+    if step != checkpoint_step(path):
+        return f"its {MANIFEST} is of step {step}, not {checkpoint_step(path)}"
     for name, (size, digest) in expected.items():
         file = path / name
         if not file.is_file():
@@ -181,8 +184,15 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(Path(path).name).group(1))
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """Checkpoints, oldest first (temporary directories start with a dot and never match); not verified."""
+    if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise UserError(f"{checkpoint_dir} is not a directory, so it cannot hold this run's checkpoints; "
+                        f"move it away (or choose another out_dir) and rerun")  # fmt: skip
     if not Path(checkpoint_dir).is_dir():
         return []
     found = [p for p in Path(checkpoint_dir).iterdir() if CHECKPOINT_PATTERN.match(p.name)]
@@ -193,7 +203,7 @@ def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (0 keeps all); each is renamed away first, then deleted."""
     for old in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
         aside = _move_aside(old)
-        moment("prune:moved", int(CHECKPOINT_PATTERN.match(old.name).group(1)))
+        moment("prune:moved", checkpoint_step(old))
         shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -220,6 +230,8 @@ def restore_newest(checkpoint_dir: Path, model, optimizer, scheduler, report=pri
                 if sharded_checkpoint.is_sharded_checkpoint(path):
                     return path, _restore_sharded(path, model, optimizer, scheduler)
                 contents = _read_checkpoint(path)
+                if contents["state"].get("step") != checkpoint_step(path):
+                    problem = f"its state.pt is of step {contents['state'].get('step')}, not {checkpoint_step(path)}"
             except UserError:
                 raise
             except Exception as err:  # noqa: BLE001 - any failure to read means the files are damaged
