@@ -171,6 +171,9 @@ ROWS = {
     "device tpu": Row(dpo("device=tpu"), "device = 'tpu' in --set must be auto, cpu, cuda or cuda:N"),
     "device of a GPU not here": Row(dpo("device=cuda:99"), "device cuda:99: "),
     # files
+    "duplicate key in a config": Row(lambda p: ["dpo", "--config", p["files"]["duplicate"]],
+                                     "is not valid YAML: key 'lr' is given twice in one mapping (again on line 3); keep one"),
+    "YAML alias bomb": Row(lambda p: ["dpo", "--config", p["files"]["bomb"]], "more than 64 aliases (*name): refused"),
     "binary config file": Row(lambda p: ["dpo", "--config", p["files"]["binary"]], "is not a text file (byte 128 is not UTF-8)"),
     "truncated model.safetensors": Row(dpo(model="truncated"), "a weights file is damaged", before_model=False),
     "out_dir is a file": Row(dpo(), "is a file, not a directory", setup=out_is("a_file")),
@@ -224,12 +227,16 @@ def files(tiny_model_dir, tmp_path_factory):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     (root / "binary.yaml").write_bytes(bytes(range(256)))
+    (root / "duplicate.yaml").write_text("lr: 1.0e-6\nmax_steps: 2\nlr: 5.0e-7\n")
+    # "billion laughs" under a valid key: each level names the one before nine times (9^9 leaves once expanded)
+    levels = ["  - &l0 [x, x, x, x, x, x, x, x, x]"] + [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (root / "bomb.yaml").write_text("lora_target_modules:\n" + "\n".join(levels) + "\n")
     truncated = root / "truncated"
     shutil.copytree(tiny_model_dir, truncated)
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     found = {name.split(".")[0]: str(root / name) for name in texts}
-    found.update(binary=str(root / "binary.yaml"), truncated=str(truncated), missing=str(root / "no" / "model"),
+    found.update(duplicate=str(root / "duplicate.yaml"), bomb=str(root / "bomb.yaml"), binary=str(root / "binary.yaml"), truncated=str(truncated), missing=str(root / "no" / "model"),
                  broken_benchmarks=str(root / "broken_benchmarks"), pipeline=str(root / "pipeline.yaml"))  # fmt: skip
     return found
 

@@ -281,16 +281,54 @@ def save_config(config, path: str | os.PathLike) -> None:
     atomic_write_text(Path(path), json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 64  # a config repeats a block (`&name` ... `*name`) a few times; thousands are a "billion laughs" file
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as safe_load reads it, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last silently) and that aliases are counted, so a file whose aliases multiply is refused before it expands."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = getattr(self, "aliases", 0) + 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name): refused before they are expanded")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.YAMLError(f"key {key!r} is given twice in one mapping (again on line {line}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_text(text: str, source: str):
+    """YAML text as Python values, refusing duplicate keys and alias bombs (see _StrictLoader)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _first_line(err: yaml.YAMLError) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _read_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass the path of a YAML file (see launch/configs/)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} has {path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = read_yaml_text(path.read_text(encoding="utf-8"), str(path)) or {}
     except UnicodeDecodeError as err:
         raise UserError(f"config file {path} is not a text file (byte {err.start} is not UTF-8); pass a YAML file") from None
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {_first_line(err)}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must be a mapping of key: value lines")
     return values
