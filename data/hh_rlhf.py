@@ -32,9 +32,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import hub
-from data.errors import UserError
-from data.prompts import ASSISTANT_MARKER
+from twophase.data.base import hub
+from twophase.data.base.errors import UserError
+from twophase.data.prompts import ASSISTANT_MARKER
 
 
 # Why a row is skipped; these exact strings are the keys of a load report's "skipped".
@@ -122,7 +122,7 @@ def load_hh_rlhf(
     - a directory is searched for `{split}.jsonl[.gz]`, then `{data_dir}/{split}.jsonl[.gz]`
       (the hub repository's layout), then `{data_dir}-{split}.jsonl[.gz]`;
     - anything else goes to the hub: `load_hub_dataset(source, split=split, data_dir=data_dir)`.
-    A path that does not exist but looks like one (see `data.hub.looks_like_path`) is a UserError
+    A path that does not exist but looks like one (see `data/base/hub.py: looks_like_path`) is a UserError
     rather than a confusing hub lookup.
 
     `limit` caps the number of pairs returned; reading stops once that many are used.

@@ -29,9 +29,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import UserError
-from data.hub import load_hub_dataset, looks_like_path
-from data.prompts import GRPO_FORMATS, apply_chat_template, check_format, check_format_name
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import load_hub_dataset, looks_like_path
+from twophase.data.prompts import GRPO_FORMATS, apply_chat_template, check_format, check_format_name
 
 # The preamble DeepSeek-Prover-V1.5 used for every miniF2F problem.
 DEFAULT_HEADER = (

@@ -27,8 +27,8 @@ from collections import Counter
 from itertools import chain
 from pathlib import Path
 
-from data.errors import UserError
-from data.hh_rlhf import (
+from twophase.data.base.errors import UserError
+from twophase.data.hh_rlhf import (
     EMPTY_CHOSEN,
     EMPTY_REJECTED,
     IDENTICAL,
@@ -42,7 +42,7 @@ from data.hh_rlhf import (
     _iter_rows,
     classify_hh_row,
 )
-from data.prompts import ASSISTANT_MARKER, chat_messages
+from twophase.data.prompts import ASSISTANT_MARKER, chat_messages
 
 HH, PLAIN, CONVERSATIONAL, IMPLICIT = "hh", "plain", "conversational", "conversational (implicit prompt)"
 LAYOUT_FIELDS = {

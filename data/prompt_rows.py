@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data.errors import UserError
-from data.lean_workbook import LeanTask, build_prompt, lean_tasks_from_rows, read_task_rows
-from data.prompts import GRPO_FORMATS, apply_chat_template, chat_messages, check_format
+from twophase.data.base.errors import UserError
+from twophase.data.lean_workbook import LeanTask, build_prompt, lean_tasks_from_rows, read_task_rows
+from twophase.data.prompts import GRPO_FORMATS, apply_chat_template, chat_messages, check_format
 
 LEAN, PROMPT = "lean", "prompt"
 

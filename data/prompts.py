@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Literal, get_args
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 HUMAN_MARKER = "\n\nHuman:"
 ASSISTANT_MARKER = "\n\nAssistant:"

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import yaml
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict:
@@ -51,8 +51,8 @@ def eval_command(model, benchmarks, out_dir, limit, judge, judge_model, judge_ba
                  judge_concurrency, batch_size, prompt_format, data_dir, samples_per_question, seed, dtype,
                  run_name, option_pairs):
     """Evaluate a model on the safety and capability benchmarks."""
-    from eval.runner import run_evaluation
-    from eval.settings import EvalSettings
+    from twophase.eval.runner import run_evaluation
+    from twophase.eval.settings import EvalSettings
 
     judge_options = {"model": judge_model, "base_url": judge_base_url, "api_key": judge_api_key,
                      "concurrency": judge_concurrency, "batch_size": batch_size}  # fmt: skip
@@ -81,7 +81,7 @@ def compare_command(base_dir, other_dirs, names, out_file, force):
     Runs evaluated with different settings (items, limit, judge, prompt format, seed, options) are
     refused unless --force: their difference would not be the models'.
     """
-    from eval.results import render_comparison, settings_differences
+    from twophase.eval.results import render_comparison, settings_differences
 
     differences = settings_differences([base_dir, *other_dirs])
     if differences and not force:

@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data.errors import UserError
-from data.prompts import EVAL_FORMATS, EvalFormat, check_format_name
+from twophase.data.base.errors import UserError
+from twophase.data.prompts import EVAL_FORMATS, EvalFormat, check_format_name
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class EvalSettings:
 
     def checked(self) -> EvalSettings:
         """These settings with benchmarks spelled out and options flattened; a UserError if they cannot run."""
-        from eval.benchmarks import ALL, parse_benchmarks
+        from twophase.eval.benchmarks import ALL, parse_benchmarks
 
         check_format_name(self.prompt_format, EVAL_FORMATS, where="prompt format")
         names = parse_benchmarks(self.benchmarks)
@@ -59,7 +59,7 @@ class EvalSettings:
 
     @property
     def names(self) -> list[str]:
-        from eval.benchmarks import parse_benchmarks
+        from twophase.eval.benchmarks import parse_benchmarks
 
         return parse_benchmarks(self.benchmarks)
 
@@ -80,7 +80,7 @@ class EvalSettings:
 
 def judge_spec(spec, shared_options: dict, where: str) -> tuple[str, dict]:
     """(kind, options) of a judge written as a name ("string-match", "local:PATH") or a mapping {kind, model, ...}."""
-    from eval.judges import JUDGE_KINDS
+    from twophase.eval.judges import JUDGE_KINDS
 
     if isinstance(spec, dict):
         options = dict(spec)

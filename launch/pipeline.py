@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from launch.experiment import PipelineConfig, load_pipeline
-from launch.manifest import is_done, read_manifest
-from launch.stages import Stage, run_stages, status_lines
+from twophase.launch.experiment import PipelineConfig, load_pipeline
+from twophase.launch.manifest import is_done, read_manifest
+from twophase.launch.stages import Stage, run_stages, status_lines
 
 
 def execute(config: PipelineConfig, stages: list[Stage], only: str | None = None) -> None:
@@ -29,7 +29,7 @@ def execute(config: PipelineConfig, stages: list[Stage], only: str | None = None
     run_dir = Path(config.run_dir)
     tables = read_manifest(run_dir / "tables")
     if only in (None, "tables") and is_done(tables):
-        from launch.tables import print_tables
+        from twophase.launch.tables import print_tables
 
         print_tables([path for path in tables["outputs"].values() if path.endswith(".md")], echo=click.echo)
     click.echo("\n" + "\n".join(status_lines(run_dir)))
@@ -40,7 +40,7 @@ def interrupted_message(run_dir: Path, stages: list[Stage]) -> str:
     """Which stage stopped, where its newest checkpoint is, and the command that continues (the same one)."""
     import shlex
 
-    from trainers.checkpoint import list_checkpoints
+    from twophase.trainers.infra.checkpoint import list_checkpoints
 
     command = shlex.join(["twophase", *sys.argv[1:]])
     for stage in stages:

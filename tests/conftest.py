@@ -16,13 +16,13 @@ torch.set_num_threads(int(os.environ.get("TWOPHASE_TEST_THREADS", "1")))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from data.tiny import write_tiny_model
+    from twophase.data.base.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_model_dir(tmp_path_factory):
-    from data.tiny import write_tiny_model
+    from twophase.data.base.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_chat") / "model", with_chat_template=True)

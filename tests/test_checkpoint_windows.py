@@ -1,7 +1,7 @@
 """No loss window in checkpointing: a stop at any moment resumes bit-exactly.
 
 Each test stops a tiny DPO run at a named moment of a step or of a checkpoint
-write (trainers/checkpoint.py: `moment`), deterministically:
+write (trainers/infra/checkpoint.py: `moment`), deterministically:
 
 * a signal: SIGTERM is sent to this process at that moment, as a cluster's
   preemption would; the run must leave a checkpoint of the last finished step;
@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import trainers.checkpoint as checkpoint
-from data.errors import UserError
-from data.run_dir import LOCK_FILE
-from trainers.checkpoint import checkpoint_problem, list_checkpoints
-from trainers.config import DPOConfig, make_config
-from trainers.dpo import run_dpo
-from trainers.loop import keep_records_up_to
+import twophase.trainers.infra.checkpoint as checkpoint
+from twophase.data.base.errors import UserError
+from twophase.data.base.run_dir import LOCK_FILE
+from twophase.trainers.infra.checkpoint import checkpoint_problem, list_checkpoints
+from twophase.trainers.config import DPOConfig, make_config
+from twophase.trainers.dpo import run_dpo
+from twophase.trainers.loop import keep_records_up_to
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
 
@@ -276,8 +276,8 @@ def test_leftovers_of_killed_runs_are_removed_at_start(tiny_model_dir, tmp_path)
 
 def test_grpo_signal_after_an_update_inside_a_generation_batch(tiny_model_dir, tmp_path, monkeypatch):
     """GRPO with μ = 2: SIGTERM after step 3's update (step 4 reuses step 3's rollout) resumes exactly, samples included."""
-    from trainers.config import GRPOConfig
-    from trainers.grpo import run_grpo
+    from twophase.trainers.config import GRPOConfig
+    from twophase.trainers.grpo import run_grpo
 
     def config(out):
         return make_config(GRPOConfig, dict(

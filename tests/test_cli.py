@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import COMMANDS, main
+from twophase.launch.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_merge_of_a_non_adapter_directory(capsys, tmp_path):
 
 def test_console_script_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "dpo", "--set", "bogus=1"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "twophase.launch.cli", "dpo", "--set", "bogus=1"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: unknown config key(s) bogus")

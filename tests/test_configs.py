@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
-from trainers.config import DPOConfig, GRPOConfig, load_config
+from twophase.data.base.errors import UserError
+from twophase.trainers.config import DPOConfig, GRPOConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
@@ -85,7 +85,7 @@ def test_choices_come_from_each_class_types():
 
 
 def test_reward_options_have_one_shape():
-    from trainers.grpo import build_rewards
+    from twophase.trainers.grpo import build_rewards
 
     c = load_config(GRPOConfig, None, ["reward=random,zero", "reward_options.random.seed=5"])
     assert build_rewards(c)["random"].seed == 5

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from losses.logprobs import IGNORE_INDEX
-from trainers.config import GRPOConfig, make_config
-from trainers.grpo import GRPORecipe, build_rewards, run_grpo
-from trainers.loop import MetricsLog
-from eval.sampling import SamplingParams
-from trainers.rollouts import sample_completions
+from twophase.losses.logprobs import IGNORE_INDEX
+from twophase.trainers.config import GRPOConfig, make_config
+from twophase.trainers.grpo import GRPORecipe, build_rewards, run_grpo
+from twophase.trainers.loop import MetricsLog
+from twophase.eval.engine.sampling import SamplingParams
+from twophase.trainers.rollouts import sample_completions
 
 LEAN_DEMO = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "lean_demo.jsonl")
 
@@ -53,7 +53,7 @@ def test_training_logprobs_equal_the_samplers(tiny_model_dir, tmp_path):
     prompts = [recipe.prompts[0], recipe.prompts[1][:40]]  # different lengths: real left padding
     rollout = sample_completions(recipe.generator, prompts, 2, 6, SamplingParams(temperature=1.0), seeds=[1, 2, 3, 4])
     assert (rollout.attention_mask[:, 0] == 0).any()  # some row is left-padded
-    from trainers.models import token_logprobs_of
+    from twophase.trainers.models import token_logprobs_of
 
     model.eval()
     with torch.no_grad():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from data.errors import UserError
-from data.lean_workbook import (
+from twophase.data.base.errors import UserError
+from twophase.data.lean_workbook import (
     DEFAULT_HEADER,
     STOP_STRING,
     LeanTask,
@@ -279,7 +279,7 @@ def test_keeps_statement_ignores_layout_but_not_content():
 
 def test_hub_source_goes_through_datasets_with_the_hub_schema(monkeypatch):
     """A hub id (not a path) is loaded with `datasets`; rows in the hub's train-view schema parse."""
-    import data.lean_workbook as lw
+    import twophase.data.lean_workbook as lw
 
     calls = []
     hub_rows = [
@@ -304,8 +304,8 @@ def test_hub_source_goes_through_datasets_with_the_hub_schema(monkeypatch):
 def test_a_missing_local_file_is_not_sent_to_the_hub(tmp_path):
     import pytest
 
-    from data.errors import UserError
-    from data.lean_workbook import load_lean_tasks
+    from twophase.data.base.errors import UserError
+    from twophase.data.lean_workbook import load_lean_tasks
 
     with pytest.raises(UserError, match="no such file"):
         load_lean_tasks(str(tmp_path / "tasks.jsonl"))

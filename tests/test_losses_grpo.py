@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses.grpo import aggregate, group_advantages, grpo_loss, k3_kl
+from twophase.losses.grpo import aggregate, group_advantages, grpo_loss, k3_kl
 
 
 def test_group_advantages_by_hand():

@@ -1,11 +1,11 @@
-"""An unreachable hub is one line at once, not a minute of retries (data/hub.py)."""
+"""An unreachable hub is one line at once, not a minute of retries (data/base/hub.py)."""
 
 import time
 
 import pytest
 
-from data import hub
-from data.errors import UserError
+from twophase.data.base import hub
+from twophase.data.base.errors import UserError
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ data/prompt_rows.py), and the README's three-row examples read as they are writt
 import json
 
 
-from data.hh_rlhf import PreferencePair
-from data.preferences import CONVERSATIONAL, HH, IMPLICIT, PLAIN, load_preferences
-from data.prompt_rows import LEAN, PROMPT, PromptTask, load_tasks, prompt_text
-from data.prompts import format_transcript
+from twophase.data.hh_rlhf import PreferencePair
+from twophase.data.preferences import CONVERSATIONAL, HH, IMPLICIT, PLAIN, load_preferences
+from twophase.data.prompt_rows import LEAN, PROMPT, PromptTask, load_tasks, prompt_text
+from twophase.data.prompts import format_transcript
 
 
 def write_rows(tmp_path, rows, name="data.jsonl"):
@@ -93,7 +93,7 @@ def test_prompt_only_grpo_rows(tmp_path):
 
 
 def test_lean_rows_keep_their_loader(tmp_path):
-    from data.lean_workbook import LeanTask
+    from twophase.data.lean_workbook import LeanTask
 
     path = write_rows(tmp_path, [{"formal_statement": "theorem t : 1 = 1 := by sorry", "split": "train"}])
     tasks, report = load_tasks(path)
@@ -107,7 +107,7 @@ def length_is_answer(tasks, completions, *, step=0, scale=1.0):
 
 
 def test_reward_from_a_file_path_and_from_the_working_directory(tmp_path, monkeypatch):
-    from trainers.rewards import build_reward
+    from twophase.trainers.rewards import build_reward
 
     (tmp_path / "my_reward.py").write_text(REWARD_FILE)
     tasks = [PromptTask("a", "q", {"answer": "12"}), PromptTask("b", "q", {"answer": "1"})]
@@ -120,7 +120,7 @@ def test_reward_from_a_file_path_and_from_the_working_directory(tmp_path, monkey
 
 
 def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
-    from launch.cli import main
+    from twophase.launch.cli import main
 
     dpo_data = write_rows(tmp_path, [{"prompt": [user(f"Question {i}?")], "chosen": [assistant("No.")],
                                       "rejected": [assistant(f"Sure {i}.")]} for i in range(3)] + ["oops"], "pairs.jsonl")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
-from trainers.loop import readable_number
+from twophase.launch.cli import main
+from twophase.trainers.loop import readable_number
 
 
 @pytest.mark.parametrize("value, text", [
@@ -26,7 +26,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, monkeypatc
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("trainers.dpo.run_dpo", interrupted_run)
+    monkeypatch.setattr("twophase.trainers.dpo.run_dpo", interrupted_run)
     with pytest.raises(SystemExit) as stop:
         main(["dpo", "--set", f"out_dir={out}", "--set", "max_steps=5"])
     assert stop.value.code == 130
@@ -65,7 +65,7 @@ def test_missing_reporter_package_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_the_demo_says_what_its_tables_show(tmp_path):
-    from launch.demo import what_the_tables_show
+    from twophase.launch.demo import what_the_tables_show
 
     def cell(x):
         return {"value": x}
@@ -92,7 +92,7 @@ def test_the_demo_says_what_its_tables_show(tmp_path):
 
 
 def test_standalone_eval_records_provenance(tiny_model_dir, tmp_path):
-    from eval.benchmarks import SAMPLES_DIR
+    from twophase.eval.benchmarks import SAMPLES_DIR
 
     out = tmp_path / "eval"
     main(["eval", "--model", tiny_model_dir, "--benchmarks", "xstest", "--limit", "2", "--out", str(out),

@@ -23,11 +23,11 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
-from data.collators import Layout
-from data.errors import UserError
-from data.files import atomic_write_text
-from data.prompts import DPO_OLD_NAMES, DPOFormat, GRPOFormat
-from losses.dpo import LossType
+from twophase.data.collators import Layout
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_write_text
+from twophase.data.prompts import DPO_OLD_NAMES, DPOFormat, GRPOFormat
+from twophase.losses.dpo import LossType
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,7 +49,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"  # bitsandbytes 8-bit | torch
-    stochastic_rounding: bool = True  # adamw8bit: round bf16 weight updates stochastically (trainers/optim.py)
+    stochastic_rounding: bool = True  # adamw8bit: round bf16 weight updates stochastically (trainers/infra/optim.py)
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights and bf16 autocast on GPU
     device: str = "auto"  # auto | cuda | cpu | cuda:N
     gradient_checkpointing: bool = True
@@ -62,7 +62,7 @@ class TrainConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    report_to: list[str] = field(default_factory=list)  # also log live to: tensorboard, wandb (trainers/reporting.py)
+    report_to: list[str] = field(default_factory=list)  # also log live to: tensorboard, wandb (trainers/infra/reporting.py)
 
 
 @dataclass
@@ -113,7 +113,7 @@ class GRPOConfig(TrainConfig):
     top_k: int = 0  # 0 = off
     stop_strings: list[str] | None = None  # None: the closing fence for raw prompts, nothing for chat
     generation_batch_size: int = 16  # sequences decoded at once
-    generation_cuda_graphs: bool = True  # GPU: each decode step is a replayed CUDA graph (eval/decoder.py)
+    generation_cuda_graphs: bool = True  # GPU: each decode step is a replayed CUDA graph (eval/engine/decoder.py)
     micro_batch_size: int = 4  # completions per forward pass in the update
     num_iterations: int = 1  # μ: policy updates per generation batch
     reward: str = "random"  # random | zero | lean | toy | module:function; comma-separated to sum several

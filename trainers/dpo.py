@@ -23,20 +23,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data import distributed
-from data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
-from data.errors import UserError
-from data.files import atomic_torch_save
-from data.hh_rlhf import describe_skips
-from data.preferences import LAYOUT_FIELDS, load_preferences
-from data.hub import save_model
-from data.sampler import EpochSampler
-from losses.dpo import dpo_loss
-from trainers.checkpoint import seed_everything
-from trainers.config import DPOConfig, save_config
-from trainers.loop import autocast_context, owned_out_dir, train
-from trainers.merge import merge_in_memory
-from trainers.models import (
+from twophase.data.base import distributed
+from twophase.data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_torch_save
+from twophase.data.hh_rlhf import describe_skips
+from twophase.data.preferences import LAYOUT_FIELDS, load_preferences
+from twophase.data.base.hub import save_model
+from twophase.data.sampler import EpochSampler
+from twophase.losses.dpo import dpo_loss
+from twophase.trainers.infra.checkpoint import seed_everything
+from twophase.trainers.config import DPOConfig, save_config
+from twophase.trainers.loop import autocast_context, owned_out_dir, train
+from twophase.trainers.merge import merge_in_memory
+from twophase.trainers.models import (
     causal_lm_of,
     check_policy_source,
     count_trainable,
@@ -46,7 +46,7 @@ from trainers.models import (
     reference_model,
     resolve_device,
 )
-from trainers.packed_attention import use_packed_attention, verify_packed_attention
+from twophase.trainers.infra.packed_attention import use_packed_attention, verify_packed_attention
 
 
 class DPORecipe:

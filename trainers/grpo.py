@@ -4,9 +4,9 @@ One generation batch serves μ = `num_iterations` optimizer steps:
 
     1. take `prompts_per_step` Lean tasks and sample G = `num_generations`
        completions of each with the generation engine (trainers/rollouts.py,
-       eval/generation.py); under full fine-tuning on a GPU its KV cache lives
+       eval/engine/generation.py); under full fine-tuning on a GPU its KV cache lives
        in the gradients' memory, which is idle while generating
-       (trainers/grad_arena.py),
+       (trainers/infra/grad_arena.py),
     2. score every completion with the reward function(s) (trainers/rewards/),
     3. advantages A_i = group-normalised rewards (losses/grpo.py: group_advantages),
     4. if μ > 1, record the sampling policy's log-probabilities (old_logps);
@@ -28,21 +28,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data import distributed
-from data.errors import UserError
-from data.hub import save_model
-from data.lean_workbook import STOP_STRING, LeanTask
-from data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
-from data.sampler import EpochSampler
-from losses.grpo import group_advantages, grpo_loss
-from losses.logprobs import response_mask
-from trainers.checkpoint import seed_everything
-from eval.generation import Generator
-from eval.sampling import SamplingParams
-from trainers.config import GRPOConfig, save_config
-from trainers.grad_arena import GradientArena
-from trainers.loop import autocast_context, keep_records_up_to, owned_out_dir, train
-from trainers.models import (
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import save_model
+from twophase.data.lean_workbook import STOP_STRING, LeanTask
+from twophase.data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
+from twophase.data.sampler import EpochSampler
+from twophase.losses.grpo import group_advantages, grpo_loss
+from twophase.losses.logprobs import response_mask
+from twophase.trainers.infra.checkpoint import seed_everything
+from twophase.eval.engine.generation import Generator
+from twophase.eval.engine.sampling import SamplingParams
+from twophase.trainers.config import GRPOConfig, save_config
+from twophase.trainers.infra.grad_arena import GradientArena
+from twophase.trainers.loop import autocast_context, keep_records_up_to, owned_out_dir, train
+from twophase.trainers.models import (
     check_policy_source,
     count_trainable,
     frozen_copy,
@@ -51,9 +51,9 @@ from trainers.models import (
     resolve_device,
     token_logprobs_of,
 )
-from trainers.rewards import build_reward
-from trainers.sharding import GatheredCopy, shard_model
-from trainers.rollouts import Rollout, RolloutSlice, rollout_seeds, rollout_slice, sample_completions
+from twophase.trainers.rewards import build_reward
+from twophase.trainers.infra.sharding import GatheredCopy, shard_model
+from twophase.trainers.rollouts import Rollout, RolloutSlice, rollout_seeds, rollout_slice, sample_completions
 
 
 class GRPORecipe:
@@ -72,7 +72,7 @@ class GRPORecipe:
             self.close()  # a Lean reward has started its REPLs
             raise
         self.reference = frozen_copy(self.model) if config.beta > 0 and not config.lora else None
-        # Several processes, full fine-tuning: train sharded (FSDP2), generate with a gathered copy (trainers/sharding.py).
+        # Several processes, full fine-tuning: train sharded (FSDP2), generate with a gathered copy (trainers/infra/sharding.py).
         self.gathered = None
         if distributed.active() and not config.lora:
             self.gathered = GatheredCopy(self.model)
@@ -85,7 +85,7 @@ class GRPORecipe:
         self.samples_path = self.out_dir / "samples.jsonl"
         self.sampling = SamplingParams(config.temperature, config.top_p, config.top_k).check()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # Full fine-tuning on a GPU: the KV cache borrows the gradients' memory (see trainers/grad_arena.py).
+        # Full fine-tuning on a GPU: the KV cache borrows the gradients' memory (see trainers/infra/grad_arena.py).
         # (Not when sharded: the gradients are DTensor shards, and generation uses the gathered copy.)
         full_on_gpu = self.device.type == "cuda" and not config.lora and self.gathered is None
         self.arena = GradientArena(trainable) if full_on_gpu else None

@@ -17,7 +17,7 @@ metrics are shares too, and are summed the same way: the loop knows no
 recipe's metric names, only `tokens` (trained tokens; tokens_per_s is tokens
 per second of update time, the step minus the recipe's `preparation_seconds`).
 
-On several processes (torchrun; data/distributed.py) the step's batch is the
+On several processes (torchrun; data/base/distributed.py) the step's batch is the
 global batch: each rank's `step_batches` are its slice of it, the shares are
 shares of the global step, so the gradients and the metrics are summed over
 ranks once per step, and rank 0 alone writes the log and the checkpoints.
@@ -45,11 +45,11 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from data import distributed
-from data.errors import UserError
-from data.files import atomic_write_text, remove_stale_temporaries
-from data.run_dir import owned
-from trainers.checkpoint import (
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_write_text, remove_stale_temporaries
+from twophase.data.base.run_dir import owned
+from twophase.trainers.infra.checkpoint import (
     list_checkpoints,
     moment,
     prune_checkpoints,
@@ -59,10 +59,10 @@ from trainers.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from trainers.config import TrainConfig
-from trainers.optim import build_optimizer, build_scheduler
-from trainers import sharding
-from trainers.reporting import Reporters
+from twophase.trainers.config import TrainConfig
+from twophase.trainers.infra.optim import build_optimizer, build_scheduler
+from twophase.trainers.infra import sharding
+from twophase.trainers.infra.reporting import Reporters
 
 
 class Recipe(Protocol):
@@ -129,7 +129,7 @@ class _Training:
         self.reporters = Reporters(config.report_to, out_dir, dataclasses.asdict(config))  # report_to: optional live logging
         self.parameters = [p for p in recipe.model.parameters() if p.requires_grad]
         sharding.start_replicas(recipe.model, self.parameters)
-        # A sharded model's optimizer updates each rank's local shards (trainers/sharding.py).
+        # A sharded model's optimizer updates each rank's local shards (trainers/infra/sharding.py).
         self.shards = sharding.LocalShards(self.parameters) if sharding.is_sharded(recipe.model) else None
         self.optimizer = build_optimizer(self.shards.parameters if self.shards else self.parameters, config)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -263,7 +263,7 @@ def _reduce(collected: list[dict]) -> dict:
 
 @contextmanager
 def owned_out_dir(out_dir, resume: bool):
-    """Hold `out_dir` for a training run (data/run_dir.py); yields it as a Path.
+    """Hold `out_dir` for a training run (data/base/run_dir.py); yields it as a Path.
 
     Before anything is written there: leftovers of killed runs are removed, and a
     directory that holds an earlier run's checkpoints is refused without --resume.

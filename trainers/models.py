@@ -12,13 +12,13 @@ from contextlib import contextmanager
 
 import torch
 
-from data import distributed
-from data.errors import UserError
-from data.hub import check_path_exists, load_causal_lm, load_tokenizer
-from data.tokens import positions_from_mask
-from losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden
-from trainers.config import TrainConfig
-from trainers.packed_attention import PackedSegments
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import check_path_exists, load_causal_lm, load_tokenizer
+from twophase.data.tokens import positions_from_mask
+from twophase.losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden
+from twophase.trainers.config import TrainConfig
+from twophase.trainers.infra.packed_attention import PackedSegments
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,7 +157,7 @@ def packed_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
     """(2n,) summed chosen then rejected log-probabilities of the n pairs of one packed row.
 
     See data/packing.py for the layout; the model must use packed attention
-    (trainers/packed_attention.py: use_packed_attention).
+    (trainers/infra/packed_attention.py: use_packed_attention).
     """
     lm = causal_lm_of(model)
     hidden = lm.get_decoder()(

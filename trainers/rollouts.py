@@ -1,6 +1,6 @@
 """Sampling completions from the policy and laying them out for training.
 
-The sampling itself is the generation engine's (eval/generation.py), the same
+The sampling itself is the generation engine's (eval/engine/generation.py), the same
 one every benchmark uses. A rollout is G completions for each of a few
 prompts, stored as one padded batch:
 
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from data.tokens import encode_prompt, keep_end, pad_id_of
-from eval.generation import Completion, Generator, seed_for
-from eval.sampling import SamplingParams
-from losses.logprobs import IGNORE_INDEX
+from twophase.data.tokens import encode_prompt, keep_end, pad_id_of
+from twophase.eval.engine.generation import Completion, Generator, seed_for
+from twophase.eval.engine.sampling import SamplingParams
+from twophase.losses.logprobs import IGNORE_INDEX
 
 
 @dataclass

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data.errors import UserError
-from data.hub import load_hub_dataset
-from eval.engines import LoglikelihoodEngine
-from eval.generation import GenerationEngine, GenerationRequest
-from eval.judges import Judge
-from eval.metrics import Metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import load_hub_dataset
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine
+from twophase.eval.engine.generation import GenerationEngine, GenerationRequest
+from twophase.eval.judges import Judge
+from twophase.eval.metrics import Metric, proportion
 
 
 @dataclass

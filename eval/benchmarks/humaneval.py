@@ -18,14 +18,14 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data.errors import UserError
-from data.hub import is_local, load_hub_dataset
-from eval.benchmarks.base import Benchmark, EvalContext
-from eval.execution import check_function
-from eval.generation import GenerationRequest
-from eval.sandbox import MODES as SANDBOX_MODES
-from eval.sandbox import isolation_problem
-from eval.metrics import Metric, mean_metric, pass_at_k, proportion
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import is_local, load_hub_dataset
+from twophase.eval.benchmarks.base import Benchmark, EvalContext
+from twophase.eval.sandbox.execution import check_function
+from twophase.eval.engine.generation import GenerationRequest
+from twophase.eval.sandbox.container import MODES as SANDBOX_MODES
+from twophase.eval.sandbox.container import isolation_problem
+from twophase.eval.metrics import Metric, mean_metric, pass_at_k, proportion
 
 # A completion ends where the model starts a new top-level statement: the
 # function body is over. These strings are handed to the generation engine and

@@ -27,10 +27,10 @@ import re
 import sys
 from pathlib import Path
 
-from data import distributed
-from data.errors import UserError
-from data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
-from data.prompts import GRPO_FORMATS, check_format_name
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
+from twophase.data.prompts import GRPO_FORMATS, check_format_name
 
 
 def _check_lengths(tasks: list, completions: list) -> None:
@@ -102,7 +102,7 @@ class LeanReward:
         prompt_format: str = "raw",
         import_timeout: float = 600.0,
     ):
-        from trainers.rewards.lean_repl import LeanReplPool
+        from twophase.trainers.infra.lean_repl import LeanReplPool
 
         if not project_dir:
             raise UserError(

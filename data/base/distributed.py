@@ -1,6 +1,6 @@
 """Running on several processes (GPUs) with torch.distributed: the one place that knows about ranks.
 
-`torchrun --nproc-per-node N -m launch.cli dpo|grpo|eval|pipeline …` starts N
+`torchrun --nproc-per-node N -m twophase.launch.cli dpo|grpo|eval|pipeline …` starts N
 copies of the command and tells each its place through environment variables
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Without them (a plain
 `twophase …`) everything here is a no-op: one process, rank 0 of 1.
@@ -13,7 +13,7 @@ What is distributed, and where:
   it is refused before any model loads (`check_divides`);
 - gradients: summed over ranks exactly once per optimizer step
   (`sum_gradients` for replicated weights; FSDP2 reduce-scatters its own,
-  trainers/sharding.py);
+  trainers/infra/sharding.py);
 - outputs: logs, metrics, samples, checkpoint manifests and final models are
   written by rank 0 only (`is_main`).
 
@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 # A collective that waits longer than this ends the job: a rank that died (or hangs) must not freeze the others.
 TIMEOUT_ENV = "TWOPHASE_COLLECTIVE_TIMEOUT_S"

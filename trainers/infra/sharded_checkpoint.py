@@ -6,14 +6,14 @@ A sharded checkpoint is a directory `checkpoints/step-000100/` holding
                         every weight and optimizer tensor is: a reader with any number of ranks (one included)
                         takes the pieces it needs (resharding)
     state.pt            step, scheduler, the optimizer's hyper-parameters, RNG states, the recipe's state (rank 0)
-    manifest.json       size and sha256 of each file above, written last (trainers/checkpoint.py)
+    manifest.json       size and sha256 of each file above, written last (trainers/infra/checkpoint.py)
 
 Atomic as the one-process checkpoint is: rank 0 makes the temporary directory and
 tells the others its name, all ranks write their shards into it, and after a
 barrier rank 0 writes state.pt and the manifest and renames it into place.
 
 The optimizer of a sharded model keeps each parameter's state for its local shard
-(trainers/sharding.py: LocalShards). State tensors of the shard's shape are saved as
+(trainers/infra/sharding.py: LocalShards). State tensors of the shard's shape are saved as
 DTensors laid out like their parameter, so they reshard with it. Other state (the
 block-wise scales of the 8-bit AdamW, whose blocks follow the shard's layout) is
 saved per rank and can only be resumed with the same number of ranks.
@@ -29,8 +29,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
-from data import distributed
-from data.errors import UserError
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
 
 SHARDED_DIR = "sharded"
 

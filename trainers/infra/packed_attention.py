@@ -34,7 +34,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 PACKED_ATTENTION = "twophase_packed"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -60,7 +60,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers' attention-function interface: (1, H, T, D) inputs, (1, T, H, D) output, no weights."""
     if packed_segments is None:
         raise RuntimeError(
-            "this model is set up for packed DPO rows (trainers/packed_attention.py) and got no packed_segments; "
+            "this model is set up for packed DPO rows (trainers/infra/packed_attention.py) and got no packed_segments; "
             "run it through trainers/models.py: packed_logprobs_of"
         )
     if query.shape[0] != 1:
@@ -115,7 +115,7 @@ def verify_packed_attention(device: torch.device) -> float:
     Guards the one thing the CPU tests cannot see: that this torch build's kernel masks
     segments as the layout assumes (bottom-right causal). Returns the largest difference.
     """
-    from data.packing import pack_pairs
+    from twophase.data.packing import pack_pairs
 
     # uneven segments, more keys than queries, an empty chosen reply and a one-token one
     pairs = [([1] * 37, [2] * 5, [3] * 70), ([1] * 3, [2] * 150, [3]), ([1] * 200, [], [3] * 20)]

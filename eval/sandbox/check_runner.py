@@ -1,10 +1,10 @@
 """The trusted half of a HumanEval check: the problem's `check` calls the candidate through a proxy.
 
-Started by `eval/execution.py` as `python -I -S check_runner.py REQUEST_FD
+Started by `eval/sandbox/execution.py` as `python -I -S check_runner.py REQUEST_FD
 REPLY_FD` with the job on stdin as JSON: {"prompt", "test", "entry_point",
 "program", "memory_bytes", "cpu_seconds"} (it limits itself to those). It runs the prompt (for helpers that tests use, such as `poly` of
 HumanEval/32) and the test here, in this process; sends the program to the
-candidate server in the sandbox (`eval/candidate_server.py`); then calls
+candidate server in the sandbox (`eval/sandbox/candidate_server.py`); then calls
 `check(candidate)`, where `candidate` forwards each call to the server and
 returns the plain data it answers. Its one line of output is the verdict as
 JSON: {"passed": true, ...} if and only if `check` returned.

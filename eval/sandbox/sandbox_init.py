@@ -1,6 +1,6 @@
 """Process 1 of a sandbox: build its file system view, then run the program without privileges.
 
-`eval/sandbox.py` starts this script through util-linux `unshare`, already in
+`eval/sandbox/container.py` starts this script through util-linux `unshare`, already in
 new mount, pid, network, IPC and UTS namespaces (and, for an evaluator that is
 not root, a new user namespace in which it is root). It runs as a plain file
 with `python -I` and imports only the standard library, everything before the

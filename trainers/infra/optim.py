@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from data.errors import UserError
-from trainers.config import TrainConfig
+from twophase.data.base.errors import UserError
+from twophase.trainers.config import TrainConfig
 
 _ROUNDING_CHUNK = 1 << 24  # elements rounded at once: bounds the temporary random bits to 64 MB
 

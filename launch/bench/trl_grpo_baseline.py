@@ -3,7 +3,7 @@
 It exists only to measure the bar in BENCHMARKS.md: TRL is not a dependency of
 twophase and nothing imports this file. On a GPU machine with trl installed:
 
-    python3 launch/trl_grpo_baseline.py [STEPS=4] [NEW_TOKENS=512]
+    python3 launch/bench/trl_grpo_baseline.py [STEPS=4] [NEW_TOKENS=512]
 
 2 prompts of 200 random tokens x 8 completions, micro-batches of 4, gradient
 checkpointing, bitsandbytes 8-bit AdamW, bf16, lr 1e-6, no KL, random reward.
@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-from launch.bench import random_model, synthetic_tokenizer
+from twophase.launch.bench.training import random_model, synthetic_tokenizer
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 new_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 512

@@ -5,18 +5,18 @@ nothing in twophase imports this file; install TRL where it runs (`pip install
 trl==1.16.0`, which needs accelerate), on a CUDA GPU. No network is needed: the model
 and the data are built here, exactly as `twophase bench` builds them.
 
-- the model: launch/bench.py `random_model`, the random-weight DeepSeek-Prover-V2-7B
+- the model: launch/bench/training.py `random_model`, the random-weight DeepSeek-Prover-V2-7B
   layout (LlamaForCausalLM, hidden 4096, intermediate 11008, 30 layers, 32 heads and
   32 KV heads, vocabulary 102,400, rms_norm_eps 1e-6, rope_theta 10,000), in bf16;
-- the tokenizer: launch/bench.py `synthetic_tokenizer` (the word "t{i}" is id i);
+- the tokenizer: launch/bench/training.py `synthetic_tokenizer` (the word "t{i}" is id i);
 - `dpo`: DPOTrainer, LoRA r64 / alpha 128 on all seven projections, 4 x 4 pairs a step,
   gradient checkpointing, bitsandbytes 8-bit AdamW, bf16, lr 5e-7, beta 0.1. The pairs
   are those `twophase bench dpo` trains on, step by step in the same order and with the
-  same token ids (launch/bench.py `synthetic_pair`), written as text that the tokenizer
+  same token ids (launch/bench/training.py `synthetic_pair`), written as text that the tokenizer
   turns back into those ids. Both workloads are already within the truncation limits
   (max_length 1024, prompt 512; TRL 1.16 has no prompt limit of its own), so TRL
   truncates nothing either.
-- Phase 2's bar is launch/trl_grpo_baseline.py.
+- Phase 2's bar is launch/bench/trl_grpo_baseline.py.
 
 Each run prints one JSON line with the same figures as `twophase bench`: tokens as
 TRL counts them (its own `num_tokens`: each pair's prompt twice, replies once, no
@@ -24,23 +24,18 @@ padding), the step-time spread after warm-up, and peak memory. A step's time run
 from the end of the previous step to the end of this one, so it includes TRL's data
 loading, as twophase's does.
 
-    python launch/trl_baseline.py dpo --lengths hh-rlhf --steps 12 --warmup-steps 2
-    python launch/trl_baseline.py dpo --lengths fixed --steps 6
+    python launch/bench/trl_baseline.py dpo --lengths hh-rlhf --steps 12 --warmup-steps 2
+    python launch/bench/trl_baseline.py dpo --lengths fixed --steps 6
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python launch/trl_baseline.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
 
-from launch.bench import (
+from twophase.launch.bench.training import (
     ARCH,
     BOS_ID,
     EOS_ID,
@@ -69,7 +64,7 @@ def dpo_rows(lengths: str, count: int, seq_len: int, vocab_size: int) -> list[di
 
     TRL appends the EOS text to every reply, so a reply's own EOS is left out of its text.
     """
-    from data.sampler import EpochSampler
+    from twophase.data.sampler import EpochSampler
 
     pair_lengths = pair_lengths_of(lengths, seq_len, seq_len // 2, count)
     max_length, max_prompt_length = dpo_truncation(lengths, seq_len, seq_len // 2)

@@ -10,7 +10,7 @@ stderr, never into the replies.
 
 Nothing here is trusted. The program can rewrite this server, write to its
 descriptors or exit: all the checker ever receives is plain data, and the
-verdict is the checker's (`eval/check_runner.py`, another process).
+verdict is the checker's (`eval/sandbox/check_runner.py`, another process).
 """
 
 import os

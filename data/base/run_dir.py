@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.errors import UserError
-from data.files import remove_stale_temporaries
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import remove_stale_temporaries
 
 LOCK_FILE = ".twophase.lock"
 

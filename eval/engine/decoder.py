@@ -1,4 +1,4 @@
-"""Running the model one token at a time over a KV cache: the inner loop of eval/generation.py.
+"""Running the model one token at a time over a KV cache: the inner loop of eval/engine/generation.py.
 
 Two decoders with one interface; the generation engine chooses:
 
@@ -7,7 +7,7 @@ includes DeepSeek-Prover-V2-7B): a preallocated KV cache and a hand-written
 forward pass over the model's own modules (so LoRA adapters apply), in the
 spirit of gpt-fast. Every decode step has the same shapes, so on a GPU each
 step is captured once as a CUDA graph and then replayed: one launch per token
-instead of ~600 kernel launches issued from Python. Sampling (eval/sampling.py)
+instead of ~600 kernel launches issued from Python. Sampling (eval/engine/sampling.py)
 runs inside the graph, so the host only reads the chosen tokens every few
 steps. Decoding 16 rows is bound by reading the weights once per token, so
 what remains is making every kernel count: the q, k and v projections run as
@@ -49,8 +49,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from data.tokens import left_pad
-from eval.sampling import SamplingParams, choose_tokens, vocabulary_keys
+from twophase.data.tokens import left_pad
+from twophase.eval.engine.sampling import SamplingParams, choose_tokens, vocabulary_keys
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward: bounds its activations
@@ -95,7 +95,7 @@ class StaticDecoder:
         self.max_batch = max_batch
         self.kv_block = kv_block
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.storage = storage  # optional flat tensor to carve the cache from (trainers/grad_arena.py)
+        self.storage = storage  # optional flat tensor to carve the cache from (trainers/infra/grad_arena.py)
         self.vocab_keys = vocabulary_keys(self.head.out_features, self.device)
         self.ops = FusedOps(compiled=self.use_graphs)
         self.fused_qkv = all(_plain_linear(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers)

@@ -2,7 +2,7 @@
 
 Everything here is a pure function of device tensors, with no host round trip,
 so the choice can run inside a captured CUDA graph together with the forward
-pass (eval/decoder.py).
+pass (eval/engine/decoder.py).
 
 Sampling uses the Gumbel-max trick: with g_v independent standard Gumbel noise,
 
@@ -44,7 +44,7 @@ class SamplingParams:
         return self.temperature <= 0
 
     def check(self) -> "SamplingParams":
-        from data.errors import UserError
+        from twophase.data.base.errors import UserError
 
         if self.temperature < 0 or self.temperature != self.temperature:
             raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")

@@ -42,7 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 DEFAULT_COMMAND = ("lake", "exe", "repl")
 

@@ -9,7 +9,7 @@ A checkpoint is a directory `checkpoints/step-000100/` holding
 
 A sharded model (several processes, full fine-tuning) writes its weights and
 optimizer state as `sharded/` instead, one file per rank through
-torch.distributed.checkpoint (trainers/sharded_checkpoint.py); the manifest
+torch.distributed.checkpoint (trainers/infra/sharded_checkpoint.py); the manifest
 then lists those files, and any number of processes can resume it.
 
 It is written to a temporary directory next to its final place and renamed
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from data import distributed
-from data.errors import UserError
-from data.files import atomic_directory, atomic_write_text, torch_save
-from trainers import sharded_checkpoint
-from trainers.sharding import is_sharded
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_directory, atomic_write_text, torch_save
+from twophase.trainers.infra import sharded_checkpoint
+from twophase.trainers.infra.sharding import is_sharded
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 
 OFFLINE_HINT = ("pass a local path, or pre-download it where there is network (hf download NAME, then HF_HUB_OFFLINE=1 "
@@ -200,7 +200,7 @@ def load_hub_dataset(dataset_id: str, split: str, **kwargs):
 def save_model(model, tokenizer, target: str | os.PathLike) -> Path:
     """A model (full, merged, or a peft adapter) and its tokenizer as one `save_pretrained` directory,
     written atomically: a stop while saving leaves the earlier directory, or none, never half of one."""
-    from data.files import atomic_directory
+    from twophase.data.base.files import atomic_directory
 
     quiet_transformers_bars()
     with atomic_directory(target) as tmp:

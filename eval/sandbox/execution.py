@@ -2,9 +2,9 @@
 
 Two processes take part in each HumanEval check (`check_function`):
 
-* the candidate: the prompt + completion, run by `eval/candidate_server.py`
+* the candidate: the prompt + completion, run by `eval/sandbox/candidate_server.py`
   inside the sandbox (`eval.sandbox`), which answers calls of its function;
-* the checker: `eval/check_runner.py`, a separate, limited process outside the
+* the checker: `eval/sandbox/check_runner.py`, a separate, limited process outside the
   sandbox that runs the problem's `check(candidate)` with a proxy that sends
   each call's arguments to the candidate and gets plain data back.
 
@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from eval.sandbox import ENVIRONMENT, ContainedPython, Ended, Limits, exec_folder_prefix
+from twophase.eval.sandbox.container import ENVIRONMENT, ContainedPython, Ended, Limits, exec_folder_prefix
 
 HERE = Path(__file__).parent
 CANDIDATE_SERVER = HERE / "candidate_server.py"

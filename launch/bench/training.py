@@ -12,7 +12,7 @@ lengths — because speed must not depend on what the tokens say.
 DPO pairs have either one fixed shape (`--lengths fixed`: a --seq-len/2 prompt
 and two --seq-len/2 replies) or the lengths of real HH-RLHF harmless-base pairs
 (`--lengths hh-rlhf`: drawn from the token-length profile in launch/profiles/,
-launch/length_profile.py, and cut by the trainer's own truncation rule at
+launch/bench/length_profile.py, and cut by the trainer's own truncation rule at
 max_length 1024 / max_prompt_length 512, as in Phase 1).
 
 Definitions, printed with every result:
@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 import torch
 
-from data.collators import LAYOUTS
+from twophase.data.collators import LAYOUTS
 
 ARCHITECTURES = {
     "deepseek-prover-v2-7b": dict(
@@ -94,10 +94,10 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
               prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=256,
               layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1, process_group=False) -> dict:  # fmt: skip
     """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
-    from data.hh_rlhf import PreferencePair
-    from trainers.config import DPOConfig, make_config
-    from trainers.loop import MetricsLog, train
-    from trainers.models import prepare_policy, resolve_device, weight_dtype
+    from twophase.data.hh_rlhf import PreferencePair
+    from twophase.trainers.config import DPOConfig, make_config
+    from twophase.trainers.loop import MetricsLog, train
+    from twophase.trainers.models import prepare_policy, resolve_device, weight_dtype
 
     device = join_processes(resolve_device(device), process_group)
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -157,7 +157,7 @@ def pair_lengths_of(lengths: str, seq_len: int, prompt_len: int, count: int) -> 
     """(prompt, chosen, rejected) token counts of the benchmark's pairs, before truncation."""
     if lengths == "fixed":
         return [(prompt_len, seq_len - prompt_len, seq_len - prompt_len)] * count
-    from launch.length_profile import load_length_profile
+    from twophase.launch.bench.length_profile import load_length_profile
 
     return load_length_profile(lengths)
 
@@ -175,11 +175,11 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     hardly ever says it). "mixed": half the completions run to the limit, the other half end early, as if
     at EOS, at a length drawn uniformly from [max_new_tokens / 8, max_new_tokens), seeded per row.
     """
-    from data.lean_workbook import LeanTask
-    from trainers.config import GRPOConfig, make_config
-    from trainers.grpo import GRPORecipe
-    from trainers.loop import MetricsLog, train
-    from trainers.models import prepare_policy, resolve_device, weight_dtype
+    from twophase.data.lean_workbook import LeanTask
+    from twophase.trainers.config import GRPOConfig, make_config
+    from twophase.trainers.grpo import GRPORecipe
+    from twophase.trainers.loop import MetricsLog, train
+    from twophase.trainers.models import prepare_policy, resolve_device, weight_dtype
 
     device = join_processes(resolve_device(device), process_group)
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -224,7 +224,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
 
 def _scripted_generator(recipe, completion_lengths: str):
     """The recipe's generation engine, with EOS replaced by lengths the benchmark chooses."""
-    from eval.generation import Generator
+    from twophase.eval.engine.generation import Generator
 
     class ScriptedLengths(Generator):
         calls = 0
@@ -256,9 +256,9 @@ def synthetic_pair(index: int, lengths: tuple[int, int, int], vocab_size: int, m
 
     The prompt starts with BOS and each reply ends with EOS, as the collator makes them,
     and the pair is cut by the trainer's truncation rule. The same index always gives the
-    same ids (launch/trl_baseline.py feeds TRL exactly these pairs).
+    same ids (launch/bench/trl_baseline.py feeds TRL exactly these pairs).
     """
-    from data.collators import TokenizedPair, truncate_pair
+    from twophase.data.collators import TokenizedPair, truncate_pair
 
     generator = torch.Generator().manual_seed(index)
     prompt, chosen, rejected = (_random_ids(1, n - 1, vocab_size, generator)[0].tolist() for n in lengths)
@@ -268,7 +268,7 @@ def synthetic_pair(index: int, lengths: tuple[int, int, int], vocab_size: int, m
 
 def _synthetic_dpo_class():
     """Defined on demand so that importing this module does not import the trainers."""
-    from trainers.dpo import DPORecipe
+    from twophase.trainers.dpo import DPORecipe
 
     class SyntheticDPO(DPORecipe):
         """DPORecipe whose pair i is `synthetic_pair(i, pair_lengths[i], ...)`; the rest of the recipe is the real one."""
@@ -285,8 +285,8 @@ def _synthetic_dpo_class():
 def join_processes(device: torch.device, alone: bool) -> torch.device:
     """The device this process benchmarks on. Under torchrun: its rank's GPU, in the job's process group
     (the global batch split over ranks, as in training). `alone`: a one-process group that runs the
-    multi-process code path on this one device (data/distributed.py: start_alone)."""
-    from data import distributed
+    multi-process code path on this one device (data/base/distributed.py: start_alone)."""
+    from twophase.data.base import distributed
 
     device = distributed.local_device(device)
     if distributed.launched_world_size() > 1:
@@ -298,7 +298,7 @@ def join_processes(device: torch.device, alone: bool) -> torch.device:
 
 def _processes() -> dict:
     """How many processes measured together, and whether they ran the multi-process code path."""
-    from data import distributed
+    from twophase.data.base import distributed
 
     return {"processes": distributed.world_size(), "process_group": distributed.active()}
 
@@ -318,7 +318,7 @@ def _device_name(device) -> str:
 
 
 def _emit(result: dict, out: str | None) -> None:
-    from data import distributed
+    from twophase.data.base import distributed
 
     if not distributed.is_main():  # under torchrun, rank 0 reports for the job (its memory: one GPU's)
         return
@@ -410,8 +410,8 @@ def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_eval_command(arch, device, loglik_batch_size, gen_batch_size, questions, out):
     """The eval engines: MMLU-shaped log-likelihood and StrongREJECT-shaped generation."""
-    from eval.bench import bench_engines
-    from trainers.models import resolve_device, weight_dtype
+    from twophase.launch.bench.engines import bench_engines
+    from twophase.trainers.models import resolve_device, weight_dtype
 
     dev = resolve_device(device)
     model = random_model(arch, dev, weight_dtype("bf16", dev)).eval()

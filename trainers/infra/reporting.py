@@ -14,8 +14,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from data import distributed
-from data.errors import UserError
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
 
 REPORTERS = ("tensorboard", "wandb")
 # What each reporter imports, and the pip package that provides it.

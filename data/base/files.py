@@ -91,7 +91,7 @@ class _AtomicDirectory:
 def remove_stale_temporaries(directory) -> list[str]:
     """Delete what interrupted atomic writes left in `directory` (not below it); returns the names removed.
 
-    Call it only while holding the directory (data/run_dir.py: owned): then no live run is writing them.
+    Call it only while holding the directory (data/base/run_dir.py: owned): then no live run is writing them.
     """
     removed = []
     for entry in Path(directory).iterdir():

@@ -1,6 +1,6 @@
 """How a model's weights live on several processes: replicated (LoRA) or sharded with FSDP2 (full fine-tuning).
 
-One process: nothing here does anything. Under torchrun (data/distributed.py):
+One process: nothing here does anything. Under torchrun (data/base/distributed.py):
 
 - **Replicated** (a LoRA adapter, a few MB): every rank holds all weights; after
   a step's micro-batches the loop sums the adapter's gradients over ranks once
@@ -22,7 +22,7 @@ gradients are *summed* (FSDP's default would average: `set_gradient_divide_facto
 
 The optimizer of a sharded model sees each rank's local shard as an ordinary
 tensor (`LocalShards`): bitsandbytes' 8-bit AdamW, and the stochastic rounding of
-trainers/optim.py, work element by element, so a shard is just a smaller tensor.
+trainers/infra/optim.py, work element by element, so a shard is just a smaller tensor.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import copy
 import torch
 from torch.distributed.tensor import DTensor
 
-from data import distributed
-from trainers.models import causal_lm_of
+from twophase.data.base import distributed
+from twophase.trainers.models import causal_lm_of
 
 
 def shard_model(model, device: torch.device):
@@ -110,7 +110,7 @@ class LocalShards:
 class GatheredCopy:
     """An ordinary (unsharded) copy of a sharded model, refreshed from the shards before each use.
 
-    Generation decodes token by token with a KV cache (eval/generation.py, eval/decoder.py);
+    Generation decodes token by token with a KV cache (eval/engine/generation.py, eval/engine/decoder.py);
     every step of it through FSDP would all-gather each layer again, and ranks whose
     completions end at different lengths would fall out of step. So each rank decodes with
     full weights of its own: one all-gather per rollout, at the cost of one more copy of

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -117,7 +117,7 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, with_chat_templa
     model = build_tiny_model(len(tokenizer), seed=seed, **model_kwargs)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    from data.hub import quiet_transformers_bars
+    from twophase.data.base.hub import quiet_transformers_bars
 
     quiet_transformers_bars()
     model.save_pretrained(tmp)

@@ -10,7 +10,7 @@ nowhere else:
   samples of a GRPO group (or the n samples of a benchmark question) share one
   prefill.
 * **Choosing tokens.** Greedy, or temperature / top-k / top-p sampling with
-  noise hashed from each row's own seed (eval/sampling.py): reproducible, and
+  noise hashed from each row's own seed (eval/engine/sampling.py): reproducible, and
   independent of batching.
 * **Stopping.** A row ends at an EOS token (kept in its tokens), at a stop
   string (the token that completes it is the last one kept), or at its
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import distributed
-from data.errors import UserError
-from data.tokens import encode_prompt
-from eval.decoder import CacheDecoder, StaticDecoder, bucket, supports_static_decoding
-from eval.sampling import SamplingParams
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.tokens import encode_prompt
+from twophase.eval.engine.decoder import CacheDecoder, StaticDecoder, bucket, supports_static_decoding
+from twophase.eval.engine.sampling import SamplingParams
 
 try:  # tqdm ships with transformers; progress bars are a convenience only
     from tqdm.auto import tqdm

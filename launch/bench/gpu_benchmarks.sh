@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU figures in BENCHMARKS.md. Usage: bash launch/gpu_benchmarks.sh OUT_FILE.jsonl [train|shared|layouts|generation|all]
+# The GPU figures in BENCHMARKS.md. Usage: bash launch/bench/gpu_benchmarks.sh OUT_FILE.jsonl [train|shared|layouts|generation|all]
 # Needs a CUDA GPU with ~80 GB; models are random-weight DeepSeek-Prover-V2-7B layouts (no download).
 set -u
 out=${1:-bench.jsonl}; part=${2:-all}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-tp() { python3 -m launch.cli "$@" --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error' ; }
+tp() { python3 -m twophase.launch.cli "$@" --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error' ; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, bitsandbytes; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", bitsandbytes.__version__)'
 if [[ $part == train || $part == all ]]; then
@@ -26,7 +26,7 @@ if [[ $part == layouts || $part == all ]]; then
   tp bench dpo --steps 6 --layout packed_shared_prompt --tokens-per-pass 12288
 fi
 if [[ $part == generation || $part == all ]]; then
-  timeout 200 python3 -m launch.cli bench grpo --steps 4 --max-new-tokens 1024 --generation-cache static --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
-  timeout 150 python3 -m launch.cli bench grpo --steps 4 --generation-cache static --no-stochastic-rounding --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
+  timeout 200 python3 -m twophase.launch.cli bench grpo --steps 4 --max-new-tokens 1024 --generation-cache static --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
+  timeout 150 python3 -m twophase.launch.cli bench grpo --steps 4 --generation-cache static --no-stochastic-rounding --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
   tp bench eval --loglik-batch-size 64 --gen-batch-size 256 --questions 512
 fi

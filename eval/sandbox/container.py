@@ -6,7 +6,7 @@ learn nothing about the evaluator (mode "namespaces", the default):
 
 * util-linux `unshare` puts it in new mount, pid, network, IPC and UTS
   namespaces (plus a user namespace when the evaluator is not root);
-  `eval/sandbox_init.py` then runs as process 1 inside, builds the file system
+  `eval/sandbox/sandbox_init.py` then runs as process 1 inside, builds the file system
   view and starts the script (see that file for the steps);
 * network: a namespace of its own with nothing but a loopback that is down, so
   no connection to anything, 127.0.0.1 and abstract Unix sockets included;

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from data.tokens import encode_continuation
-from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest
-from eval.generation import GenerationEngine, GenerationRequest
+from twophase.data.tokens import encode_continuation
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine, LoglikelihoodRequest
+from twophase.eval.engine.generation import GenerationEngine, GenerationRequest
 
 CHOICES = (" A", " B", " C", " D")
 

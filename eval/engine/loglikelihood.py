@@ -1,4 +1,4 @@
-"""The log-likelihood engine every multiple-choice benchmark shares (generation: eval/generation.py).
+"""The log-likelihood engine every multiple-choice benchmark shares (generation: eval/engine/generation.py).
 
 Benchmarks never call the model themselves. They describe what they need as
 requests (`LoglikelihoodRequest`, or `GenerationRequest` for the generation
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
-from data import distributed
-from data.errors import UserError
-from data.tokens import encode_continuation, encode_prompt, left_pad, pad_id_of
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.tokens import encode_continuation, encode_prompt, left_pad, pad_id_of
 
 try:  # tqdm ships with transformers; progress bars are a convenience only
     from tqdm.auto import tqdm
