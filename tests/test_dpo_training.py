@@ -11,7 +11,7 @@ from twophase.data.collators import PACKED_LAYOUTS
 from twophase.data.base.errors import UserError
 from twophase.trainers.config import DPOConfig, make_config
 from twophase.trainers.dpo import DPORecipe, run_dpo
-from twophase.trainers.loop import MetricsLog
+from twophase.trainers.infra.run import MetricsLog
 from twophase.trainers.infra.packed_attention import use_packed_attention
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")

@@ -9,7 +9,7 @@ import torch
 from twophase.losses.logprobs import IGNORE_INDEX
 from twophase.trainers.config import GRPOConfig, make_config
 from twophase.trainers.grpo import GRPORecipe, build_rewards, run_grpo
-from twophase.trainers.loop import MetricsLog
+from twophase.trainers.infra.run import MetricsLog
 from twophase.eval.engine.sampling import SamplingParams
 from twophase.trainers.rollouts import sample_completions
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from twophase.launch.cli import main
-from twophase.trainers.loop import readable_number
+from twophase.trainers.infra.run import readable_number
 
 
 @pytest.mark.parametrize("value, text", [

@@ -28,6 +28,9 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_write_text
 from twophase.data.prompts import DPO_OLD_NAMES, DPOFormat, GRPOFormat
 from twophase.losses.dpo import LossType
+from twophase.losses.grpo import AdvantageScale, Aggregation
+
+LRSchedule = Literal["constant", "linear", "cosine"]  # trainers/infra/optim.py: build_scheduler
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
     lr: float = 5e-7
-    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"  # decay to 0 after warmup
+    lr_schedule: LRSchedule = "linear"  # decay to 0 after warmup
     warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -98,7 +101,7 @@ class GRPOConfig(TrainConfig):
 
     out_dir: str = "runs/grpo"
     lr: float = 1e-6
-    lr_schedule: str = "constant"
+    lr_schedule: LRSchedule = "constant"
     lora: bool = False  # full fine-tuning, as in the published run
     dataset: str = "internlm/Lean-Workbook"
     split: str = "train"
@@ -118,12 +121,12 @@ class GRPOConfig(TrainConfig):
     num_iterations: int = 1  # μ: policy updates per generation batch
     reward: str = "random"  # random | zero | lean | toy | module:function; comma-separated to sum several
     reward_options: dict[str, dict] = field(default_factory=dict)  # reward name -> its options
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: AdvantageScale = "group"  # losses/grpo.py: group_advantages
     advantage_eps: float = 1e-4
     beta: float = 0.0  # KL coefficient; a reference model exists only when > 0
     clip_low: float = 0.2
     clip_high: float = 0.2
-    aggregation: Literal["token", "sequence", "constant"] = "token"
+    aggregation: Aggregation = "token"  # losses/grpo.py: grpo_loss
 
 
 # --------------------------------------------------------------------------- the values a run accepts

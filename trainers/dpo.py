@@ -34,7 +34,8 @@ from twophase.data.sampler import EpochSampler
 from twophase.losses.dpo import dpo_loss
 from twophase.trainers.infra.checkpoint import seed_everything
 from twophase.trainers.config import DPOConfig, save_config
-from twophase.trainers.loop import autocast_context, owned_out_dir, train
+from twophase.trainers.infra.run import RunCallbacks, owned_out_dir
+from twophase.trainers.loop import autocast_context, train
 from twophase.trainers.merge import merge_in_memory
 from twophase.trainers.models import (
     causal_lm_of,
@@ -110,21 +111,8 @@ class DPORecipe:
         }
         return losses.mean() * share, metrics
 
-    def step_metrics(self) -> dict[str, float]:
-        return {}
-
-    def preparation_seconds(self) -> float:
-        return 0.0
-
-    def truncate_logs_after(self, step: int) -> None:
-        pass  # DPO keeps no log of its own
-
-    def memory_advice(self) -> str:
-        """What to lower when a step does not fit in GPU memory."""
-        config = self.config
-        if config.layout in PACKED_LAYOUTS:
-            return f"lower max_tokens_per_pass (now {config.max_tokens_per_pass}; at least 2 x max_length) or max_length"
-        return f"lower micro_batch_size (now {config.micro_batch_size}; raise grad_accum_steps to keep the step's pairs) or max_length"
+    def step_metrics(self, step: int) -> dict[str, float]:
+        return {}  # every DPO metric is a sum of micro-batch shares
 
     def pair_logprobs(self, model, batch: dict) -> torch.Tensor:
         """(2n,) summed response log-probabilities: the n chosen replies, then the n rejected ones."""
@@ -223,6 +211,13 @@ def check_world_size(config: DPOConfig) -> None:
     )
 
 
+def memory_advice(config: DPOConfig) -> str:
+    """What to lower when a step does not fit in GPU memory."""
+    if config.layout in PACKED_LAYOUTS:
+        return f"lower max_tokens_per_pass (now {config.max_tokens_per_pass}; at least 2 x max_length) or max_length"
+    return f"lower micro_batch_size (now {config.micro_batch_size}; raise grad_accum_steps to keep the step's pairs) or max_length"
+
+
 def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     """Train, save the adapter, and merge it when `merge_after`; returns the output paths."""
     started = time.time()
@@ -235,7 +230,7 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
         recipe = DPORecipe(config, out_dir, pairs=pairs)
         if distributed.is_main():
             save_config(config, out_dir / "config.json")
-        last = train(recipe, config, out_dir, resume=resume)
+        last = train(recipe, config, out_dir, resume=resume, callbacks=RunCallbacks(memory_advice=lambda: memory_advice(config)))
         outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl")}
         if distributed.is_main():  # every rank holds the same weights: one writes them
             outputs["final"] = str(recipe.save_final())

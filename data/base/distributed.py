@@ -119,6 +119,18 @@ def my_slice(total: int) -> slice:
     return slice(rank() * share, (rank() + 1) * share)
 
 
+def on_my_rows(rows: int, work):
+    """Run `work(my_rows)` on this rank's rows of a batch of `rows` global rows; the one place a step splits by rank.
+
+    `my_rows` is a range of global row indices (all of them for one process). `work` returns
+    (kept, reported): `kept` stays on this rank; `reported` (plain values) comes back from every
+    rank, in rank order, so that what spans the batch (advantages, summaries) sees every row.
+    """
+    share = my_slice(rows)
+    kept, reported = work(range(share.start, share.stop))
+    return kept, gather_objects(reported)
+
+
 def shard_of(items: list) -> list:
     """Items i ≡ rank (mod world): a near-equal share of any number of items (evaluation)."""
     return items[rank() :: world_size()]

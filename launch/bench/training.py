@@ -96,7 +96,8 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
     """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
     from twophase.data.hh_rlhf import PreferencePair
     from twophase.trainers.config import DPOConfig, make_config
-    from twophase.trainers.loop import MetricsLog, train
+    from twophase.trainers.infra.run import MetricsLog
+    from twophase.trainers.loop import train
     from twophase.trainers.models import prepare_policy, resolve_device, weight_dtype
 
     device = join_processes(resolve_device(device), process_group)
@@ -178,7 +179,8 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     from twophase.data.lean_workbook import LeanTask
     from twophase.trainers.config import GRPOConfig, make_config
     from twophase.trainers.grpo import GRPORecipe
-    from twophase.trainers.loop import MetricsLog, train
+    from twophase.trainers.infra.run import MetricsLog
+    from twophase.trainers.loop import train
     from twophase.trainers.models import prepare_policy, resolve_device, weight_dtype
 
     device = join_processes(resolve_device(device), process_group)
@@ -201,7 +203,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         recipe.prompts = ["<s> " + " ".join(f"t{i}" for i in _random_ids(1, prompt_len - 1, 1000, generator)[0].tolist()) for _ in tasks]
         recipe.generator = _scripted_generator(recipe, completion_lengths)
         _reset_peak(device)
-        train(recipe, config, Path(out_dir), final_checkpoint=False)
+        train(recipe, config, Path(out_dir), final_checkpoint=False, callbacks=recipe.run_callbacks())
         records = MetricsLog(Path(out_dir) / "metrics.jsonl").read()
     if not records:  # under torchrun only rank 0 writes the metrics; the other ranks have nothing to report
         return {}
