@@ -47,7 +47,7 @@ from twophase.data.hh_rlhf import PreferencePair
 from twophase.data.prompts import DPO_FORMATS, DPO_OLD_NAMES, check_format, format_transcript
 from twophase.data.tokens import encode_prompt
 from twophase.data.packing import group_by_token_budget, pack_pairs, packed_length
-from twophase.losses.logprobs import IGNORE_INDEX
+from twophase.data.tokens import IGNORE_INDEX
 
 TRUNCATION_SIDES = ("left", "right")
 Layout = Literal["stacked", "shared_prompt", "packed", "packed_shared_prompt"]

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from twophase.losses.logprobs import IGNORE_INDEX
+from twophase.data.tokens import IGNORE_INDEX
 
 
 def packed_length(pair: Sequence[list[int]], share_prompt: bool) -> int:

@@ -1,6 +1,6 @@
 """Preference data for DPO in any of the usual row layouts, detected per file.
 
-Four layouts are accepted (README: "Your own data"). Each file holds one of them;
+Four layouts are accepted (trainers/README.md: "Your own data"). Each file holds one of them;
 the first row that is a JSON object decides which, and the log says so:
 
   hh               {"chosen": transcript, "rejected": transcript}: Anthropic HH-RLHF,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from twophase.data.base import distributed
 from twophase.data.base.files import atomic_write_text
-from twophase.eval.metrics import Metric
+from twophase.eval.benchmarks.metrics import Metric
 
 SUMMARY_FILE = "summary.json"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError, reason_of
 from twophase.data.base.hub import check_path_exists
-from twophase.data.prompts import format_question, resolved_format
+from twophase.data.prompts import EVAL_FORMATS, check_format, format_question, resolved_format
 from twophase.data.base.run_dir import owned
 from twophase.eval.benchmarks import get_benchmark, local_source
 from twophase.eval.engine.loglikelihood import LoglikelihoodEngine
@@ -145,6 +145,7 @@ def _run_one(benchmark, source, described, settings_hash, runtime, judge, out, s
         raise UserError(f"{benchmark.name}: no items to evaluate in {described['source']}")
     benchmark.check_ready(options)
     generator, scorer, tokenizer = runtime.engines()
+    check_format(settings.prompt_format, EVAL_FORMATS, tokenizer)  # once, not per question: chat needs a template
     hasher = hashlib.sha256()
     generator.prompt_hasher = scorer.prompt_hasher = hasher
     gen_before, score_before = dict(generator.stats), dict(scorer.stats)

@@ -30,7 +30,7 @@ from twophase.data.base.files import atomic_write_text
 CPU_ONLY_STAGES = ("tables",)  # reads JSON files and writes tables: no GPU to wait for
 CPU_STAGE_TIME, CPU_STAGE_CPUS = "00:30:00", 2  # the tables take seconds; a short job starts sooner
 # Where models and datasets are cached, and whether to look for the hub at all: a job sees them as they
-# were where `twophase slurm` ran, so the node reads the same pre-downloaded files (README: offline machines).
+# were where `twophase slurm` ran, so the node reads the same pre-downloaded files (launch/README.md: offline machines).
 CARRIED_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "HF_HUB_OFFLINE",
                      "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")  # fmt: skip
 
@@ -83,7 +83,7 @@ def torchrun_lines(arguments: list[str], options: ClusterOptions) -> str:
     quoted = " ".join(w if w.startswith("--rdzv-") else shlex.quote(w) for w in words)  # $head, $SLURM_JOB_ID expand
     return "\n".join([
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
-        "export NCCL_NVLS_ENABLE=0  # NVLink multicast off (see the README's \"More than one GPU\")",
+        "export NCCL_NVLS_ENABLE=0  # NVLink multicast off (see trainers/README.md, \"More than one GPU\")",
         f"srun --ntasks-per-node=1 {quoted}",
     ])  # fmt: skip
 

@@ -15,7 +15,7 @@ import click
 from twophase.trainers.config import DPOConfig, GRPOConfig, load_config
 from twophase.trainers.infra.run import readable_number
 
-CONFIG_HELP = "YAML file of config keys (see launch/configs/ and the README's table of keys)."
+CONFIG_HELP = "YAML file of config keys (see launch/configs/ and launch/README.md's table of keys)."
 SET_HELP = "Override one config key, e.g. --set lr=1e-6 --set max_steps=10 (repeatable)."
 RESUME_HELP = "Continue from the last checkpoint in out_dir (exactly where it stopped)."
 

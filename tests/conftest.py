@@ -9,7 +9,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
 
 # The tests run tiny models whose matrices are too small for a second thread to pay for its
-# synchronisation; one thread was measured faster on 2 cores (README: "Timings on the CPU").
+# synchronisation; one thread was measured faster on 2 cores (launch/README.md: "Timings on the CPU").
 # TWOPHASE_TEST_THREADS=N measures another count.
 torch.set_num_threads(int(os.environ.get("TWOPHASE_TEST_THREADS", "1")))
 

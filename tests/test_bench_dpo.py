@@ -9,7 +9,7 @@ import torch
 
 from twophase.data.collators import PreferenceCollator
 from twophase.data.hh_rlhf import load_hh_rlhf
-from twophase.data.sampler import EpochSampler
+from twophase.data.base.sampler import EpochSampler
 from twophase.launch.bench.training import bench_dpo, random_model, synthetic_tokenizer
 from twophase.launch.bench.length_profile import derive_length_profile, load_length_profile, summarize, truncated_lengths
 

@@ -18,7 +18,7 @@ from twophase.eval.benchmarks.humaneval import HumanEval
 from twophase.eval.benchmarks.mmlu import CATEGORY_SUBJECTS, MMLU, SUBJECT_CATEGORY, build_prompt as mmlu_prompt
 from twophase.eval.benchmarks.truthfulqa import QA_PRIMER, TruthfulQA
 from twophase.eval.benchmarks.wmdp import WMDP
-from twophase.eval.metrics import pass_at_k
+from twophase.eval.benchmarks.metrics import pass_at_k
 
 SAMPLES = Path(__file__).resolve().parent.parent / "eval" / "samples"
 

@@ -12,7 +12,7 @@ from twophase.launch.bench.engines import bench_engines
 from twophase.eval.benchmarks import SAMPLES_DIR
 from twophase.eval.benchmarks.xstest import XSTest
 from twophase.eval.cli import compare_command
-from twophase.eval.metrics import Metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, proportion
 from twophase.eval.results import intervals_disjoint, read_json, render_comparison, stable_hash, write_json_atomic
 from twophase.eval.runner import run_evaluation
 from twophase.eval.settings import EvalSettings
@@ -149,7 +149,7 @@ def test_bench_engines_runs_on_cpu(tiny_path):
 
 
 def test_mean_interval_is_clipped_to_the_values_range():
-    from twophase.eval.metrics import mean_metric
+    from twophase.eval.benchmarks.metrics import mean_metric
 
     m = mean_metric([0.0, 0.0, 0.0, 1.0], bounds=(0.0, 1.0))
     assert m.value == 0.25

@@ -53,7 +53,7 @@ def test_training_logprobs_equal_the_samplers(tiny_model_dir, tmp_path):
     prompts = [recipe.prompts[0], recipe.prompts[1][:40]]  # different lengths: real left padding
     rollout = sample_completions(recipe.generator, prompts, 2, 6, SamplingParams(temperature=1.0), seeds=[1, 2, 3, 4])
     assert (rollout.attention_mask[:, 0] == 0).any()  # some row is left-padded
-    from twophase.trainers.models import token_logprobs_of
+    from twophase.losses.logprobs import token_logprobs_of
 
     model.eval()
     with torch.no_grad():

@@ -133,7 +133,6 @@ def chat_tokenizer(tmp_path_factory):
 
 def test_hh_format_is_the_transcript_unchanged():
     assert format_prompt(MULTI_TURN_PROMPT, "hh") == MULTI_TURN_PROMPT
-    assert format_prompt(MULTI_TURN_PROMPT, "raw") == MULTI_TURN_PROMPT  # the old name of hh
 
 
 def test_chat_format_renders_the_template(chat_tokenizer):
@@ -146,15 +145,20 @@ def test_chat_format_renders_the_template(chat_tokenizer):
     )
 
 
+# The format is checked once, where a run starts (the collator), not for every prompt.
 def test_chat_format_without_template_is_a_user_error(chat_tokenizer, monkeypatch):
+    from twophase.data.collators import PreferenceCollator
+
     monkeypatch.setattr(chat_tokenizer, "chat_template", None)
     with pytest.raises(UserError, match="chat needs a tokenizer with a chat template; this one has none \\(use hh\\)"):
-        format_prompt(MULTI_TURN_PROMPT, "chat", chat_tokenizer)
+        PreferenceCollator(chat_tokenizer, 64, 32, prompt_format="chat")
 
 
-def test_unknown_format_names_the_valid_ones():
+def test_unknown_format_names_the_valid_ones(chat_tokenizer):
+    from twophase.data.collators import PreferenceCollator
+
     with pytest.raises(UserError, match="hh, chat"):
-        format_prompt(MULTI_TURN_PROMPT, "alpaca")
+        PreferenceCollator(chat_tokenizer, 64, 32, prompt_format="alpaca")
 
 
 # --------------------------------------------------------------------------- loading

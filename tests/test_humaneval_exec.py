@@ -11,7 +11,7 @@ from collections import namedtuple
 import pytest
 
 from twophase.eval.benchmarks.humaneval import STOP_SEQUENCES, build_program, check_completion, check_completions, truncate_completion
-from twophase.eval.metrics import pass_at_k
+from twophase.eval.benchmarks.metrics import pass_at_k
 from twophase.eval.sandbox.plain_data import MAX_LINE_BYTES, UnreadableData, decode, encode, to_plain
 
 # --------------------------------------------------------------------------- pass@k

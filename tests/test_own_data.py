@@ -1,5 +1,5 @@
 """Your own data: each accepted row layout, detected per file, with malformed rows counted (data/preferences.py,
-data/prompt_rows.py), and the README's three-row examples read as they are written."""
+data/prompt_rows.py), and the three-row examples of trainers/README.md read as they are written."""
 
 import json
 
@@ -147,7 +147,7 @@ def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
 def test_the_readme_examples_load_as_their_layouts(tmp_path):
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "trainers" / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
     blocks = [block.split("```", 1)[0] for block in section.split("```jsonl\n")[1:]]
     assert len(blocks) == 6

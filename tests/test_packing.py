@@ -11,7 +11,7 @@ import torch
 
 from twophase.data.collators import TokenizedPair, collate_pairs, split_into_passes, truncate_pair
 from twophase.data.packing import group_by_token_budget, pack_pairs
-from twophase.trainers.models import pair_logprobs_of
+from twophase.trainers.dpo import pair_logprobs_of
 from twophase.trainers.infra.packed_attention import use_packed_attention
 
 X = -100  # no label

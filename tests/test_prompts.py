@@ -5,7 +5,7 @@ import pytest
 
 from twophase.data.base.errors import UserError
 from twophase.data.hh_rlhf import split_transcript
-from twophase.data.prompts import DPO_FORMATS, EVAL_FORMATS, format_question, format_transcript, hh_prompt
+from twophase.data.prompts import DPO_FORMATS, EVAL_FORMATS, check_format, format_question, format_transcript, hh_prompt
 from twophase.data.tokens import encode_prompt
 
 
@@ -50,10 +50,11 @@ def test_unknown_format_and_chat_without_template_are_user_errors(tiny_model_dir
     from twophase.data.base.hub import load_tokenizer
 
     plain = load_tokenizer(tiny_model_dir)
+    # checked once where a run starts (eval/runner.py), not for every question
     with pytest.raises(UserError, match="is not one of: hh, chat, raw, auto"):
-        format_question(plain, "hi", None, "alpaca")
+        check_format("alpaca", EVAL_FORMATS, plain)
     with pytest.raises(UserError, match="chat needs a tokenizer with a chat template"):
-        format_question(plain, "hi", None, "chat")
+        check_format("chat", EVAL_FORMATS, plain)
     assert format_question(plain, "hi", None, "auto") == "hi"  # auto without a template is raw
     assert set(DPO_FORMATS) < set(EVAL_FORMATS)  # every DPO format can be evaluated in
 

@@ -86,7 +86,7 @@ class DPOConfig(TrainConfig):
     loss_type: LossType = "sigmoid"  # losses/dpo.py
     label_smoothing: float = 0.0
     precompute_ref_logps: bool = False
-    # How a forward pass holds its pairs (README: "DPO batch layouts"): stacked | shared_prompt | packed |
+    # How a forward pass holds its pairs (trainers/README.md: "DPO batch layouts"): stacked | shared_prompt | packed |
     # packed_shared_prompt. Padded layouts take micro_batch_size pairs a pass; packed ones as many as fit
     # in max_tokens_per_pass tokens (at least 2 x max_length, so that any pair fits).
     layout: Layout = "packed_shared_prompt"

@@ -30,24 +30,17 @@ from twophase.data.base.files import atomic_torch_save
 from twophase.data.hh_rlhf import describe_skips
 from twophase.data.preferences import LAYOUT_FIELDS, load_preferences
 from twophase.data.base.hub import save_model
-from twophase.data.sampler import EpochSampler
+from twophase.data.base.model_api import causal_lm_of, reference_model
+from twophase.data.base.sampler import EpochSampler
 from twophase.losses.dpo import dpo_loss
 from twophase.trainers.infra.checkpoint import seed_everything
 from twophase.trainers.config import DPOConfig, save_config
-from twophase.trainers.infra.run import RunCallbacks, owned_out_dir
-from twophase.trainers.loop import autocast_context, train
+from twophase.trainers.infra.run import RunCallbacks, autocast_context, owned_out_dir
+from twophase.trainers.loop import train
 from twophase.trainers.merge import merge_in_memory
-from twophase.trainers.models import (
-    causal_lm_of,
-    check_policy_source,
-    count_trainable,
-    frozen_copy,
-    load_policy,
-    pair_logprobs_of,
-    reference_model,
-    resolve_device,
-)
-from twophase.trainers.infra.packed_attention import use_packed_attention, verify_packed_attention
+from twophase.losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden, token_logprobs_of
+from twophase.trainers.infra.packed_attention import PackedSegments, use_packed_attention, verify_packed_attention
+from twophase.trainers.models import check_policy_source, count_trainable, frozen_copy, load_policy, resolve_device
 
 
 class DPORecipe:
@@ -198,7 +191,7 @@ def load_pairs(config: DPOConfig) -> list:
         raise UserError(
             f"no usable preference pair in {config.dataset} ({describe_skips(report) if report['rows'] else 'it has no rows'}): "
             f"read as layout '{report['layout']}', each row must be a JSON object with {LAYOUT_FIELDS[report['layout']]} "
-            f"(README: 'Your own data')"
+            f"(trainers/README.md: 'Your own data')"
         )
     return pairs
 
@@ -241,3 +234,56 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     outputs["minutes"] = round((time.time() - started) / 60, 2)
     outputs["last_metrics"] = last
     return outputs
+
+
+# --- the policy's forward pass on a collated batch (data/collators.py: the batch layouts) -----------------
+def shared_prompt_logprobs_of(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen and rejected log-probabilities from one pass over [prompt][chosen][rejected] rows.
+
+    See data/collators.py: pack_shared_prompt for the layout.
+    """
+    lm = causal_lm_of(model)
+    mask = batch["allowed"][:, None, :, :]  # (B, 1, T, T): one mask for every head
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state
+    head = lm.get_output_embeddings()
+    sums = []
+    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
+        sums.append(sequence_logprobs(token_logprobs_from_hidden(hidden, head, labels, chunk_size), response_mask(labels)))
+    return sums[0], sums[1]
+
+
+def packed_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """(2n,) summed chosen then rejected log-probabilities of the n pairs of one packed row.
+
+    See data/packing.py for the layout; the model must use packed attention
+    (trainers/infra/packed_attention.py: use_packed_attention).
+    """
+    lm = causal_lm_of(model)
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+        packed_segments=PackedSegments.of_batch(batch),
+    ).last_hidden_state  # fmt: skip
+    head = lm.get_output_embeddings()
+    owner = batch["pair_of_token"][0, 1:]  # the state at t predicts the label at t + 1, which belongs to that pair
+    sums = []
+    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
+        logps = token_logprobs_from_hidden(hidden, head, labels, chunk_size)[0]
+        sums.append(logps.new_zeros(batch["num_pairs"]).index_add(0, owner, logps))
+    return torch.cat(sums)
+
+
+def pair_logprobs_of(model, batch: dict, layout: str, chunk_size: int) -> torch.Tensor:
+    """(2n,) summed reply log-probabilities of a collated batch: the n chosen replies, then the n rejected ones."""
+    if layout == "stacked":
+        return sequence_logprobs_of(model, batch, chunk_size)
+    if layout == "shared_prompt":
+        return torch.cat(shared_prompt_logprobs_of(model, batch, chunk_size))
+    return packed_logprobs_of(model, batch, chunk_size)
+
+
+def sequence_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """Summed response log-probability of each sequence in a collated batch."""
+    logps = token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
+    return sequence_logprobs(logps, response_mask(batch["labels"]))

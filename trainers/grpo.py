@@ -44,27 +44,20 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.hub import save_model
 from twophase.data.lean_workbook import STOP_STRING, LeanTask
 from twophase.data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
-from twophase.data.sampler import EpochSampler
+from twophase.data.base.model_api import reference_model
+from twophase.data.base.sampler import EpochSampler
 from twophase.eval.engine.generation import Generator
 from twophase.eval.engine.sampling import SamplingParams
 from twophase.losses.grpo import group_advantages, grpo_loss, loss_normaliser
-from twophase.losses.logprobs import response_mask
+from twophase.losses.logprobs import response_mask, token_logprobs_of
 from twophase.trainers.config import GRPOConfig, save_config
 from twophase.trainers.infra.checkpoint import seed_everything
 from twophase.trainers.infra.grad_arena import GradientArena
 from twophase.trainers.infra.rollout_log import RolloutLog
-from twophase.trainers.infra.run import RunCallbacks, owned_out_dir
+from twophase.trainers.infra.run import RunCallbacks, autocast_context, owned_out_dir
 from twophase.trainers.infra.sharding import GatheredCopy, shard_model
-from twophase.trainers.loop import autocast_context, train
-from twophase.trainers.models import (
-    check_policy_source,
-    count_trainable,
-    frozen_copy,
-    load_policy,
-    reference_model,
-    resolve_device,
-    token_logprobs_of,
-)
+from twophase.trainers.loop import train
+from twophase.trainers.models import check_policy_source, count_trainable, frozen_copy, load_policy, resolve_device
 from twophase.trainers.rewards import build_reward
 from twophase.trainers.rollouts import RolloutBatch, rollout_seeds, sample_completions
 

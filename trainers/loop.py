@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +53,7 @@ from twophase.trainers.infra.run import (
     MetricsLog,
     RunCallbacks,
     StepPrinter,
+    autocast_context,
     out_of_memory_message,
     restore,
 )
@@ -82,11 +82,8 @@ class Recipe(Protocol):
 
 def train(recipe: Recipe, config: TrainConfig, out_dir: Path, resume: bool = False, final_checkpoint: bool = True,
           callbacks: RunCallbacks | None = None) -> dict:  # fmt: skip
-    """Run `config.max_steps` optimizer steps of `recipe`; returns the last step's metrics.
-
-    `callbacks` are the run's concerns around the recipe (trainers/infra/run.py); `final_checkpoint=False`
-    skips the checkpoint at the end (benchmarks, which keep nothing).
-    """
+    """Run `config.max_steps` optimizer steps of `recipe`; returns the last step's metrics. `callbacks`: the run's
+    concerns around the recipe (trainers/infra/run.py); `final_checkpoint=False`: none at the end (benchmarks)."""
     return _Training(recipe, config, Path(out_dir), callbacks or RunCallbacks()).run(resume, final_checkpoint)
 
 
@@ -207,8 +204,7 @@ class _Training:
 def _accumulate_gradients(recipe: Recipe, step: int, autocast) -> list[dict]:
     """Forward and backward passes of the step's micro-batches; the gradients add up in the parameters."""
     collected: list[dict] = []
-    micro_batches = recipe.step_batches(step)
-    for micro_batch in micro_batches:
+    for micro_batch in recipe.step_batches(step):
         with autocast:
             loss, metrics = recipe.loss(micro_batch)
         loss.backward()
@@ -220,12 +216,3 @@ def _sum_shares(collected: list[dict]) -> dict:
     """The step's metrics: each micro-batch's (every rank's) shares added up."""
     keys = dict.fromkeys(k for m in collected for k in m)  # first-seen order, for readable logs
     return {key: sum(m[key] for m in collected if key in m) for key in keys}
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on GPU; on the CPU the tiny demo model runs in float32."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-

@@ -14,7 +14,7 @@ from twophase.data.base.errors import UserError
 
 
 OFFLINE_HINT = ("pass a local path, or pre-download it where there is network (hf download NAME, then HF_HUB_OFFLINE=1 "
-                "on the compute node; README: 'Offline machines and compute nodes')")
+                "on the compute node; launch/README.md: 'Offline machines and compute nodes')")
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 

@@ -42,7 +42,7 @@ from twophase.data.base.errors import UserError
 from twophase.eval.benchmarks.base import Benchmark, EvalContext, JudgeCallCounter, first
 from twophase.eval.engine.generation import GenerationRequest
 from twophase.eval.judges import JudgeScore
-from twophase.eval.metrics import Metric, mean_metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, proportion
 
 QUESTIONS_URL = (
     "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/first_plot_questions.yaml"

@@ -32,7 +32,7 @@ from twophase.eval.benchmarks.base import (
     read_rows,
     refusal_metrics,
 )
-from twophase.eval.metrics import Metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 CATEGORIES = (0, 1, 2, 3, 4, 5)
 NOT_COMPLYING = (0, 1, 2, 3, 4)

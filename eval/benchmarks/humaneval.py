@@ -25,7 +25,7 @@ from twophase.eval.sandbox.execution import check_function
 from twophase.eval.engine.generation import GenerationRequest
 from twophase.eval.sandbox.container import MODES as SANDBOX_MODES
 from twophase.eval.sandbox.container import isolation_problem
-from twophase.eval.metrics import Metric, mean_metric, pass_at_k, proportion
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, pass_at_k, proportion
 
 # A completion ends where the model starts a new top-level statement: the
 # function body is over. These strings are handed to the generation engine and
@@ -42,7 +42,7 @@ DEFAULTS = {
     "max_new_tokens": 512,
     "timeout": 3.0,
     "workers": 4,
-    "sandbox": "namespaces",  # or "none": run programs unisolated (README, "Executed code")
+    "sandbox": "namespaces",  # or "none": run programs unisolated (eval/README.md, "Executed code")
 }
 OPT_OUT = "--option humaneval.sandbox=none"
 
@@ -66,7 +66,7 @@ def require_isolation(sandbox: str) -> None:
         raise UserError(
             f"humaneval: this machine cannot isolate the programs HumanEval runs ({problem}). Run it where Linux "
             f"namespaces work through util-linux `unshare`, or run the programs unisolated with {OPT_OUT} "
-            "(see README, 'Executed code')"
+            "(see eval/README.md, 'Executed code')"
         )
 
 

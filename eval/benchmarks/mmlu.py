@@ -31,7 +31,7 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.hub import is_local, load_hub_dataset
 from twophase.eval.benchmarks.base import Benchmark, EvalContext, read_split_rows
 from twophase.eval.engine.loglikelihood import LoglikelihoodRequest
-from twophase.eval.metrics import Metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 LETTERS = ("A", "B", "C", "D")
 

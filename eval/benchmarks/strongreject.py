@@ -27,7 +27,7 @@ from twophase.eval.benchmarks.base import (
     read_rows,
     refusal_metrics,
 )
-from twophase.eval.metrics import Metric, mean_metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, proportion
 
 PROMPT_COLUMNS = ("forbidden_prompt", "prompt", "meli_query")
 

@@ -29,7 +29,7 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.hub import is_local, load_hub_dataset
 from twophase.eval.benchmarks.base import Benchmark, EvalContext, read_local_file, read_split_rows
 from twophase.eval.engine.loglikelihood import LoglikelihoodRequest
-from twophase.eval.metrics import Metric, mean_metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, proportion
 
 # The six-shot "QA" prompt of the TruthfulQA paper, reproduced exactly.
 QA_PRIMER = (

@@ -18,7 +18,7 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.hub import is_local, load_hub_dataset
 from twophase.eval.benchmarks.base import Benchmark, EvalContext
 from twophase.eval.benchmarks.mmlu import accuracy_by, format_question, header, interleave, make_question, score_lettered
-from twophase.eval.metrics import Metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 # subset (the hub config name and the local file stem) -> the topic in the header, as
 # lm-evaluation-harness's wmdp_bio / wmdp_chem / wmdp_cyber tasks write it

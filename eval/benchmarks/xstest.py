@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from twophase.data.base.errors import UserError
 from twophase.eval.benchmarks.base import Benchmark, EvalContext, column, generate_answers, read_rows, stratified_first
-from twophase.eval.metrics import Metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 
 def is_unsafe(row: dict) -> bool:

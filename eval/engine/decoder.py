@@ -42,13 +42,13 @@ Interface (both decoders):
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from twophase.data.base.model_api import causal_lm_of, forward_keywords
 from twophase.data.tokens import left_pad
 from twophase.eval.engine.sampling import SamplingParams, choose_tokens, vocabulary_keys
 
@@ -56,14 +56,9 @@ STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward: bounds its activations
 
 
-def causal_lm(model):
-    """The *ForCausalLM module, through a peft wrapper if there is one."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def supports_static_decoding(model) -> bool:
     """True for the Llama-family layout that StaticDecoder's forward pass implements."""
-    lm = causal_lm(model)
+    lm = causal_lm_of(model)
     config = getattr(lm, "config", None)
     inner = getattr(lm, "model", None)
     if getattr(config, "model_type", None) not in STATIC_MODEL_TYPES or inner is None:
@@ -81,7 +76,7 @@ def bucket(n: int, limit: int) -> int:
 
 class StaticDecoder:
     def __init__(self, model, max_batch: int, cuda_graphs: bool = True, kv_block: int = 64, storage=None):
-        lm = causal_lm(model)
+        lm = causal_lm_of(model)
         inner = lm.model
         config = lm.config
         self.embed, self.layers, self.final_norm, self.rotary, self.head = (
@@ -313,10 +308,8 @@ class CacheDecoder:
 
     def __init__(self, model, max_batch: int):
         self.model = model
-        lm = causal_lm(model)
-        params = inspect.signature(lm.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 says `cache`
-        self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        lm = causal_lm_of(model)
+        self.cache_kw, self.keep_kw = forward_keywords(model)  # transformers >= 5.24 says `cache`
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self.vocab_keys = vocabulary_keys(lm.get_output_embeddings().out_features, self.device)

@@ -32,7 +32,6 @@ really read.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch
 
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError
+from twophase.data.base.model_api import forward_keywords
 from twophase.data.tokens import encode_continuation, encode_prompt, left_pad, pad_id_of
 
 try:  # tqdm ships with transformers; progress bars are a convenience only
@@ -105,10 +105,8 @@ class _ModelCaller:
 
     def __init__(self, model):
         self.model = model
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(inner.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.has_logits_to_keep = "logits_to_keep" in params
+        self.cache_kw, keep_kw = forward_keywords(model)  # data/base/model_api.py
+        self.has_logits_to_keep = keep_kw is not None
 
     def __call__(self, input_ids, attention_mask, position_ids, keep: int, cache=None):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=cache is not False)

@@ -30,7 +30,7 @@ Mode "none" (the explicit opt-out for machines without namespaces) runs the
 script as a plain process of the evaluator's user: same limits (but no process
 count, which would count the evaluator's own threads), a throw-away working
 directory, a new session killed as a group. It contains accidents, not an
-adversary: see README, "Executed code".
+adversary: see eval/README.md, "Executed code".
 """
 
 from __future__ import annotations

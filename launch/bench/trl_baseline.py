@@ -64,7 +64,7 @@ def dpo_rows(lengths: str, count: int, seq_len: int, vocab_size: int) -> list[di
 
     TRL appends the EOS text to every reply, so a reply's own EOS is left out of its text.
     """
-    from twophase.data.sampler import EpochSampler
+    from twophase.data.base.sampler import EpochSampler
 
     pair_lengths = pair_lengths_of(lengths, seq_len, seq_len // 2, count)
     max_length, max_prompt_length = dpo_truncation(lengths, seq_len, seq_len // 2)

@@ -20,7 +20,6 @@ import math
 import torch
 
 from twophase.data.base.errors import UserError
-from twophase.trainers.config import TrainConfig
 
 _ROUNDING_CHUNK = 1 << 24  # elements rounded at once: bounds the temporary random bits to 64 MB
 
@@ -43,7 +42,7 @@ def stochastic_round_to_bf16_(target: torch.Tensor, source: torch.Tensor) -> tor
     return target
 
 
-def build_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(parameters, config) -> torch.optim.Optimizer:
     kwargs = dict(
         lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay
     )
@@ -79,7 +78,7 @@ def _stochastic_rounding_adamw8bit(bnb):
     return StochasticRoundingAdamW8bit
 
 
-def build_scheduler(optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 over `warmup_steps`, then constant, linear decay to 0, or cosine decay to 0."""
     warmup, total, schedule = config.warmup_steps, config.max_steps, config.lr_schedule
 

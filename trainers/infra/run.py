@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 import signal
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from twophase.data.base import distributed
@@ -42,6 +43,13 @@ class RunCallbacks:
     memory_advice: Callable[[], str] = lambda: "lower micro_batch_size"
     on_start: Callable[[int], None] = lambda step: None
     preparation_seconds: Callable[[int], float] = lambda step: 0.0
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on GPU; on the CPU the tiny demo model runs in float32."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def out_of_memory_message(advice: str, err: Exception) -> str:

@@ -33,7 +33,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from twophase.data.base import distributed
-from twophase.trainers.models import causal_lm_of
+from twophase.data.base.model_api import causal_lm_of
 
 
 def shard_model(model, device: torch.device):
