@@ -13,6 +13,15 @@ reference log-probabilities of every pair the run will use are computed once
 before training and cached in the output directory.
 
     loss = mean over pairs of dpo_loss(π_c, π_r, ref_c, ref_r)     (losses/dpo.py)
+
+Which published loss `loss_type` makes it (printed at start-up, `algorithm_line`):
+
+    | loss_type | algorithm                                   | label_smoothing ε               |
+    | --------- | ------------------------------------------- | ------------------------------- |
+    | sigmoid   | DPO (Rafailov et al., 2023)                 | > 0: conservative DPO (cDPO)    |
+    | robust    | robust DPO (Chowdhury et al., 2024)         | the assumed label-flip rate     |
+    | ipo       | IPO (Azar et al., 2023)                     | unused                          |
+    | hinge     | SLiC-style hinge (Zhao et al., 2023)        | unused                          |
 """
 
 from __future__ import annotations
@@ -204,6 +213,15 @@ def check_world_size(config: DPOConfig) -> None:
     )
 
 
+def algorithm_line(config: DPOConfig) -> str:
+    """What `loss_type` and the other switches make this run, in one line (the table in this module's docstring)."""
+    name = {"sigmoid": "DPO" if config.label_smoothing == 0 else f"cDPO (ε = {config.label_smoothing:g})",
+            "robust": f"robust DPO (ε = {config.label_smoothing:g})", "ipo": "IPO", "hinge": "SLiC hinge"}[config.loss_type]  # fmt: skip
+    reference = "reference = the base model under the LoRA adapter" if config.lora else "reference = a frozen copy"
+    cached = ", reference log-probs precomputed" if config.precompute_ref_logps else ""
+    return f"{name}: β = {config.beta:g}, {reference}{cached}, {config.layout} batch layout"
+
+
 def memory_advice(config: DPOConfig) -> str:
     """What to lower when a step does not fit in GPU memory."""
     if config.layout in PACKED_LAYOUTS:
@@ -220,6 +238,7 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     distributed.start(resolve_device(config.device))
     with owned_out_dir(config.out_dir, resume) as out_dir:
         seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG: the same on every rank
+        tqdm.write(algorithm_line(config))
         recipe = DPORecipe(config, out_dir, pairs=pairs)
         if distributed.is_main():
             save_config(config, out_dir / "config.json")
