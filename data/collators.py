@@ -1,4 +1,4 @@
-"""Turn preference pairs into the batch of one forward pass, in one of four layouts.
+"""Turn preference pairs into the batch of one forward pass, in one of four batch layouts.
 
 `PreferenceCollator(tokenizer, layout=...)(pairs)` tokenizes and truncates the pairs,
 then lays them out (`LAYOUTS`):
@@ -126,7 +126,7 @@ class PreferenceCollator:
 
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
-        raise UserError(f"unknown layout '{layout}'; use one of: {', '.join(LAYOUTS)}")
+        raise UserError(f"unknown batch layout '{layout}'; use one of: {', '.join(LAYOUTS)}")
 
 
 def truncate_pair(

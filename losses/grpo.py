@@ -4,7 +4,7 @@ GRPO (Shao et al., 2024, DeepSeekMath) samples G completions for each prompt,
 scores them, and uses each completion's reward relative to its own group as
 the advantage of every one of its tokens, so no value network is needed.
 
-Layout: rewards, advantages and sequences come as consecutive groups,
+Order: rewards, advantages and sequences come as consecutive groups,
 [prompt 0: completions 0..G−1, prompt 1: completions 0..G−1, …].
 """
 

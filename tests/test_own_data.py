@@ -1,4 +1,4 @@
-"""Your own data: each accepted row layout, detected per file, with malformed rows counted (data/preferences.py,
+"""Your own data: each accepted row schema, detected per file, with malformed rows counted (data/preferences.py,
 data/prompt_rows.py), and the three-row examples of trainers/README.md read as they are written."""
 
 import json
@@ -33,10 +33,10 @@ def test_plain_layout_with_malformed_rows_counted(tmp_path):
         {"prompt": ["not", "text"], "chosen": "a", "rejected": "b"},
     ])
     pairs, report = load_preferences(path)
-    assert report["layout"] == PLAIN
+    assert report["schema"] == PLAIN
     assert (report["rows"], report["used"]) == (5, 1)
     assert report["skipped"] == {"empty rejected response": 1, "malformed JSON": 1, "chosen and rejected identical": 1,
-                                 "fields of another layout": 1}
+                                 "fields of another schema": 1}
     assert pairs == [PreferencePair(({"role": "user", "content": "What is 2+2?"},), " 4.", " 5.")]
     assert format_transcript(pairs[0].prompt, "hh") == "\n\nHuman: What is 2+2?\n\nAssistant:"
 
@@ -49,7 +49,7 @@ def test_conversational_layout(tmp_path):
         {"prompt": [{"role": "robot", "content": "x"}], "chosen": [assistant("a")], "rejected": [assistant("c")]},
     ])
     pairs, report = load_preferences(path)
-    assert report["layout"] == CONVERSATIONAL
+    assert report["schema"] == CONVERSATIONAL
     assert (report["rows"], report["used"]) == (3, 1)
     assert report["skipped"] == {"reply is not one assistant message": 1, "not a list of chat messages": 1}
     assert pairs[0].chosen == " Hello." and pairs[0].rejected == " Go away."
@@ -64,7 +64,7 @@ def test_conversational_layout_with_implicit_prompt(tmp_path):
         {"chosen": shared, "rejected": shared + [assistant("x")]},
     ])
     pairs, report = load_preferences(path)
-    assert report["layout"] == IMPLICIT
+    assert report["schema"] == IMPLICIT
     assert report["skipped"] == {"chosen and rejected prompts differ": 1, "no Assistant turn": 1}
     assert format_transcript(pairs[0].prompt, "hh") == (
         "\n\nHuman: Help me?\n\nAssistant: With what?\n\nHuman: A lock.\n\nAssistant:")
@@ -74,7 +74,7 @@ def test_conversational_layout_with_implicit_prompt(tmp_path):
 def test_hh_layout_is_detected_and_parsed_as_before(tmp_path):
     path = write_rows(tmp_path, [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}])
     pairs, report = load_preferences(path)
-    assert report["layout"] == HH
+    assert report["schema"] == HH
     assert pairs == [PreferencePair("\n\nHuman: Hi\n\nAssistant:", " Hello", " Go")]
 
 
@@ -86,7 +86,7 @@ def test_prompt_only_grpo_rows(tmp_path):
         [1, 2],
     ])
     tasks, report = load_tasks(path)
-    assert report == {"layout": PROMPT, "rows": 4, "used": 2, "skipped": {"no prompt": 1, "row is not an object": 1}}
+    assert report == {"schema": PROMPT, "rows": 4, "used": 2, "skipped": {"no prompt": 1, "row is not an object": 1}}
     assert tasks[0] == PromptTask("row-1", "What is 2+3?", {"answer": "5"})
     assert tasks[1].id == "q2" and tasks[1].fields == {"id": "q2", "answer": "7"}
     assert prompt_text(tasks[0], "raw") == "What is 2+3?"
@@ -97,7 +97,7 @@ def test_lean_rows_keep_their_loader(tmp_path):
 
     path = write_rows(tmp_path, [{"formal_statement": "theorem t : 1 = 1 := by sorry", "split": "train"}])
     tasks, report = load_tasks(path)
-    assert report["layout"] == LEAN and isinstance(tasks[0], LeanTask)
+    assert report["schema"] == LEAN and isinstance(tasks[0], LeanTask)
 
 
 REWARD_FILE = '''
@@ -135,8 +135,8 @@ def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
           "--set", f"reward={tmp_path / 'r.py'}:length_is_answer", "--set", "num_generations=2", "--set", "max_new_tokens=3",
           "--set", "prompts_per_step=2", *common])
     logged = out + capsys.readouterr().out
-    assert f"{dpo_data} (layout: conversational): used 3 of 4 rows; skipped 1 malformed JSON" in logged
-    assert f"{grpo_data} (layout: prompt): used 2 of 2 rows" in logged
+    assert f"{dpo_data} (schema: conversational): used 3 of 4 rows; skipped 1 malformed JSON" in logged
+    assert f"{grpo_data} (schema: prompt): used 2 of 2 rows" in logged
     samples = [json.loads(line) for line in (tmp_path / "grpo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4
     for sample in samples:
@@ -153,7 +153,7 @@ def test_the_readme_examples_load_as_their_layouts(tmp_path):
     assert len(blocks) == 6
     for number, (block, layout) in enumerate(zip(blocks[:4], [HH, PLAIN, CONVERSATIONAL, IMPLICIT])):
         pairs, report = load_preferences(write_rows(tmp_path, block.strip().splitlines(), f"p{number}.jsonl"))
-        assert (report["layout"], report["used"], report["rows"]) == (layout, 3, 3), layout
+        assert (report["schema"], report["used"], report["rows"]) == (layout, 3, 3), layout
     for number, (block, layout) in enumerate(zip(blocks[4:], [LEAN, PROMPT])):
         tasks, report = load_tasks(write_rows(tmp_path, block.strip().splitlines(), f"t{number}.jsonl"))
-        assert (report["layout"], report["used"], report["rows"]) == (layout, 3, 3), layout
+        assert (report["schema"], report["used"], report["rows"]) == (layout, 3, 3), layout

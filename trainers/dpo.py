@@ -1,7 +1,7 @@
 """Phase 1: Direct Preference Optimization with LoRA, as a recipe for the shared loop.
 
 Each optimizer step takes `micro_batch_size × grad_accum_steps` preference
-pairs. `layout` (data/collators.py) decides how they are laid out and grouped
+pairs. `layout` (data/collators.py: the batch layout) decides how they are laid out and grouped
 into forward passes: `micro_batch_size` padded pairs a pass, either as two rows
 a pair ("stacked") or as one row [prompt][chosen][rejected] so each prompt is
 computed once ("shared_prompt", the default); or, packed, as many pairs end to
@@ -37,7 +37,7 @@ from twophase.data.collators import PACKED_LAYOUTS, PreferenceCollator, Tokenize
 from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_torch_save
 from twophase.data.hh_rlhf import describe_skips
-from twophase.data.preferences import LAYOUT_FIELDS, load_preferences
+from twophase.data.preferences import SCHEMA_FIELDS, load_preferences
 from twophase.data.base.hub import save_model
 from twophase.data.base.model_api import causal_lm_of, reference_model
 from twophase.data.base.sampler import EpochSampler
@@ -193,13 +193,13 @@ class DPORecipe:
 
 
 def load_pairs(config: DPOConfig) -> list:
-    """The run's preference pairs in any accepted layout (data/preferences.py); none usable is one clear error."""
+    """The run's preference pairs in any accepted row schema (data/preferences.py); none usable is one clear error."""
     pairs, report = load_preferences(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
-    tqdm.write(f"{config.dataset} (layout: {report['layout']}): {describe_skips(report)}")
+    tqdm.write(f"{config.dataset} (schema: {report['schema']}): {describe_skips(report)}")
     if not pairs:
         raise UserError(
             f"no usable preference pair in {config.dataset} ({describe_skips(report) if report['rows'] else 'it has no rows'}): "
-            f"read as layout '{report['layout']}', each row must be a JSON object with {LAYOUT_FIELDS[report['layout']]} "
+            f"read as schema '{report['schema']}', each row must be a JSON object with {SCHEMA_FIELDS[report['schema']]} "
             f"(trainers/README.md: 'Your own data')"
         )
     return pairs

@@ -294,7 +294,7 @@ def load_tasks(config: GRPOConfig) -> list:
     """The run's tasks, Lean theorems or prompts (data/prompt_rows.py); a source that yields none is one clear error."""
     tasks, report = load_task_rows(config.dataset, split=config.split, limit=config.limit)
     described = f"used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}"
-    tqdm.write(f"{config.dataset} (layout: {report['layout']}): {described}")
+    tqdm.write(f"{config.dataset} (schema: {report['schema']}): {described}")
     if not tasks:
         raise UserError(
             f"no usable task in {config.dataset} ({described if report['rows'] else 'it has no rows'}): "
@@ -302,7 +302,7 @@ def load_tasks(config: GRPOConfig) -> list:
             f"or a 'prompt' (text or chat messages)"
         )
     names = [name.strip() for name in config.reward.split(",")]
-    if report["layout"] != LEAN and "lean" in names:
+    if report["schema"] != LEAN and "lean" in names:
         raise UserError(f"reward 'lean' checks Lean proofs, but {config.dataset} holds prompts; use your own reward "
                         f"(path/to/file.py:function) or toy, random, zero")  # fmt: skip
     return tasks

@@ -61,7 +61,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if packed_segments is None:
         raise RuntimeError(
             "this model is set up for packed DPO rows (trainers/infra/packed_attention.py) and got no packed_segments; "
-            "run it through trainers/models.py: packed_logprobs_of"
+            "run it through trainers/dpo.py: packed_logprobs_of"
         )
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row, got {query.shape[0]}")
