@@ -23,7 +23,6 @@ data/prompts.py):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from twophase.data.base.errors import UserError
 from twophase.data.base.hub import load_hub_dataset, looks_like_path
+from twophase.data.base.rows import MALFORMED_JSON, MALFORMED_LINE, read_file_rows
 from twophase.data.prompts import GRPO_FORMATS, apply_chat_template, check_format, check_format_name
 
 # The preamble DeepSeek-Prover-V1.5 used for every miniF2F problem.
@@ -148,24 +148,13 @@ def parse_lean_row(row) -> LeanTask | None:
 
 
 def _read_local_rows(path: Path, skipped: Counter) -> list:
-    """Rows of a .json list or a .jsonl file; malformed JSONL lines are counted, not fatal."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err}); pass a JSON list of rows or a .jsonl file") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows; pass a list or a .jsonl file")
-        return rows
+    """Rows of a .json list or a .jsonl file (data/base/rows.py); malformed JSON lines are counted, not fatal."""
     rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            skipped["malformed json line"] += 1
+    for row in read_file_rows(path):
+        if row is MALFORMED_LINE:
+            skipped[MALFORMED_JSON] += 1
+        else:
+            rows.append(row)
     return rows
 
 

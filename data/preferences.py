@@ -21,13 +21,12 @@ preference, is skipped and counted by reason, as data/hh_rlhf.py does.
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections import Counter
 from itertools import chain
 from pathlib import Path
 
 from twophase.data.base.errors import UserError
+from twophase.data.base.rows import MALFORMED_LINE, SUFFIXES, read_file_rows
 from twophase.data.hh_rlhf import (
     EMPTY_CHOSEN,
     EMPTY_REJECTED,
@@ -38,7 +37,6 @@ from twophase.data.hh_rlhf import (
     NOT_AN_OBJECT,
     PROMPTS_DIFFER,
     PreferencePair,
-    _MALFORMED_LINE,
     _iter_rows,
     classify_hh_row,
 )
@@ -148,13 +146,13 @@ def load_preferences(
 ) -> tuple[list[PreferencePair], dict]:
     """Preference pairs of a file, directory or hub dataset in any accepted schema, and a load report.
 
-    Where files are looked for is `data.hh_rlhf.load_hh_rlhf`'s rule; a `.json` file
-    holding a list of rows is read too. The report is load_hh_rlhf's
+    A file is read by data/base/rows.py (.jsonl, .jsonl.gz, .json, .csv, .parquet); where
+    files are looked for in a directory is `data.hh_rlhf.load_hh_rlhf`'s rule. The report is load_hh_rlhf's
     (`source`, `split`, `rows`, `used`, `skipped`) plus `schema`.
     """
     if limit is not None and limit < 0:
         raise UserError(f"limit must be a non-negative number of pairs or None, got {limit}")
-    rows = iter(_read_json_list(Path(source)) if str(source).endswith(".json") and Path(source).is_file()
+    rows = iter(read_file_rows(Path(source)) if str(source).lower().endswith(SUFFIXES) and Path(source).is_file()
                 else _iter_rows(source, split, data_dir))  # fmt: skip
     head = []
     for row in rows:  # the first object decides the schema; rows before it are kept for counting
@@ -169,7 +167,7 @@ def load_preferences(
         if limit is not None and len(pairs) >= limit:
             break
         rows_read += 1
-        pair, reason = (None, MALFORMED_JSON) if row is _MALFORMED_LINE else classify_row(row, schema)
+        pair, reason = (None, MALFORMED_JSON) if row is MALFORMED_LINE else classify_row(row, schema)
         if pair is None:
             skipped[reason] += 1
         else:
@@ -177,15 +175,3 @@ def load_preferences(
     report = {"source": str(source), "split": split, "schema": schema, "rows": rows_read, "used": len(pairs),
               "skipped": dict(skipped.most_common())}  # fmt: skip
     return pairs, report
-
-
-def _read_json_list(path: Path) -> list:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            rows = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read '{path}' as JSON ({err}); pass a JSON list of rows or a .jsonl file") from None
-    if not isinstance(rows, list):
-        raise UserError(f"'{path}' holds a JSON {type(rows).__name__}, not a list of rows; pass a list or a .jsonl file")
-    return rows

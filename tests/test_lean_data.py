@@ -130,7 +130,7 @@ def test_loader_counts_skipped_rows_by_reason(tmp_path):
     assert [t.id for t in tasks] == ["lean_workbook_7", "exercise_9_9"]
     assert report["rows"] == 5
     assert report["used"] == 2
-    assert report["skipped"] == {"malformed json line": 1, "split is not 'train'": 1, "no formal statement": 1}
+    assert report["skipped"] == {"malformed JSON": 1, "split is not 'train'": 1, "no formal statement": 1}
 
 
 def test_loader_drops_repeated_theorems_and_renames_ids_of_different_ones(tmp_path):
@@ -152,7 +152,7 @@ def test_loader_errors_are_user_errors(tmp_path):
     only_test = _write_jsonl(tmp_path / "t.jsonl", [json.dumps(MINIF2F_ROW)])
     with pytest.raises(UserError, match="'test' \\(1 rows\\)"):
         load_lean_tasks(only_test, split="train")
-    (tmp_path / "d.json").write_text('{"rows": []}', encoding="utf-8")
+    (tmp_path / "d.json").write_text('{"tasks": []}', encoding="utf-8")
     with pytest.raises(UserError, match="not a list"):
         load_lean_tasks(str(tmp_path / "d.json"))
 

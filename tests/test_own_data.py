@@ -3,6 +3,8 @@ data/prompt_rows.py), and the three-row examples of trainers/README.md read as t
 
 import json
 
+import pytest
+
 
 from twophase.data.hh_rlhf import PreferencePair
 from twophase.data.preferences import CONVERSATIONAL, HH, IMPLICIT, PLAIN, load_preferences
@@ -157,3 +159,37 @@ def test_the_readme_examples_load_as_their_layouts(tmp_path):
     for number, (block, layout) in enumerate(zip(blocks[4:], [LEAN, PROMPT])):
         tasks, report = load_tasks(write_rows(tmp_path, block.strip().splitlines(), f"t{number}.jsonl"))
         assert (report["schema"], report["used"], report["rows"]) == (layout, 3, 3), layout
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet"])
+def test_one_row_reader_for_dpo_and_grpo_in_every_file_format(suffix, tmp_path):
+    """The same rows in each format give the same pairs, tasks and skip counts (data/base/rows.py)."""
+    import csv
+    import gzip
+
+    import pyarrow
+    import pyarrow.parquet
+
+    pairs_rows = [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+                  {"prompt": "2+2?", "chosen": "4", "rejected": "4"}]  # fmt: skip
+    task_rows = [{"prompt": "Say hi."}, {"prompt": ""}]
+
+    def write(rows, name):
+        path = tmp_path / (name + suffix)
+        if suffix == ".parquet":
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+        elif suffix == ".csv":
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+            path.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
+        return str(path)
+
+    pairs, report = load_preferences(write(pairs_rows, "pairs"))
+    assert (report["schema"], report["rows"], report["used"], report["skipped"]) == (PLAIN, 2, 1, {"chosen and rejected identical": 1})
+    assert (pairs[0].chosen, pairs[0].rejected) == (" Hello.", " Go away.")  # plain replies follow the HH layout
+    tasks, report = load_tasks(write(task_rows, "tasks"))
+    assert (report["schema"], report["rows"], report["used"], report["skipped"]) == (PROMPT, 2, 1, {"no prompt": 1})
