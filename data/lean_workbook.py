@@ -31,7 +31,7 @@ from pathlib import Path
 from twophase.data.base.errors import UserError
 from twophase.data.base.hub import load_hub_dataset, looks_like_path
 from twophase.data.base.rows import MALFORMED_JSON, MALFORMED_LINE, read_file_rows
-from twophase.data.prompts import GRPO_FORMATS, apply_chat_template, check_format, check_format_name
+from twophase.data.prompts import apply_chat_template
 
 # The preamble DeepSeek-Prover-V1.5 used for every miniF2F problem.
 DEFAULT_HEADER = (
@@ -279,8 +279,8 @@ def build_prompt(task: LeanTask, prompt_format: str = "raw", tokenizer=None) -> 
     chat: DeepSeek-Prover-V2's user message (the code ending in ":= by\\n  sorry"
           in a lean4 block, then the request for a proof plan and a proof),
           rendered with the tokenizer's chat template and a generation prompt.
+    `prompt_format` is checked once, where the run starts (trainers/grpo.py).
     """
-    check_format(prompt_format, GRPO_FORMATS, tokenizer)
     if prompt_format == "raw":
         return CODE_REQUEST + _code(task)
     # V2 strips the code, so the closing fence follows "sorry" directly.
@@ -301,7 +301,6 @@ def extract_proof(completion: str, prompt_format: str) -> str:
     chat: the content of the LAST ```lean4 block; an unclosed last block (the
           answer hit the token limit) runs to the end. "" when there is no block.
     """
-    check_format_name(prompt_format, GRPO_FORMATS)
     if prompt_format == "raw":
         return completion.split(STOP_STRING, 1)[0]
     openings = list(_LEAN_BLOCK_OPENING.finditer(completion))

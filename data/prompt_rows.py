@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from twophase.data.base.errors import UserError
 from twophase.data.lean_workbook import LeanTask, build_prompt, lean_tasks_from_rows, read_task_rows
-from twophase.data.prompts import GRPO_FORMATS, apply_chat_template, chat_messages, check_format
+from twophase.data.prompts import apply_chat_template, chat_messages
 
 LEAN, PROMPT = "lean", "prompt"
 
@@ -64,10 +64,10 @@ def prompt_text(task, prompt_format: str, tokenizer=None) -> str:
 
     A prompt task in `raw` is its text as it is; in `chat` it is one user message
     (text) or its messages, rendered by the chat template. Messages need `chat`.
+    `prompt_format` is checked once, where the run starts (trainers/grpo.py), not per task.
     """
     if isinstance(task, LeanTask):
         return build_prompt(task, prompt_format, tokenizer)
-    check_format(prompt_format, GRPO_FORMATS, tokenizer)
     if prompt_format == "raw":
         if not isinstance(task.prompt, str):
             raise UserError(f"task {task.id}: a prompt of chat messages needs prompt_format: chat (raw takes text)")

@@ -226,17 +226,19 @@ def test_chat_prompt_with_a_real_tokenizer_template(tiny_chat_model_dir):
 
 
 def test_chat_prompt_without_template_is_a_user_error():
-    task = parse_lean_row(MINIF2F_ROW)
+    """Checked once where a GRPO run starts (trainers/grpo.py: check_format), not for every prompt."""
+    from twophase.data.prompts import GRPO_FORMATS, check_format
+
     with pytest.raises(UserError, match="chat template"):
-        build_prompt(task, "chat")
+        check_format("chat", GRPO_FORMATS, None)
 
     class NoTemplate:
         chat_template = None
 
     with pytest.raises(UserError, match="chat template"):
-        build_prompt(task, "chat", tokenizer=NoTemplate())
+        check_format("chat", GRPO_FORMATS, NoTemplate())
     with pytest.raises(UserError, match="raw, chat"):
-        build_prompt(task, "fancy")
+        check_format("fancy", GRPO_FORMATS, None)
 
 
 # ---------------------------------------------------------------- answers

@@ -44,6 +44,7 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.hub import save_model
 from twophase.data.lean_workbook import STOP_STRING, LeanTask
 from twophase.data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
+from twophase.data.prompts import GRPO_FORMATS, check_format
 from twophase.data.base.model_api import reference_model
 from twophase.data.base.sampler import EpochSampler
 from twophase.eval.engine.generation import Generator
@@ -83,6 +84,7 @@ class GRPORecipe:
         if distributed.active() and not config.lora:
             self.gathered = GatheredCopy(self.model)
             shard_model(self.model, self.device)
+        check_format(config.prompt_format, GRPO_FORMATS, self.tokenizer)  # once: chat needs a template
         self.prompts = [prompt_text(task, config.prompt_format, self.tokenizer) for task in self.tasks]
         lean_code = config.prompt_format == "raw" and isinstance(self.tasks[0], LeanTask)
         default_stops = [STOP_STRING] if lean_code else []  # a Lean completion ends at its closing fence
