@@ -170,13 +170,12 @@ class GRPORecipe:
         tasks = [self.tasks[i] for i in prompts for _ in range(config.num_generations)]  # one per row of the batch
         if self.gathered:
             self.gathered.refresh(self.model)  # the generating copy gets the weights of the last update
-        (rollout, scoring_started), reports = distributed.on_my_rows(
+        (rollout, rows, scoring_started), reports = distributed.on_my_rows(
             len(tasks), lambda rows: self._sample_and_score(rows, tasks, prompts, generation_step, step))
         scores = {name: torch.tensor([v for r in reports for v in r["scores"][name]], dtype=torch.float32)
                   for name in self.rewards}  # fmt: skip
         total = torch.stack(list(scores.values())).sum(0)
         advantages = group_advantages(total, config.num_generations, config.advantage_scale, config.advantage_eps)
-        rows = reports[distributed.rank()]["rows"]
         rollout.advantages = advantages[rows.start : rows.stop]
         response_tokens = sum(r["response_tokens"] for r in reports)
         self.normaliser = loss_normaliser(config.aggregation, len(tasks), response_tokens, config.max_new_tokens)
@@ -200,12 +199,12 @@ class GRPORecipe:
         mine = [tasks[row] for row in rows]
         scores = {name: fn(mine, rollout.completions, step=step, rows=rows) for name, fn in self.rewards.items()}
         report = {
-            "rows": rows, "scores": scores, "response_tokens": float(response_mask(rollout.labels).sum()),
+            "scores": scores, "response_tokens": float(response_mask(rollout.labels).sum()),
             "completions": rollout.completions, "lengths": rollout.completion_lengths, "truncated": rollout.truncated,
             "task_ids": [task.id for task in mine], "generation_seconds": rollout.generation_seconds,
             "details": {name: getattr(fn, "details", None) for name, fn in self.rewards.items()},
         }  # fmt: skip
-        return (rollout, scoring_started), report
+        return (rollout, rows, scoring_started), report
 
     def _logps_of_rollout(self, model) -> torch.Tensor:
         pieces = []
