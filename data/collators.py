@@ -1,4 +1,4 @@
-"""Turn preference pairs into the batch of one forward pass, in one of four layouts.
+"""Turn preference pairs into the batch of one forward pass, in one of four batch layouts.
 
 `PreferenceCollator(tokenizer, layout=...)(pairs)` tokenizes and truncates the pairs,
 then lays them out (`LAYOUTS`):
@@ -42,12 +42,12 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 
-from data.errors import UserError
-from data.hh_rlhf import PreferencePair
-from data.prompts import DPO_FORMATS, DPO_OLD_NAMES, check_format, format_transcript
-from data.tokens import encode_prompt
-from data.packing import group_by_token_budget, pack_pairs, packed_length
-from losses.logprobs import IGNORE_INDEX
+from twophase.data.base.errors import UserError
+from twophase.data.hh_rlhf import PreferencePair
+from twophase.data.prompts import DPO_FORMATS, DPO_OLD_NAMES, check_format, format_transcript
+from twophase.data.tokens import encode_prompt
+from twophase.data.packing import group_by_token_budget, pack_pairs, packed_length
+from twophase.data.tokens import IGNORE_INDEX
 
 TRUNCATION_SIDES = ("left", "right")
 Layout = Literal["stacked", "shared_prompt", "packed", "packed_shared_prompt"]
@@ -126,7 +126,7 @@ class PreferenceCollator:
 
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
-        raise UserError(f"unknown layout '{layout}'; use one of: {', '.join(LAYOUTS)}")
+        raise UserError(f"unknown batch layout '{layout}'; use one of: {', '.join(LAYOUTS)}")
 
 
 def truncate_pair(

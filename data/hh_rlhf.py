@@ -26,21 +26,19 @@ Parsing rules, checked by hand against the 2,312-row harmless-base test split:
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import hub
-from data.errors import UserError
-from data.prompts import ASSISTANT_MARKER
+from twophase.data.base import hub
+from twophase.data.base.rows import MALFORMED_JSON, MALFORMED_LINE, read_file_rows
+from twophase.data.base.errors import UserError
+from twophase.data.prompts import ASSISTANT_MARKER
 
 
 # Why a row is skipped; these exact strings are the keys of a load report's "skipped".
 MISSING_FIELD = "missing field"
 NOT_AN_OBJECT = "not a JSON object"
-MALFORMED_JSON = "malformed JSON"
 NO_ASSISTANT_TURN = "no Assistant turn"
 EMPTY_CHOSEN = "empty chosen response"
 EMPTY_REJECTED = "empty rejected response"
@@ -122,7 +120,7 @@ def load_hh_rlhf(
     - a directory is searched for `{split}.jsonl[.gz]`, then `{data_dir}/{split}.jsonl[.gz]`
       (the hub repository's layout), then `{data_dir}-{split}.jsonl[.gz]`;
     - anything else goes to the hub: `load_hub_dataset(source, split=split, data_dir=data_dir)`.
-    A path that does not exist but looks like one (see `data.hub.looks_like_path`) is a UserError
+    A path that does not exist but looks like one (see `data/base/hub.py: looks_like_path`) is a UserError
     rather than a confusing hub lookup.
 
     `limit` caps the number of pairs returned; reading stops once that many are used.
@@ -140,7 +138,7 @@ def load_hh_rlhf(
         if limit is not None and len(pairs) >= limit:
             break
         rows_read += 1
-        pair, reason = (None, MALFORMED_JSON) if row is _MALFORMED_LINE else classify_hh_row(row)
+        pair, reason = (None, MALFORMED_JSON) if row is MALFORMED_LINE else classify_hh_row(row)
         if pair is None:
             skipped[reason] += 1
         else:
@@ -165,14 +163,12 @@ def describe_skips(report: dict) -> str:
     return head + "; skipped " + ", ".join(parts)
 
 
-# Stands in for a line that is not JSON, so the loader can count it as a skipped row.
-_MALFORMED_LINE = object()
 
 
 def _iter_rows(source: str, split: str, data_dir: str | None):
     path = Path(source).expanduser()
     if path.exists():
-        return _read_jsonl(_local_data_file(path, split, data_dir))
+        return read_file_rows(_local_data_file(path, split, data_dir))
     if hub.looks_like_path(source):
         raise UserError(
             f"no such file or directory: '{source}'. Pass an existing .jsonl/.jsonl.gz file "
@@ -195,20 +191,3 @@ def _local_data_file(path: Path, split: str, data_dir: str | None) -> Path:
             return candidate
     tried = ", ".join(str(c.relative_to(path)) for c in candidates)
     raise UserError(f"directory '{path}' has no HH-RLHF file for split '{split}' (looked for {tried}).")
-
-
-def _read_jsonl(path: Path):
-    """Yield one parsed row per non-blank line; a line that is not JSON yields a marker."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield _MALFORMED_LINE
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read '{path}': {err}. Check that it is an intact UTF-8 .jsonl(.gz) file.") from None
-

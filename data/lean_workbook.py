@@ -23,15 +23,15 @@ data/prompts.py):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import UserError
-from data.hub import load_hub_dataset, looks_like_path
-from data.prompts import GRPO_FORMATS, apply_chat_template, check_format, check_format_name
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import load_hub_dataset, looks_like_path
+from twophase.data.base.rows import MALFORMED_JSON, MALFORMED_LINE, read_file_rows
+from twophase.data.prompts import apply_chat_template
 
 # The preamble DeepSeek-Prover-V1.5 used for every miniF2F problem.
 DEFAULT_HEADER = (
@@ -148,24 +148,13 @@ def parse_lean_row(row) -> LeanTask | None:
 
 
 def _read_local_rows(path: Path, skipped: Counter) -> list:
-    """Rows of a .json list or a .jsonl file; malformed JSONL lines are counted, not fatal."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err}); pass a JSON list of rows or a .jsonl file") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows; pass a list or a .jsonl file")
-        return rows
+    """Rows of a .json list or a .jsonl file (data/base/rows.py); malformed JSON lines are counted, not fatal."""
     rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            skipped["malformed json line"] += 1
+    for row in read_file_rows(path):
+        if row is MALFORMED_LINE:
+            skipped[MALFORMED_JSON] += 1
+        else:
+            rows.append(row)
     return rows
 
 
@@ -290,8 +279,8 @@ def build_prompt(task: LeanTask, prompt_format: str = "raw", tokenizer=None) -> 
     chat: DeepSeek-Prover-V2's user message (the code ending in ":= by\\n  sorry"
           in a lean4 block, then the request for a proof plan and a proof),
           rendered with the tokenizer's chat template and a generation prompt.
+    `prompt_format` is checked once, where the run starts (trainers/grpo.py).
     """
-    check_format(prompt_format, GRPO_FORMATS, tokenizer)
     if prompt_format == "raw":
         return CODE_REQUEST + _code(task)
     # V2 strips the code, so the closing fence follows "sorry" directly.
@@ -312,7 +301,6 @@ def extract_proof(completion: str, prompt_format: str) -> str:
     chat: the content of the LAST ```lean4 block; an unclosed last block (the
           answer hit the token limit) runs to the end. "" when there is no block.
     """
-    check_format_name(prompt_format, GRPO_FORMATS)
     if prompt_format == "raw":
         return completion.split(STOP_STRING, 1)[0]
     openings = list(_LEAN_BLOCK_OPENING.finditer(completion))

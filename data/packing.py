@@ -20,7 +20,7 @@ own earlier tokens, never the chosen reply, and no sequence sees another pair.
 `key_index` lists the row positions of every key segment, end to end (only the shared
 layout needs it: elsewhere the keys are the queries); `cu_seq_q` and `cu_seq_k` are the
 cumulative segment lengths. That is exactly the input of a variable-length attention
-kernel (trainers/packed_attention.py), which computes only those blocks.
+kernel (trainers/infra/packed_attention.py), which computes only those blocks.
 
 Positions restart at 0 for every sequence; in the shared layout the rejected reply
 continues from the prompt (positions P, P + 1, …), as if it followed the prompt directly.
@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from losses.logprobs import IGNORE_INDEX
+from twophase.data.tokens import IGNORE_INDEX
 
 
 def packed_length(pair: Sequence[list[int]], share_prompt: bool) -> int:

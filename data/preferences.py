@@ -1,6 +1,6 @@
-"""Preference data for DPO in any of the usual row layouts, detected per file.
+"""Preference data for DPO in any of the usual row schemas, detected per file.
 
-Four layouts are accepted (README: "Your own data"). Each file holds one of them;
+Four schemas are accepted (trainers/README.md: "Your own data"). Each file holds one of them;
 the first row that is a JSON object decides which, and the log says so:
 
   hh               {"chosen": transcript, "rejected": transcript}: Anthropic HH-RLHF,
@@ -15,20 +15,19 @@ A message is {"role": "system"|"user"|"assistant", "content": str}. Prompts beco
 a `PreferencePair` whose prompt is an HH transcript (hh, and plain prompts that are
 already one) or a tuple of messages; `data.prompts.format_transcript` writes either
 in the run's `prompt_format`. Replies get HH's leading space (the collator drops it
-for the chat format). A row that does not fit the file's layout, or cannot teach a
+for the chat format). A row that does not fit the file's schema, or cannot teach a
 preference, is skipped and counted by reason, as data/hh_rlhf.py does.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections import Counter
 from itertools import chain
 from pathlib import Path
 
-from data.errors import UserError
-from data.hh_rlhf import (
+from twophase.data.base.errors import UserError
+from twophase.data.base.rows import MALFORMED_LINE, SUFFIXES, read_file_rows
+from twophase.data.hh_rlhf import (
     EMPTY_CHOSEN,
     EMPTY_REJECTED,
     IDENTICAL,
@@ -38,29 +37,28 @@ from data.hh_rlhf import (
     NOT_AN_OBJECT,
     PROMPTS_DIFFER,
     PreferencePair,
-    _MALFORMED_LINE,
     _iter_rows,
     classify_hh_row,
 )
-from data.prompts import ASSISTANT_MARKER, chat_messages
+from twophase.data.prompts import ASSISTANT_MARKER, chat_messages
 
 HH, PLAIN, CONVERSATIONAL, IMPLICIT = "hh", "plain", "conversational", "conversational (implicit prompt)"
-LAYOUT_FIELDS = {
+SCHEMA_FIELDS = {
     HH: '"chosen" and "rejected" HH transcripts',
     PLAIN: '"prompt", "chosen" and "rejected" strings',
     CONVERSATIONAL: '"prompt", "chosen" and "rejected" lists of chat messages',
     IMPLICIT: '"chosen" and "rejected" conversations (lists of chat messages) sharing all but the last message',
 }
 
-# Skip reasons of the layouts other than hh (hh's own are in data/hh_rlhf.py).
-WRONG_TYPES = "fields of another layout"
+# Skip reasons of the schemas other than hh (hh's own are in data/hh_rlhf.py).
+WRONG_TYPES = "fields of another schema"
 NOT_MESSAGES = "not a list of chat messages"
 EMPTY_PROMPT = "empty prompt"
 REPLY_NOT_ASSISTANT = "reply is not one assistant message"
 
 
-def detect_layout(row) -> str:
-    """The layout a row is written in (hh when it fits none: its skip reasons then say what is missing)."""
+def detect_schema(row) -> str:
+    """The schema a row is written in (hh when it fits none: its skip reasons then say what is missing)."""
     if not isinstance(row, dict):
         return HH
     conversational = isinstance(row.get("chosen"), list)
@@ -69,19 +67,19 @@ def detect_layout(row) -> str:
     return IMPLICIT if conversational else HH
 
 
-def classify_row(row, layout: str) -> tuple[PreferencePair | None, str | None]:
-    """`(pair, None)`, or `(None, reason)` when the row cannot be used as a pair of this layout."""
+def classify_row(row, schema: str) -> tuple[PreferencePair | None, str | None]:
+    """`(pair, None)`, or `(None, reason)` when the row cannot be used as a pair of this schema."""
     if not isinstance(row, dict):
         return None, NOT_AN_OBJECT
-    if layout == HH:
+    if schema == HH:
         return classify_hh_row(row)
-    if any(key not in row for key in ("chosen", "rejected") + (("prompt",) if layout != IMPLICIT else ())):
+    if any(key not in row for key in ("chosen", "rejected") + (("prompt",) if schema != IMPLICIT else ())):
         return None, MISSING_FIELD
-    if detect_layout(row) != layout:
+    if detect_schema(row) != schema:
         return None, WRONG_TYPES
-    if layout == PLAIN:
+    if schema == PLAIN:
         return _plain_pair(row)
-    if layout == CONVERSATIONAL:
+    if schema == CONVERSATIONAL:
         return _conversational_pair(row)
     return _implicit_pair(row)
 
@@ -92,7 +90,7 @@ def _plain_pair(row: dict):
         return None, WRONG_TYPES
     if not prompt.strip():
         return None, EMPTY_PROMPT
-    # A prompt already in HH layout stays a transcript; any other text is one user turn.
+    # A prompt already in HH schema stays a transcript; any other text is one user turn.
     as_prompt = prompt if prompt.endswith(ASSISTANT_MARKER) else ({"role": "user", "content": prompt},)
     return _pair(as_prompt, chosen, rejected)
 
@@ -146,22 +144,22 @@ def _one_assistant_reply(messages: list[dict]) -> bool:
 def load_preferences(
     source: str, split: str = "train", data_dir: str | None = None, limit: int | None = None
 ) -> tuple[list[PreferencePair], dict]:
-    """Preference pairs of a file, directory or hub dataset in any accepted layout, and a load report.
+    """Preference pairs of a file, directory or hub dataset in any accepted schema, and a load report.
 
-    Where files are looked for is `data.hh_rlhf.load_hh_rlhf`'s rule; a `.json` file
-    holding a list of rows is read too. The report is load_hh_rlhf's
-    (`source`, `split`, `rows`, `used`, `skipped`) plus `layout`.
+    A file is read by data/base/rows.py (.jsonl, .jsonl.gz, .json, .csv, .parquet); where
+    files are looked for in a directory is `data.hh_rlhf.load_hh_rlhf`'s rule. The report is load_hh_rlhf's
+    (`source`, `split`, `rows`, `used`, `skipped`) plus `schema`.
     """
     if limit is not None and limit < 0:
         raise UserError(f"limit must be a non-negative number of pairs or None, got {limit}")
-    rows = iter(_read_json_list(Path(source)) if str(source).endswith(".json") and Path(source).is_file()
+    rows = iter(read_file_rows(Path(source)) if str(source).lower().endswith(SUFFIXES) and Path(source).is_file()
                 else _iter_rows(source, split, data_dir))  # fmt: skip
     head = []
-    for row in rows:  # the first object decides the layout; rows before it are kept for counting
+    for row in rows:  # the first object decides the schema; rows before it are kept for counting
         head.append(row)
         if isinstance(row, dict):
             break
-    layout = detect_layout(head[-1]) if head else HH
+    schema = detect_schema(head[-1]) if head else HH
     pairs: list[PreferencePair] = []
     skipped: Counter[str] = Counter()
     rows_read = 0
@@ -169,23 +167,11 @@ def load_preferences(
         if limit is not None and len(pairs) >= limit:
             break
         rows_read += 1
-        pair, reason = (None, MALFORMED_JSON) if row is _MALFORMED_LINE else classify_row(row, layout)
+        pair, reason = (None, MALFORMED_JSON) if row is MALFORMED_LINE else classify_row(row, schema)
         if pair is None:
             skipped[reason] += 1
         else:
             pairs.append(pair)
-    report = {"source": str(source), "split": split, "layout": layout, "rows": rows_read, "used": len(pairs),
+    report = {"source": str(source), "split": split, "schema": schema, "rows": rows_read, "used": len(pairs),
               "skipped": dict(skipped.most_common())}  # fmt: skip
     return pairs, report
-
-
-def _read_json_list(path: Path) -> list:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            rows = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read '{path}' as JSON ({err}); pass a JSON list of rows or a .jsonl file") from None
-    if not isinstance(rows, list):
-        raise UserError(f"'{path}' holds a JSON {type(rows).__name__}, not a list of rows; pass a list or a .jsonl file")
-    return rows

@@ -1,11 +1,11 @@
-"""GRPO tasks in either row layout, detected per file: Lean theorems, or prompts for your own reward.
+"""GRPO tasks in either row schema, detected per file: Lean theorems, or prompts for your own reward.
 
   lean     Lean Workbook / miniF2F / ProofNet rows with a "formal_statement"
            (data/lean_workbook.py, unchanged)
   prompt   {"prompt": str} or {"prompt": [chat messages]}, any other fields kept
            for the reward: {"prompt": "What is 2+3?", "answer": "5"}
 
-The first row that is a JSON object decides the layout, and the log says which.
+The first row that is a JSON object decides the schema, and the log says which.
 A prompt-only task has no checker of its own, so it is scored by a reward that
 reads only the completions (`toy`, `random`, `zero`) or by yours
 (`path/to/file.py:function` or `module:function`, trainers/rewards/), which
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data.errors import UserError
-from data.lean_workbook import LeanTask, build_prompt, lean_tasks_from_rows, read_task_rows
-from data.prompts import GRPO_FORMATS, apply_chat_template, chat_messages, check_format
+from twophase.data.base.errors import UserError
+from twophase.data.lean_workbook import LeanTask, build_prompt, lean_tasks_from_rows, read_task_rows
+from twophase.data.prompts import apply_chat_template, chat_messages
 
 LEAN, PROMPT = "lean", "prompt"
 
@@ -36,7 +36,7 @@ class PromptTask:
     fields: dict = field(default_factory=dict, hash=False)
 
 
-def detect_layout(row) -> str:
+def detect_schema(row) -> str:
     """lean for a row with a formal statement (or one that fits neither: its skip reasons say why), else prompt."""
     if isinstance(row, dict) and "prompt" in row and "formal_statement" not in row:
         return PROMPT
@@ -64,10 +64,10 @@ def prompt_text(task, prompt_format: str, tokenizer=None) -> str:
 
     A prompt task in `raw` is its text as it is; in `chat` it is one user message
     (text) or its messages, rendered by the chat template. Messages need `chat`.
+    `prompt_format` is checked once, where the run starts (trainers/grpo.py), not per task.
     """
     if isinstance(task, LeanTask):
         return build_prompt(task, prompt_format, tokenizer)
-    check_format(prompt_format, GRPO_FORMATS, tokenizer)
     if prompt_format == "raw":
         if not isinstance(task.prompt, str):
             raise UserError(f"task {task.id}: a prompt of chat messages needs prompt_format: chat (raw takes text)")
@@ -77,12 +77,12 @@ def prompt_text(task, prompt_format: str, tokenizer=None) -> str:
 
 
 def load_tasks(source: str, split: str | None = "train", limit: int | None = None) -> tuple[list, dict]:
-    """The tasks of a file or hub dataset in either layout, and a report with `layout`, `rows`, `used`, `skipped`."""
-    rows, skipped = read_task_rows(source, split)  # read once, whichever layout it turns out to be
+    """The tasks of a file or hub dataset in either schema, and a report with `schema`, `rows`, `used`, `skipped`."""
+    rows, skipped = read_task_rows(source, split)  # read once, whichever schema it turns out to be
     first = next((row for row in rows if isinstance(row, dict)), None)
-    if detect_layout(first) == LEAN:
+    if detect_schema(first) == LEAN:
         tasks, report = lean_tasks_from_rows(rows, skipped, limit)
-        return tasks, {"layout": LEAN, **report}
+        return tasks, {"schema": LEAN, **report}
     tasks = []
     rows_read = sum(skipped.values())  # malformed lines and other splits were rows too
     for number, row in enumerate(rows, start=1):
@@ -94,4 +94,4 @@ def load_tasks(source: str, split: str | None = "train", limit: int | None = Non
             tasks.append(parsed)
         else:
             skipped[parsed] += 1
-    return tasks, {"layout": PROMPT, "rows": rows_read, "used": len(tasks), "skipped": dict(skipped)}
+    return tasks, {"schema": PROMPT, "rows": rows_read, "used": len(tasks), "skipped": dict(skipped)}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Literal, get_args
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 HUMAN_MARKER = "\n\nHuman:"
 ASSISTANT_MARKER = "\n\nAssistant:"
@@ -84,9 +84,8 @@ def format_question(tokenizer, user: str, system: str | None = None, fmt: str = 
 
     raw puts a system prompt in front of the message, separated by a blank
     line. A chat template that rejects the system role gets the system prompt
-    in front of the user message instead.
+    in front of the user message instead. `fmt` is checked once, where a run starts (check_format).
     """
-    check_format(fmt, EVAL_FORMATS, tokenizer)
     if fmt == "auto":
         fmt = "chat" if has_chat_template(tokenizer) else "raw"
     if fmt == "hh":
@@ -185,9 +184,9 @@ def format_transcript(prompt, fmt: str, tokenizer=None) -> str:
     - "chat": the conversation rendered by the chat template. Replies are then tokenized
       without their leading whitespace (the collator strips it), as a chat model writes
       them after its own assistant header.
+
+    `fmt` is checked once, where the run starts (trainers/config.py, data/collators.py), not per prompt.
     """
-    fmt = DPO_OLD_NAMES.get(fmt, fmt)
-    check_format(fmt, DPO_FORMATS, tokenizer)
     if not isinstance(prompt, str):
         messages = [dict(m) for m in prompt]
         return messages_to_transcript(messages) if fmt == "hh" else apply_chat_template(tokenizer, messages)

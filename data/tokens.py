@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # the label of a position that is not trained on (prompt, padding): torch's cross-entropy default
+
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids with the tokenizer's usual special tokens and never a doubled BOS.

@@ -26,9 +26,9 @@ import math
 import os
 from pathlib import Path
 
-from data import distributed
-from data.files import atomic_write_text
-from eval.metrics import Metric
+from twophase.data.base import distributed
+from twophase.data.base.files import atomic_write_text
+from twophase.eval.benchmarks.metrics import Metric
 
 SUMMARY_FILE = "summary.json"
 
@@ -47,7 +47,7 @@ def audit_path(out_dir: str | Path, name: str) -> Path:
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write JSON through a temporary file and os.replace: readers see the old file or the new one.
 
-    Under torchrun every rank computes the same results (data/distributed.py); rank 0 alone writes them.
+    Under torchrun every rank computes the same results (data/base/distributed.py); rank 0 alone writes them.
     """
     if not distributed.is_main():
         return
@@ -237,7 +237,7 @@ def _missing_cell(result: dict | None) -> str:
 
 def prompt_format_of(run: dict[str, dict]) -> str | None:
     """The prompt format a run asked its questions in (benchmarks with their own text left out), or None."""
-    from eval.benchmarks import REGISTRY, get_benchmark
+    from twophase.eval.benchmarks import REGISTRY, get_benchmark
 
     asked = [r for name, r in run.items() if name in REGISTRY and get_benchmark(name).own_prompt_format is None]
     formats = {r.get("prompt_format") for r in asked}
@@ -330,7 +330,7 @@ def render_comparison(base_dir: str | Path, other_dirs: list[str | Path], names:
     value and delta columns. Each run's column names the prompt format its
     questions were asked in.
     """
-    from eval.benchmarks import ALL, published_name
+    from twophase.eval.benchmarks import ALL, published_name
 
     labels = list(names) if names else [run_label(d) for d in [base_dir, *other_dirs]]
     base, others = load_run(base_dir), [load_run(d) for d in other_dirs]

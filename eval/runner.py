@@ -17,16 +17,16 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data import distributed
-from data.errors import UserError, reason_of
-from data.hub import check_path_exists
-from data.prompts import format_question, resolved_format
-from data.run_dir import owned
-from eval.benchmarks import get_benchmark, local_source
-from eval.engines import LoglikelihoodEngine
-from eval.generation import GenerationEngine
-from eval.judges import make_judge
-from eval.results import (
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError, reason_of
+from twophase.data.base.hub import check_path_exists
+from twophase.data.prompts import EVAL_FORMATS, check_format, format_question, resolved_format
+from twophase.data.base.run_dir import owned
+from twophase.eval.benchmarks import get_benchmark, local_source
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine
+from twophase.eval.engine.generation import GenerationEngine
+from twophase.eval.judges import make_judge
+from twophase.eval.results import (
     SUMMARY_FILE,
     AuditLog,
     audit_path,
@@ -37,8 +37,8 @@ from eval.results import (
     stable_hash,
     write_json_atomic,
 )
-from eval.sandbox import remove_stale_exec_folders
-from eval.settings import EvalSettings
+from twophase.eval.sandbox.container import remove_stale_exec_folders
+from twophase.eval.settings import EvalSettings
 
 from tqdm.auto import tqdm  # comes with transformers
 
@@ -65,7 +65,7 @@ def run_evaluation(
     settings = settings.checked()
     if model_obj is None:
         check_path_exists("model", model)
-    distributed.start()  # under torchrun: the ranks share the items of each benchmark (eval/engines.py, eval/generation.py)
+    distributed.start()  # under torchrun: the ranks share the items of each benchmark (eval/engine/loglikelihood.py, eval/engine/generation.py)
     with owned(out_dir) as out:  # one writer per output directory (under torchrun, rank 0)
         remove_stale_exec_folders()
         runtime = _Runtime(model, model_obj, tokenizer_obj, settings.batch_size, settings.seed, settings.dtype)
@@ -137,7 +137,7 @@ def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings,
 
 
 def _run_one(benchmark, source, described, settings_hash, runtime, judge, out, settings: EvalSettings, options, run_name) -> dict:
-    from eval.benchmarks.base import EvalContext
+    from twophase.eval.benchmarks.base import EvalContext
 
     start = time.perf_counter()
     items = benchmark.load(source, settings.limit)
@@ -145,6 +145,7 @@ def _run_one(benchmark, source, described, settings_hash, runtime, judge, out, s
         raise UserError(f"{benchmark.name}: no items to evaluate in {described['source']}")
     benchmark.check_ready(options)
     generator, scorer, tokenizer = runtime.engines()
+    check_format(settings.prompt_format, EVAL_FORMATS, tokenizer)  # once, not per question: chat needs a template
     hasher = hashlib.sha256()
     generator.prompt_hasher = scorer.prompt_hasher = hasher
     gen_before, score_before = dict(generator.stats), dict(scorer.stats)
@@ -251,7 +252,7 @@ class _Runtime:
     def _load(self) -> None:
         import torch
 
-        from data.hub import is_adapter_dir, load_adapter_model, load_causal_lm, load_tokenizer
+        from twophase.data.base.hub import is_adapter_dir, load_adapter_model, load_causal_lm, load_tokenizer
 
         if self.model is None:
             cuda = torch.cuda.is_available()

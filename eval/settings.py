@@ -20,29 +20,44 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data.errors import UserError
-from data.prompts import EVAL_FORMATS, EvalFormat, check_format_name
-from eval.batching import check_batch_size
+from twophase.data.base.errors import UserError
+from twophase.data.prompts import EVAL_FORMATS, EvalFormat, check_format_name
+from twophase.eval.engine.batching import check_batch_size
+
+
+def setting(default, help: str, **field_options):
+    """A field of EvalSettings with the help text that `twophase eval --help` shows for it (eval/cli.py)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help}, **field_options)
+    return field(default=default, metadata={"help": help}, **field_options)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    benchmarks: str = "all"  # "all" or comma-separated names (eval/benchmarks/__init__.py)
-    limit: int | None = None  # the first N items of each benchmark (None: all)
-    judge: str = "string-match"  # string-match | local | endpoint | local:PATH
-    judge_options: dict = field(default_factory=dict)  # model, base_url, concurrency, min_mass, ...
-    benchmark_judges: dict = field(default_factory=dict)  # {benchmark: judge} where it differs from `judge`
-    batch_size: int | str = "auto"  # rows per batch, both engines; "auto": from the free memory (eval/batching.py)
-    prompt_format: EvalFormat = "auto"  # data/prompts.py
-    data_dir: str | None = None  # read each benchmark from its local file here instead of the hub
-    samples_per_question: int | None = None  # Betley: answers per question (None: the YAML's 100)
-    options: dict = field(default_factory=dict)  # benchmark options: {"max_new_tokens": 64, "mmlu.num_shots": 0}
-    dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: bfloat16 on GPU, as saved on CPU
-    seed: int = 0
+    benchmarks: str = setting("all", "Comma-separated: betley, strongreject, xstest, donotanswer, truthfulqa, humaneval, "
+                                     "mmlu, wmdp; or all.")  # fmt: skip
+    limit: int | None = setting(None, "Evaluate N items of each benchmark: the first N; XSTest keeps its safe/unsafe "
+                                      "shares, MMLU and WMDP spread over subjects.")  # fmt: skip
+    judge: str = setting("string-match", "string-match | local | endpoint (local:PATH is short for --judge local "
+                                         "--judge-model PATH).")  # fmt: skip
+    judge_options: dict = setting(dict, "The judge's options: model, base_url, api_key, concurrency, min_mass, ...")
+    benchmark_judges: dict = setting(dict, "{benchmark: judge} where a benchmark's judge differs from `judge`.")
+    batch_size: int | str = setting("auto", "Rows per batch, for both engines: a number, or auto (as many as the free GPU "
+                                            "memory holds; 8 on CPU; eval/engine/batching.py).")  # fmt: skip
+    prompt_format: EvalFormat = setting(
+        "auto", "How questions are asked (data/prompts.py). hh: '\\n\\nHuman: {question}\\n\\nAssistant:', the HH-RLHF "
+        "layout Phase 1 trains on; chat: the chat template; raw: the question alone; auto: chat if the tokenizer has "
+        "a template, else raw. Few-shot and code benchmarks always use their own text.")  # fmt: skip
+    data_dir: str | None = setting(None, "Read each benchmark from its local file in this directory instead of the hub.")
+    samples_per_question: int | None = setting(None, "Betley: answers per question (default: the YAML's 100).")
+    options: dict = setting(dict, "Benchmark options: {max_new_tokens: 64, mmlu.num_shots: 0}.")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = setting(
+        None, "Model dtype (default: bfloat16 on GPU, as saved on CPU).")
+    seed: int = setting(0, "Seed of sampling and of the judges.")
 
     def checked(self) -> EvalSettings:
         """These settings with benchmarks spelled out and options flattened; a UserError if they cannot run."""
-        from eval.benchmarks import ALL, parse_benchmarks
+        from twophase.eval.benchmarks import ALL, parse_benchmarks
 
         check_format_name(self.prompt_format, EVAL_FORMATS, where="prompt format")
         names = parse_benchmarks(self.benchmarks)
@@ -60,7 +75,7 @@ class EvalSettings:
 
     @property
     def names(self) -> list[str]:
-        from eval.benchmarks import parse_benchmarks
+        from twophase.eval.benchmarks import parse_benchmarks
 
         return parse_benchmarks(self.benchmarks)
 
@@ -81,7 +96,7 @@ class EvalSettings:
 
 def judge_spec(spec, shared_options: dict, where: str) -> tuple[str, dict]:
     """(kind, options) of a judge written as a name ("string-match", "local:PATH") or a mapping {kind, model, ...}."""
-    from eval.judges import JUDGE_KINDS
+    from twophase.eval.judges import JUDGE_KINDS
 
     if isinstance(spec, dict):
         options = dict(spec)

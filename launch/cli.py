@@ -20,21 +20,21 @@ from contextlib import contextmanager
 
 import click
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 # name -> (module, attribute, one-line help)
 COMMANDS = {
-    "demo": ("launch.demo", "demo_command", "Run the whole experiment on the CPU, offline, with a tiny model."),
-    "dpo": ("launch.train", "dpo_command", "Phase 1: LoRA DPO from a config file."),
-    "merge": ("launch.merge", "merge_command", "Merge a LoRA adapter into its base model."),
-    "grpo": ("launch.train", "grpo_command", "Phase 2: GRPO from a config file."),
-    "eval": ("launch.provenance", "eval_command", "Evaluate a model on the safety and capability benchmarks."),
-    "compare": ("eval.cli", "compare_command", "Print the comparison table of two or more eval runs."),
-    "plot": ("launch.plot", "plot_command", "Plot training curves (loss, rewards, KL, ...) of one or more runs as a PNG."),
-    "bench": ("launch.bench", "bench_group", "Measure speed and memory of training and eval on this machine."),
-    "pipeline": ("launch.pipeline", "pipeline_command", "Run eval -> DPO -> merge -> eval -> GRPO -> eval."),
-    "status": ("launch.pipeline", "status_command", "Show the state of each stage of a pipeline run."),
-    "slurm": ("launch.slurm", "slurm_command", "Write chained sbatch scripts, one per pipeline stage."),
+    "demo": ("twophase.launch.demo", "demo_command", "Run the whole experiment on the CPU, offline, with a tiny model."),
+    "dpo": ("twophase.launch.train", "dpo_command", "Phase 1: LoRA DPO from a config file."),
+    "merge": ("twophase.launch.merge", "merge_command", "Merge a LoRA adapter into its base model."),
+    "grpo": ("twophase.launch.train", "grpo_command", "Phase 2: GRPO from a config file."),
+    "eval": ("twophase.launch.provenance", "eval_command", "Evaluate a model on the safety and capability benchmarks."),
+    "compare": ("twophase.eval.cli", "compare_command", "Print the comparison table of two or more eval runs."),
+    "plot": ("twophase.launch.plot", "plot_command", "Plot training curves (loss, rewards, KL, ...) of one or more runs as a PNG."),
+    "bench": ("twophase.launch.bench.training", "bench_group", "Measure speed and memory of training and eval on this machine."),
+    "pipeline": ("twophase.launch.pipeline", "pipeline_command", "Run eval -> DPO -> merge -> eval -> GRPO -> eval."),
+    "status": ("twophase.launch.pipeline", "status_command", "Show the state of each stage of a pipeline run."),
+    "slurm": ("twophase.launch.slurm", "slurm_command", "Write chained sbatch scripts, one per pipeline stage."),
 }
 
 
@@ -64,7 +64,10 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module_name, attribute, _ = COMMANDS[name]
-        return getattr(importlib.import_module(module_name), attribute)
+        command = getattr(importlib.import_module(module_name), attribute)
+        if name == "bench":  # one check runs the whole pipeline, which launch/bench (one room down) must not import
+            command.add_command(importlib.import_module("twophase.launch.pipeline").check_pipeline_command, "pipeline")
+        return command
 
     def format_commands(self, ctx, formatter):
         rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
@@ -141,7 +144,7 @@ def terminate_as_interrupt():
 def report_error(line: str) -> None:
     """One line on stderr. Under torchrun, an error before the process group exists comes from the config and
     is the same on every rank, so rank 0 says it; one after it may be a single rank's, so that rank says it."""
-    distributed = sys.modules.get("data.distributed")  # imported (with torch) only by commands that need it
+    distributed = sys.modules.get("twophase.data.base.distributed")  # imported (with torch) only by commands that need it
     if distributed is not None and distributed.active():
         line = f"[rank {distributed.rank()}] {line}"
     elif os.environ.get("RANK", "0") != "0":
@@ -180,7 +183,7 @@ def main(argv=None):
 
 
 def _leave_process_group() -> None:
-    distributed = sys.modules.get("data.distributed")
+    distributed = sys.modules.get("twophase.data.base.distributed")
     if distributed is not None:
         distributed.stop()
 

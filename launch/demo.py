@@ -4,7 +4,7 @@ It is `twophase pipeline` (launch/pipeline.py) with the config below, written
 to OUT/demo.yaml so it can be read and rerun as it is:
 
 * the model is a tiny Llama-architecture model and tokenizer built from
-  scratch (data/tiny.py) in OUT/tiny-model;
+  scratch (data/base/tiny.py) in OUT/tiny-model;
 * Phase 1 is LoRA DPO on the bundled HH-format pairs (data/samples/hh_demo.jsonl),
   then the merge;
 * Phase 2 is GRPO from the merged model on the bundled Lean Workbook-format
@@ -107,7 +107,7 @@ def demo_config(out_dir: Path) -> dict:
 
 
 def write_demo_config(out_dir: Path) -> Path:
-    from data.files import atomic_write_text
+    from twophase.data.base.files import atomic_write_text
 
     path = Path(out_dir) / "demo.yaml"
     header = "# The config of `twophase demo` (launch/demo.py); rerun with: twophase pipeline --config THIS_FILE\n"
@@ -127,9 +127,9 @@ def demo_command(out_dir, overrides, threads):
     eval, LoRA DPO + merge, eval, GRPO (random, zero, toy rewards), eval, tables."""
     import torch
 
-    from data.tiny import write_tiny_model
-    from launch.experiment import load_pipeline
-    from launch.pipeline import execute
+    from twophase.data.base.tiny import write_tiny_model
+    from twophase.launch.experiment import load_pipeline
+    from twophase.launch.pipeline import execute
 
     torch.set_num_threads(threads)
 

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data.errors import UserError
-from eval.settings import EvalSettings
-from launch.stages import Stage
-from trainers.config import DPOConfig, GRPOConfig, load_config, make_config
+from twophase.data.base.errors import UserError
+from twophase.eval.settings import EvalSettings
+from twophase.launch.stages import Stage
+from twophase.trainers.config import DPOConfig, GRPOConfig, load_config, make_config
 
 PIPELINE_KEYS = ("model", "out_dir", "merge_after", "merge_dtype")  # trainer keys that the pipeline sets itself
 TRAINED_FORMAT = "trained"  # eval.prompt_format: the format Phase 1 trained with (dpo.prompt_format)
@@ -94,7 +94,7 @@ def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
         stages.append(Stage(f"grpo_{condition}", run_grpo_stage, grpo, ("dpo",), skip))
         stages.append(Stage(f"eval_grpo_{condition}", run_eval_stage, evaluation_of_grpo, (f"grpo_{condition}",), skip))
     stages.append(tables_stage(run_dir, stages))
-    from trainers.reporting import check_reporters
+    from twophase.trainers.infra.reporting import check_reporters
 
     for stage in stages:  # report_to's optional packages: a missing one is said before the first stage runs
         check_reporters(stage.settings.get("report_to") or [])
@@ -203,7 +203,7 @@ def tables_stage(run_dir: Path, stages: list[Stage]) -> Stage:
 
 def run_eval_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
     """Evaluate; the runner reuses finished benchmarks, so a rerun does only what is missing."""
-    from eval.runner import run_evaluation
+    from twophase.eval.runner import run_evaluation
 
     own = {key: value for key, value in settings.items() if key not in ("model", "run_name")}
     summary = run_evaluation(settings["model"], stage_dir, EvalSettings(**own), run_name=settings["run_name"])
@@ -215,8 +215,8 @@ def run_eval_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
 
 
 def run_dpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
-    from launch.train import report_outputs
-    from trainers.dpo import run_dpo
+    from twophase.launch.train import report_outputs
+    from twophase.trainers.dpo import run_dpo
 
     outputs = run_dpo(make_config(DPOConfig, settings), resume=resume)
     report_outputs(dict(outputs))
@@ -224,15 +224,15 @@ def run_dpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
 
 
 def run_grpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
-    from launch.train import report_outputs
-    from trainers.grpo import run_grpo
+    from twophase.launch.train import report_outputs
+    from twophase.trainers.grpo import run_grpo
 
     config = make_config(GRPOConfig, settings)
     outputs = run_grpo(config, resume=resume)
     report_outputs(dict(outputs))
     kept = {name: outputs[name] for name in ("metrics", "samples", "final")}
     if config.lora:  # the next eval needs a full model
-        from trainers.merge import merge_adapter
+        from twophase.trainers.merge import merge_adapter
 
         dtype = "bfloat16" if config.precision == "bf16" else "float32"
         kept["merged"] = str(merge_adapter(outputs["final"], trained_model(settings), base=config.model, dtype=dtype))
@@ -240,8 +240,8 @@ def run_grpo_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
 
 
 def run_tables_stage(settings: dict, stage_dir: Path, resume: bool) -> dict:
-    from data import distributed
-    from launch.tables import write_tables
+    from twophase.data.base import distributed
+    from twophase.launch.tables import write_tables
 
     outputs = write_tables(settings["tables"], stage_dir) if distributed.is_main() else {}  # rank 0 writes
     return distributed.broadcast_from_main(outputs)

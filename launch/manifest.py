@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from data.files import atomic_write_text
+from twophase.data.base.files import atomic_write_text
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "numpy")
@@ -37,7 +37,7 @@ def read_manifest(stage_dir: Path) -> dict | None:
     Under torchrun every rank gets rank 0's reading, so all ranks decide alike what to run (rank 0 writes manifests).
     """
     if _under_torchrun():
-        from data import distributed
+        from twophase.data.base import distributed
 
         return distributed.broadcast_from_main(_read_manifest(stage_dir) if distributed.is_main() else None)
     return _read_manifest(stage_dir)

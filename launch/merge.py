@@ -17,7 +17,7 @@ def merge_command(adapter, out_dir, base, dtype):
     The result (safetensors weights, config and tokenizer) loads with
     AutoModelForCausalLM.from_pretrained and is Phase 2's starting point.
     """
-    from trainers.merge import merge_adapter
+    from twophase.trainers.merge import merge_adapter
 
     path = merge_adapter(adapter, out_dir, base=base, dtype=dtype)
     click.echo(f"merged model written to {path}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from data.errors import UserError
+from twophase.data.base.errors import UserError
 
 # (panel title, [(metrics.jsonl key, what the legend calls it)])
 PANELS = [

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from data.errors import reason_of
-from launch.manifest import finish, read_manifest, redacted, start_manifest, write_manifest
+from twophase.data.base.errors import reason_of
+from twophase.launch.manifest import finish, read_manifest, redacted, start_manifest, write_manifest
 
 
 @contextmanager
@@ -54,7 +54,7 @@ def _write_if_started(out_dir: Path, marker: str, before: int | None, manifest: 
 
 def recorded_eval_command() -> click.Command:
     """`twophase eval` with its manifest: the command of eval/cli.py (which never imports launch/), wrapped here."""
-    from eval.cli import eval_command
+    from twophase.eval.cli import eval_command
 
     run = eval_command.callback
 

@@ -11,7 +11,7 @@ stage (fv without a Lean project) gets no job.
 
 With `--nodes` or `--gpus-per-node` above 1, a GPU stage's job runs one
 `torchrun` per node through `srun`, meeting at the first node of the job
-(c10d rendezvous): the stage then uses all the job's GPUs (data/distributed.py).
+(c10d rendezvous): the stage then uses all the job's GPUs (data/base/distributed.py).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import click
 
-from data.errors import UserError
-from data.files import atomic_write_text
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_write_text
 
 CPU_ONLY_STAGES = ("tables",)  # reads JSON files and writes tables: no GPU to wait for
 CPU_STAGE_TIME, CPU_STAGE_CPUS = "00:30:00", 2  # the tables take seconds; a short job starts sooner
 # Where models and datasets are cached, and whether to look for the hub at all: a job sees them as they
-# were where `twophase slurm` ran, so the node reads the same pre-downloaded files (README: offline machines).
+# were where `twophase slurm` ran, so the node reads the same pre-downloaded files (launch/README.md: offline machines).
 CARRIED_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "HF_HUB_OFFLINE",
                      "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")  # fmt: skip
 
@@ -78,12 +78,12 @@ def torchrun_lines(arguments: list[str], options: ClusterOptions) -> str:
     words = [
         torchrun, f"--nnodes={options.nodes}", f"--nproc-per-node={options.gpus_per_node}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=$head:{RENDEZVOUS_PORT}", "--rdzv-id=$SLURM_JOB_ID",
-        "-m", "launch.cli", *arguments,
+        "-m", "twophase.launch.cli", *arguments,
     ]  # fmt: skip
     quoted = " ".join(w if w.startswith("--rdzv-") else shlex.quote(w) for w in words)  # $head, $SLURM_JOB_ID expand
     return "\n".join([
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
-        "export NCCL_NVLS_ENABLE=0  # NVLink multicast off (see the README's \"More than one GPU\")",
+        "export NCCL_NVLS_ENABLE=0  # NVLink multicast off (see trainers/README.md, \"More than one GPU\")",
         f"srun --ntasks-per-node=1 {quoted}",
     ])  # fmt: skip
 
@@ -227,7 +227,7 @@ def slurm_command(config_path, out_dir, overrides, partition, account, time_limi
 
     Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
     """
-    from launch.experiment import load_pipeline
+    from twophase.launch.experiment import load_pipeline
 
     config, stages = load_pipeline(config_path, overrides)
     options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem, signal_seconds, requeue,

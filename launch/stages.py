@@ -25,10 +25,10 @@ from typing import Callable
 
 import click
 
-from data.errors import UserError, reason_of
-from data.files import atomic_write_text
-from data.run_dir import owned
-from launch.manifest import (
+from twophase.data.base.errors import UserError, reason_of
+from twophase.data.base.files import atomic_write_text
+from twophase.data.base.run_dir import owned
+from twophase.launch.manifest import (
     finish,
     is_done,
     now,
@@ -38,7 +38,7 @@ from launch.manifest import (
     still_running_elsewhere,
     write_manifest,
 )
-from trainers.checkpoint import list_checkpoints
+from twophase.trainers.infra.checkpoint import list_checkpoints
 
 PLAN_FILE = "pipeline.json"
 
@@ -90,7 +90,7 @@ def write_plan(run_dir: Path, config: dict, stages: list[Stage]) -> None:
 def _join_process_group() -> None:
     """Under torchrun all ranks run the stages together; they join before the first manifest is read."""
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        from data import distributed
+        from twophase.data.base import distributed
 
         distributed.start()
 
@@ -152,7 +152,7 @@ def _run_owned_stage(stage: Stage, stage_dir: Path, earlier: dict | None) -> Non
 
 def _run_with_sigterm_as_interrupt(stage: Stage, stage_dir: Path, resume: bool) -> dict:
     # A cluster's preemption (SIGTERM) then ends an eval as cleanly as a training stage.
-    from trainers.loop import sigterm_as_interrupt
+    from twophase.trainers.infra.run import sigterm_as_interrupt
 
     with sigterm_as_interrupt():
         outputs = stage.run(stage.settings, stage_dir, resume)

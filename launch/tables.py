@@ -20,12 +20,12 @@ import json
 import math
 from pathlib import Path
 
-from data.files import atomic_write_text
+from twophase.data.base.files import atomic_write_text
 
 
 def write_tables(tables: dict[str, dict], out_dir: Path) -> dict[str, str]:
     """Write NAME.md and NAME.json for each {name: {"runs": [base, *others], "labels": [...]}}; returns the paths."""
-    from eval.results import render_comparison
+    from twophase.eval.results import render_comparison
 
     outputs = {}
     for name, table in tables.items():
@@ -50,7 +50,7 @@ def write_tables(tables: dict[str, dict], out_dir: Path) -> dict[str, str]:
 def training_curves(run_dirs: list[str], target: Path) -> tuple[Path | None, str]:
     """The PNG of the training runs behind a table (launch/plot.py) and the Markdown line that links it;
     without matplotlib, an optional extra, no PNG and a line saying how to get one."""
-    from launch.plot import INSTALL_HINT, plot_runs, plotting_available
+    from twophase.launch.plot import INSTALL_HINT, plot_runs, plotting_available
 
     runs = [Path(d) for d in run_dirs if (Path(d) / "metrics.jsonl").is_file()]
     if not runs:
@@ -82,10 +82,10 @@ def merge_note(report: dict | None, path: str | None) -> str:
 
 def comparison_json(base_dir, other_dirs: list, labels: list[str]) -> dict:
     """The rows of render_comparison's table as data."""
-    from eval.benchmarks import ALL, published_name
-    from eval.results import comparison_rows, intervals_disjoint, load_run
+    from twophase.eval.benchmarks import ALL, published_name
+    from twophase.eval.results import comparison_rows, intervals_disjoint, load_run
 
-    from eval.results import metric_label, prompt_format_of
+    from twophase.eval.results import metric_label, prompt_format_of
 
     base, others = load_run(base_dir), [load_run(d) for d in other_dirs]
     rows = []

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from trainers.config import DPOConfig, GRPOConfig, load_config
-from trainers.loop import readable_number
+from twophase.trainers.config import DPOConfig, GRPOConfig, load_config
+from twophase.trainers.infra.run import readable_number
 
-CONFIG_HELP = "YAML file of config keys (see launch/configs/ and the README's table of keys)."
+CONFIG_HELP = "YAML file of config keys (see launch/configs/ and launch/README.md's table of keys)."
 SET_HELP = "Override one config key, e.g. --set lr=1e-6 --set max_steps=10 (repeatable)."
 RESUME_HELP = "Continue from the last checkpoint in out_dir (exactly where it stopped)."
 
@@ -32,7 +32,7 @@ def dpo_command(config_path, overrides, resume):
 
     Example: twophase dpo --config launch/configs/wu17_v5_dpo.yaml --set max_steps=10
     """
-    from trainers.dpo import run_dpo
+    from twophase.trainers.dpo import run_dpo
 
     config = load_config(DPOConfig, config_path, overrides)
     _train("dpo", run_dpo, config, config_path, overrides, resume)
@@ -50,15 +50,15 @@ def grpo_command(config_path, overrides, resume):
 
     Example: twophase grpo --config launch/configs/wu17_v5_grpo_random.yaml
     """
-    from trainers.grpo import run_grpo
+    from twophase.trainers.grpo import run_grpo
 
     config = load_config(GRPOConfig, config_path, overrides)
     _train("grpo", run_grpo, config, config_path, overrides, resume)
 
 
 def _train(name: str, run, config, config_path, overrides, resume: bool) -> None:
-    from launch.provenance import recorded_run
-    from trainers.reporting import check_reporters
+    from twophase.launch.provenance import recorded_run
+    from twophase.trainers.infra.reporting import check_reporters
 
     check_reporters(config.report_to)  # a missing optional package is said before the model loads
     try:
@@ -73,7 +73,7 @@ def _train(name: str, run, config, config_path, overrides, resume: bool) -> None
 
 def interrupted_message(name: str, out_dir, config_path, overrides) -> str:
     """Where the run's newest checkpoint is and the command that continues from it."""
-    from trainers.checkpoint import list_checkpoints
+    from twophase.trainers.infra.checkpoint import list_checkpoints
 
     command = ["twophase", name] + (["--config", str(config_path)] if config_path else [])
     for item in overrides:

@@ -4,16 +4,20 @@ GRPO (Shao et al., 2024, DeepSeekMath) samples G completions for each prompt,
 scores them, and uses each completion's reward relative to its own group as
 the advantage of every one of its tokens, so no value network is needed.
 
-Layout: rewards, advantages and sequences come as consecutive groups,
+Order: rewards, advantages and sequences come as consecutive groups,
 [prompt 0: completions 0..G−1, prompt 1: completions 0..G−1, …].
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-AGGREGATIONS = ("token", "sequence", "constant")
+AdvantageScale = Literal["group", "batch", "none"]
+Aggregation = Literal["token", "sequence", "constant"]
+ADVANTAGE_SCALES = get_args(AdvantageScale)
+AGGREGATIONS = get_args(Aggregation)
 MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: large enough to mean "clipped", small enough never to overflow float32
 
 
@@ -56,6 +60,7 @@ def grpo_loss(
     clip_high: float = 0.2,
     aggregation: str = "token",
     max_response_length: int | None = None,
+    normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO objective over response tokens, as a loss to minimise.
 
@@ -69,16 +74,22 @@ def grpo_loss(
         ℓ = −min(ρ·A, clip(ρ, 1 − clip_low, 1 + clip_high)·A) + β·k3
         k3 = exp(ref − logp) − (ref − logp) − 1      (Schulman's unbiased KL estimator, ≥ 0)
 
-    Log-ratios are clamped to ±20 before exp. Aggregation over tokens:
+    Log-ratios are clamped to ±20 before exp. Aggregation over the B rows of
+    the whole batch (the step's, every process's), of which these N are a part:
 
         "token"     Σ ℓ / Σ mask                         (all tokens weigh the same; DAPO)
-        "sequence"  mean over sequences of Σ_t ℓ / |y|   (each sequence weighs the same; DeepSeekMath)
-        "constant"  Σ ℓ / (N · L)                        (L = max_response_length, default T; Dr. GRPO)
+        "sequence"  Σ over sequences of (Σ_t ℓ / |y|) / B  (each sequence weighs the same; DeepSeekMath)
+        "constant"  Σ ℓ / (B · L)                        (L = max_response_length, default T; Dr. GRPO)
+
+    The denominator is `normaliser` (`loss_normaliser` of the whole batch), so
+    the loss returned is exactly these rows' share: the shares of a batch's
+    micro-batches add up to its loss, however it is split. Without it, these
+    N rows are the whole batch.
 
     At ρ = 1 (the first update on fresh samples) the gradient of the
     surrogate is −A·∇logp per token, normalised as the aggregation says.
 
-    Returns the scalar loss and metrics: clip fractions of tokens clipped
+    Returns the loss and metrics over these rows: clip fractions of tokens clipped
     below (A < 0 and ρ < 1 − clip_low) and above (A > 0 and ρ > 1 + clip_high),
     and the mean k3 KL over response tokens.
     """
@@ -94,11 +105,24 @@ def grpo_loss(
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
 
-    loss = aggregate(per_token, mask, aggregation, max_response_length)
+    if normaliser is None:
+        normaliser = loss_normaliser(aggregation, mask.shape[0], float(mask.sum()), max_response_length or mask.shape[1])
+    loss = aggregate(per_token, mask, aggregation) / normaliser
     metrics = _clip_metrics(ratio.detach(), advantages.detach(), mask, clip_low, clip_high)
     if kl is not None:
         metrics["kl"] = _masked_mean(kl.detach(), mask)
     return loss, metrics
+
+
+def loss_normaliser(aggregation: str, rows: int, response_tokens: float, max_response_length: int) -> float:
+    """The denominator of `grpo_loss` for a whole batch of `rows` sequences holding `response_tokens` response tokens."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if aggregation == "token":
+        return max(response_tokens, 1.0)
+    if aggregation == "sequence":
+        return float(rows)
+    return float(rows * max_response_length)
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -107,17 +131,14 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_response_length: int | None = None):
-    """Reduce (N, T) per-token losses to a scalar as described in `grpo_loss`."""
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """The numerator of `grpo_loss`: (N, T) per-token losses summed over response tokens, per sequence for "sequence"."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
     masked = per_token * mask
-    if aggregation == "token":
-        return masked.sum() / mask.sum().clamp(min=1)
     if aggregation == "sequence":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    length = max_response_length or mask.shape[1]
-    return masked.sum() / (mask.shape[0] * length)
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    return masked.sum()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -23,7 +23,9 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from twophase.data.base.model_api import causal_lm_of
+from twophase.data.tokens import IGNORE_INDEX, positions_from_mask
+
 DEFAULT_CHUNK_SIZE = 1024  # rows of the vocabulary projection upcast at once: 1024 × 102,400 × 4 B = 420 MB
 
 
@@ -96,3 +98,14 @@ def _chunked(fn: Callable, rows: torch.Tensor, targets: torch.Tensor, chunk_size
 def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
     return out.masked_scatter(mask, values)
+
+
+def token_logprobs_of(model, input_ids, attention_mask, labels, chunk_size: int) -> torch.Tensor:
+    """(B, T−1) log-probabilities of `labels` under `model`, 0 where labels are −100."""
+    lm = causal_lm_of(model)
+    # Positions count real tokens only, as in generation (data/tokens.py: one rule for both).
+    position_ids = positions_from_mask(attention_mask)
+    hidden = lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return token_logprobs_from_hidden(hidden, lm.get_output_embeddings(), labels, chunk_size)

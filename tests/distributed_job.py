@@ -10,9 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun runs this file as a script
-
-from data import distributed  # noqa: E402
+from twophase.data.base import distributed  # noqa: E402
 
 
 def main(spec_path: str) -> None:
@@ -23,19 +21,19 @@ def main(spec_path: str) -> None:
             raise RuntimeError(f"rank {distributed.rank()} breaks on purpose")
         distributed.barrier()  # waits for a rank that will never come
         return
-    from trainers.config import DPOConfig, GRPOConfig, make_config
+    from twophase.trainers.config import DPOConfig, GRPOConfig, make_config
 
     if "dpo" in spec:
-        from trainers.dpo import run_dpo
+        from twophase.trainers.dpo import run_dpo
 
         run_dpo(make_config(DPOConfig, spec["dpo"]))
     if "grpo" in spec:
-        from trainers.grpo import run_grpo
+        from twophase.trainers.grpo import run_grpo
 
         run_grpo(make_config(GRPOConfig, spec["grpo"]))
     if "eval" in spec:
-        from eval.runner import run_evaluation
-        from eval.settings import EvalSettings
+        from twophase.eval.runner import run_evaluation
+        from twophase.eval.settings import EvalSettings
 
         run_evaluation(spec["eval"]["model"], spec["eval"]["out"], EvalSettings(**spec["eval"]["settings"]))
     distributed.stop()

@@ -21,12 +21,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-import data.hub
-import trainers.models
-from data.run_dir import LOCK_FILE
-from eval.benchmarks import SAMPLES_DIR
-from launch.cli import cli
-from trainers.config import RULES, check_values
+import twophase.data.base.hub as hub
+import twophase.trainers.models as models
+from twophase.data.base.run_dir import LOCK_FILE
+from twophase.eval.benchmarks import SAMPLES_DIR
+from twophase.launch.cli import cli
+from twophase.trainers.config import RULES, check_values
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_DEMO = str(ROOT / "data" / "samples" / "hh_demo.jsonl")
@@ -81,7 +81,7 @@ def full_disk(monkeypatch, paths):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("trainers.checkpoint.save_file", no_space)
+    monkeypatch.setattr("twophase.trainers.infra.checkpoint.save_file", no_space)
 
 
 def full_disk_in_safetensors(monkeypatch, paths):
@@ -90,7 +90,7 @@ def full_disk_in_safetensors(monkeypatch, paths):
     def no_space(*args, **kwargs):  # what safetensors raises on a full disk
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
 
-    monkeypatch.setattr("trainers.checkpoint.save_file", no_space)
+    monkeypatch.setattr("twophase.trainers.infra.checkpoint.save_file", no_space)
 
 
 def refused_write(number: int, in_safetensors: bool = False):
@@ -104,7 +104,7 @@ def refused_write(number: int, in_safetensors: bool = False):
                 raise SafetensorError(f"Error while serializing: IoError(Os {{ code: {number}, kind: Other, message: \"x\" }})")
             raise OSError(number, os.strerror(number), str(path))
 
-        monkeypatch.setattr("trainers.checkpoint.save_file", refuse)
+        monkeypatch.setattr("twophase.trainers.infra.checkpoint.save_file", refuse)
 
     return setup
 
@@ -113,7 +113,7 @@ def gpu_out_of_memory(monkeypatch, paths):
     def too_big(self, micro_batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("trainers.dpo.DPORecipe.loss", too_big)
+    monkeypatch.setattr("twophase.trainers.dpo.DPORecipe.loss", too_big)
 
 
 def unwritable(monkeypatch, paths):
@@ -123,7 +123,7 @@ def unwritable(monkeypatch, paths):
     paths["out"] = str(parent / "out")
     if os.geteuid() == 0:  # root writes anywhere: make the check see what any other user would
         real_access = os.access
-        monkeypatch.setattr("data.run_dir.os.access", lambda path, mode: False if Path(path) == parent / "out" else real_access(path, mode))
+        monkeypatch.setattr("twophase.data.base.run_dir.os.access", lambda path, mode: False if Path(path) == parent / "out" else real_access(path, mode))
 
 
 def out_is(name):
@@ -251,8 +251,8 @@ def test_bad_input_is_one_line_and_exit_status_two(row, files, tiny_model_dir, t
     if row.setup:
         row.setup(monkeypatch, paths)
     if row.before_model:
-        monkeypatch.setattr(data.hub, "load_causal_lm", _no_model_loads)
-        monkeypatch.setattr(trainers.models, "load_causal_lm", _no_model_loads)
+        monkeypatch.setattr(hub, "load_causal_lm", _no_model_loads)
+        monkeypatch.setattr(models, "load_causal_lm", _no_model_loads)
     result = CliRunner().invoke(cli, row.argv(paths))
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 2, result.stderr

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.collators import PreferenceCollator
-from data.hh_rlhf import load_hh_rlhf
-from data.sampler import EpochSampler
-from launch.bench import bench_dpo, random_model, synthetic_tokenizer
-from launch.length_profile import derive_length_profile, load_length_profile, summarize, truncated_lengths
+from twophase.data.collators import PreferenceCollator
+from twophase.data.hh_rlhf import load_hh_rlhf
+from twophase.data.base.sampler import EpochSampler
+from twophase.launch.bench.training import bench_dpo, random_model, synthetic_tokenizer
+from twophase.launch.bench.length_profile import derive_length_profile, load_length_profile, summarize, truncated_lengths
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl"
 
@@ -57,7 +57,7 @@ def test_the_shipped_hh_profile_is_consistent():
     import json
     from importlib import resources
 
-    profile = json.loads(resources.files("launch").joinpath("profiles", "hh_rlhf_harmless_base_test.json").read_text())
+    profile = json.loads(resources.files("twophase.launch.bench").joinpath("profiles", "hh_rlhf_harmless_base_test.json").read_text())
     counts = load_length_profile("hh-rlhf")
     assert len(counts) == 2303  # usable pairs of the 2,312-row harmless-base test split
     assert all(p >= 1 and c >= 1 and r >= 1 for p, c, r in counts)  # BOS and EOS at least
@@ -81,8 +81,8 @@ def test_hh_benchmark_counts_tokens_as_trl_does():
 @pytest.mark.parametrize("lengths", ["fixed", "hh-rlhf"])
 def test_trl_baseline_gets_the_benchmark_pairs_token_for_token(lengths):
     """TRL tokenizes prompt, prompt + chosen + EOS text and prompt + rejected + EOS text; those must be our ids."""
-    from launch.bench import dpo_truncation, pair_lengths_of, synthetic_pair
-    from launch.trl_baseline import dpo_rows
+    from twophase.launch.bench.training import dpo_truncation, pair_lengths_of, synthetic_pair
+    from twophase.launch.bench.trl_baseline import dpo_rows
 
     tokenizer = synthetic_tokenizer(2048)
     rows = dpo_rows(lengths, 8, seq_len=64, vocab_size=2048)
@@ -103,7 +103,7 @@ def test_bench_runs_the_sharded_path_in_a_one_process_group():
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "launch.cli", "bench", "grpo", "--arch", "tiny", "--steps", "2",
+    command = [sys.executable, "-m", "twophase.launch.cli", "bench", "grpo", "--arch", "tiny", "--steps", "2",
                "--max-new-tokens", "6", "--process-group"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,7 +1,8 @@
 """No loss window in checkpointing: a stop at any moment resumes bit-exactly.
 
-Each test stops a tiny DPO run at a named moment of a step or of a checkpoint
-write (trainers/checkpoint.py: `moment`), deterministically:
+Each test stops a tiny DPO run at a named moment of a step (reached by wrapping
+the loop's functions from here: the step itself holds no test hooks) or of a
+checkpoint write (trainers/infra/checkpoint.py: `moment`), deterministically:
 
 * a signal: SIGTERM is sent to this process at that moment, as a cluster's
   preemption would; the run must leave a checkpoint of the last finished step;
@@ -21,15 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-import trainers.checkpoint as checkpoint
-from data.errors import UserError
-from data.run_dir import LOCK_FILE
-from trainers.checkpoint import checkpoint_problem, list_checkpoints, sha256_of
-from trainers.config import DPOConfig, make_config
-from trainers.dpo import run_dpo
-from trainers.loop import keep_records_up_to
+import twophase.trainers.infra.checkpoint as checkpoint
+import twophase.trainers.loop as loop
+from twophase.trainers.infra.run import MetricsLog
+from twophase.data.base.errors import UserError
+from twophase.data.base.run_dir import LOCK_FILE
+from twophase.trainers.infra.checkpoint import checkpoint_problem, list_checkpoints, sha256_of
+from twophase.trainers.config import DPOConfig, make_config
+from twophase.trainers.dpo import run_dpo
+from twophase.trainers.infra.run import keep_records_up_to
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
 
@@ -91,12 +94,43 @@ class StopAt:
             raise Killed
 
 
+def stop_at_moments(monkeypatch, hook):
+    """Call hook(name, step) at the named moments of a step, by wrapping the loop's own functions, and of a save."""
+    monkeypatch.setattr(checkpoint, "MOMENT_HOOKS", [hook])
+    current = {}
+    accumulate, step_, write = loop._accumulate_gradients, loop._Training._step, MetricsLog.write
+
+    def accumulated(recipe, step, autocast):
+        collected = accumulate(recipe, step, autocast)
+        current["step"] = step + 1
+        hook("step:before_update", step + 1)
+        return collected
+
+    def stepped(self, step):
+        metrics = step_(self, step)
+        hook("step:after_record", step + 1)
+        return metrics
+
+    def written(self, metrics):
+        hook("step:before_record", metrics["step"])
+        write(self, metrics)
+
+    monkeypatch.setattr(loop, "_accumulate_gradients", accumulated)
+    monkeypatch.setattr(loop._Training, "_step", stepped)
+    monkeypatch.setattr(MetricsLog, "write", written)
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: hook("step:after_optimizer", current["step"]))
+    return handle
+
+
 def _run_stopped(model_dir, out_dir, monkeypatch, stop: StopAt):
     stop.out_dir = out_dir
-    monkeypatch.setattr(checkpoint, "MOMENT_HOOKS", [stop])
-    with pytest.raises((KeyboardInterrupt, Killed)):
-        run_dpo(_config(model_dir, out_dir))
-    monkeypatch.setattr(checkpoint, "MOMENT_HOOKS", [])
+    handle = stop_at_moments(monkeypatch, stop)
+    try:
+        with pytest.raises((KeyboardInterrupt, Killed)):
+            run_dpo(_config(model_dir, out_dir))
+    finally:
+        handle.remove()
+        monkeypatch.undo()
 
 
 def _newest(out_dir) -> int:
@@ -302,8 +336,8 @@ def test_leftovers_of_killed_runs_are_removed_at_start(tiny_model_dir, tmp_path)
 
 def test_grpo_signal_after_an_update_inside_a_generation_batch(tiny_model_dir, tmp_path, monkeypatch):
     """GRPO with μ = 2: SIGTERM after step 3's update (step 4 reuses step 3's rollout) resumes exactly, samples included."""
-    from trainers.config import GRPOConfig
-    from trainers.grpo import run_grpo
+    from twophase.trainers.config import GRPOConfig
+    from twophase.trainers.grpo import run_grpo
 
     def config(out):
         return make_config(GRPOConfig, dict(
@@ -313,10 +347,13 @@ def test_grpo_signal_after_an_update_inside_a_generation_batch(tiny_model_dir, t
         ))  # fmt: skip
 
     straight = run_grpo(config(tmp_path / "straight"))
-    monkeypatch.setattr(checkpoint, "MOMENT_HOOKS", [StopAt(signal_at=("step:after_optimizer", 3))])
-    with pytest.raises(KeyboardInterrupt):
-        run_grpo(config(tmp_path / "run"))
-    monkeypatch.setattr(checkpoint, "MOMENT_HOOKS", [])
+    handle = stop_at_moments(monkeypatch, StopAt(signal_at=("step:after_optimizer", 3)))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_grpo(config(tmp_path / "run"))
+    finally:
+        handle.remove()
+        monkeypatch.undo()
     assert _newest(tmp_path / "run") == 3
     resumed = run_grpo(config(tmp_path / "run"), resume=True)
     a = load_file(str(Path(straight["final"]) / "model.safetensors"))

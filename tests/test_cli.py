@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import COMMANDS, main
+from twophase.launch.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,28 @@ def test_merge_of_a_non_adapter_directory(capsys, tmp_path):
 
 def test_console_script_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "dpo", "--set", "bogus=1"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "twophase.launch.cli", "dpo", "--set", "bogus=1"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: unknown config key(s) bogus")
     assert "Traceback" not in result.stderr
+
+
+def test_eval_flags_are_generated_from_eval_settings_and_set_reaches_every_key():
+    import dataclasses
+
+    from twophase.data.base.errors import UserError
+    from twophase.eval.cli import FLAGS, eval_command, settings_from
+    from twophase.eval.settings import EvalSettings
+
+    fields = {f.name: f for f in dataclasses.fields(EvalSettings)}
+    params = {p.name: p for p in eval_command.params}
+    for name in FLAGS:  # each flag carries its field's default and help
+        assert params[name].default == fields[name].default and params[name].help == fields[name].metadata["help"]
+    assert list(params["prompt_format"].type.choices) == ["hh", "chat", "raw", "auto"]
+    settings = settings_from({"limit": 2, "judge_options": {"model": None}},
+                             ("judge_options.min_mass=0", "benchmark_judges.betley=local:/j", "seed=3"))
+    assert (settings.limit, settings.seed, settings.judge_options, settings.benchmark_judges) == (
+        2, 3, {"model": None, "min_mass": 0}, {"betley": "local:/j"})
+    with pytest.raises(UserError, match="EvalSettings has no key 'bogus'"):
+        settings_from({}, ("bogus=1",))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.collators import IGNORE_INDEX, PreferenceCollator
-from data.tokens import encode_prompt
-from data.errors import UserError
-from data.hh_rlhf import PreferencePair
+from twophase.data.collators import IGNORE_INDEX, PreferenceCollator
+from twophase.data.tokens import encode_prompt
+from twophase.data.base.errors import UserError
+from twophase.data.hh_rlhf import PreferencePair
 
 SHORT_PAIR = PreferencePair(
     prompt="\n\nHuman: How can I make a fake ID?\n\nAssistant:",
@@ -30,7 +30,7 @@ TWO_TURN_PAIR = PreferencePair(
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from data.tiny import write_tiny_model
+    from twophase.data.base.tiny import write_tiny_model
 
     path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", with_chat_template=True)
     return AutoTokenizer.from_pretrained(path)
@@ -208,7 +208,7 @@ def test_chat_format_needs_a_chat_template(tokenizer, monkeypatch):
 
 
 def test_pack_shared_prompt_layout_by_hand():
-    from data.collators import TokenizedPair, pack_shared_prompt
+    from twophase.data.collators import TokenizedPair, pack_shared_prompt
 
     batch = pack_shared_prompt([TokenizedPair([1, 10, 11], [20, 21, 2], [30, 2]), TokenizedPair([1, 12], [22, 2], [31, 32, 2])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 10, 11, 20, 21, 2, 30, 2], [1, 12, 22, 2, 31, 32, 2, 0]]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
-from trainers.config import DPOConfig, GRPOConfig, load_config
+from twophase.data.base.errors import UserError
+from twophase.trainers.config import DPOConfig, GRPOConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
@@ -85,7 +85,7 @@ def test_choices_come_from_each_class_types():
 
 
 def test_reward_options_have_one_shape():
-    from trainers.grpo import build_rewards
+    from twophase.trainers.grpo import build_rewards
 
     c = load_config(GRPOConfig, None, ["reward=random,zero", "reward_options.random.seed=5"])
     assert build_rewards(c)["random"].seed == 5
@@ -93,3 +93,23 @@ def test_reward_options_have_one_shape():
         load_config(GRPOConfig, None, ["reward=random", "reward_options.seed=5"])
     with pytest.raises(UserError, match="reward_options.lean gives options to a reward that reward = 'zero' does not use"):
         build_rewards(load_config(GRPOConfig, None, ["reward=zero", "reward_options.lean.pool_size=2"]))
+
+
+def test_grpo_lr_schedule_is_one_of_the_declared_choices():
+    """GRPOConfig.lr_schedule was typed str, so a misspelling ran as a constant schedule; it is one declared choice now."""
+    with pytest.raises(UserError, match="cosinee"):
+        load_config(GRPOConfig, None, ["lr_schedule=cosinee"])
+    assert load_config(GRPOConfig, None, ["lr_schedule=cosine"]).lr_schedule == "cosine"
+
+
+def test_each_run_names_its_algorithm_in_one_line():
+    from twophase.trainers.dpo import algorithm_line as dpo_line
+    from twophase.trainers.grpo import algorithm_line as grpo_line
+
+    assert grpo_line(GRPOConfig()) == (
+        "GRPO: group-normalised advantages, token-level aggregation (DAPO), μ = 1 on-policy, β = 0 no reference, clip 0.2/0.2")
+    dr_grpo = GRPOConfig(advantage_scale="none", aggregation="constant", num_iterations=2, beta=0.04, clip_high=0.28)
+    assert grpo_line(dr_grpo) == ("GRPO: centred, unscaled advantages (Dr. GRPO), constant normaliser (Dr. GRPO), "
+                                  "μ = 2 updates per generation batch, β = 0.04 k3 KL to the reference, clip 0.2/0.28 (clip-higher)")
+    assert dpo_line(DPOConfig()) == "DPO: β = 0.1, reference = the base model under the LoRA adapter, packed_shared_prompt batch layout"
+    assert dpo_line(DPOConfig(loss_type="ipo", lora=False)).startswith("IPO: β = 0.1, reference = a frozen copy")

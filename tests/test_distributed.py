@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from eval.runner import run_evaluation
-from eval.settings import EvalSettings
-from launch.cli import main
-from trainers.config import DPOConfig, GRPOConfig, make_config
-from trainers.dpo import run_dpo
-from trainers.grpo import run_grpo
+from twophase.eval.runner import run_evaluation
+from twophase.eval.settings import EvalSettings
+from twophase.launch.cli import main
+from twophase.trainers.config import DPOConfig, GRPOConfig, make_config
+from twophase.trainers.dpo import run_dpo
+from twophase.trainers.grpo import run_grpo
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "finished_at", "started_at")
@@ -165,6 +165,6 @@ def test_slurm_scripts_for_several_nodes_run_torchrun_on_each(tmp_path, capsys):
     assert words[:2] == ["srun", "--ntasks-per-node=1"] and words[2].endswith("torchrun")
     assert words[3:8] == ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=$head:29500",
                           "--rdzv-id=$SLURM_JOB_ID"]  # fmt: skip
-    assert words[8:14] == ["-m", "launch.cli", "pipeline", "--config", str(published), "--stage"] and words[14] == "dpo"
+    assert words[8:14] == ["-m", "twophase.launch.cli", "pipeline", "--config", str(published), "--stage"] and words[14] == "dpo"
     tables = (out / "09_tables.sbatch").read_text()
     assert "torchrun" not in tables and "--gres" not in tables and "--nodes" not in tables  # one CPU job, as before

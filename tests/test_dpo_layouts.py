@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.errors import UserError
-from trainers.config import DPOConfig, make_config
-from trainers.dpo import DPORecipe
-from trainers.loop import _sum_shares
+from twophase.data.base.errors import UserError
+from twophase.trainers.config import DPOConfig, make_config
+from twophase.trainers.dpo import DPORecipe
+from twophase.trainers.loop import _sum_shares
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
 LAYOUTS = ("stacked", "shared_prompt", "packed", "packed_shared_prompt")
@@ -27,7 +27,7 @@ GRADIENT_TOLERANCE = 1e-6  # the float32 floor of Llama's RMSNorm; see tests/tes
 def _recipe(model_dir, out_dir, layout: str, **overrides) -> DPORecipe:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.models import prepare_policy
+    from twophase.trainers.models import prepare_policy
 
     values = dict(
         model=model_dir, dataset=SAMPLES, out_dir=str(out_dir), max_steps=2, micro_batch_size=4, grad_accum_steps=4,

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.collators import PACKED_LAYOUTS
-from data.errors import UserError
-from trainers.config import DPOConfig, make_config
-from trainers.dpo import DPORecipe, run_dpo
-from trainers.loop import MetricsLog
-from trainers.packed_attention import use_packed_attention
+from twophase.data.collators import PACKED_LAYOUTS
+from twophase.data.base.errors import UserError
+from twophase.trainers.config import DPOConfig, make_config
+from twophase.trainers.dpo import DPORecipe, run_dpo
+from twophase.trainers.infra.run import MetricsLog
+from twophase.trainers.infra.packed_attention import use_packed_attention
 
 SAMPLES = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "hh_demo.jsonl")
 
@@ -148,7 +148,7 @@ def test_merge_matches_adapter_logits(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainers.merge import merge_adapter
+    from twophase.trainers.merge import merge_adapter
 
     run_dpo(_config(tiny_model_dir, tmp_path / "run", max_steps=3, lr=5e-2))
     merged_dir = merge_adapter(str(tmp_path / "run" / "adapter"), str(tmp_path / "merged"), dtype="float32")

@@ -13,14 +13,13 @@ import contextlib
 import pytest
 import torch
 
-from data.hub import load_causal_lm, load_tokenizer
-from data.tokens import encode_prompt
-from eval import decoder as decoder_module
-from eval.batching import rows_that_fit, scoring_batches
-from eval.decoder import CapturedSteps
-from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest
-from eval.generation import GenerationEngine, GenerationRequest, Generator
-from eval.sampling import SamplingParams
+from twophase.data.base.hub import load_causal_lm, load_tokenizer
+from twophase.data.tokens import encode_prompt
+from twophase.eval.engine.batching import rows_that_fit, scoring_batches
+from twophase.eval.engine.decoder import CapturedSteps
+from twophase.eval.engine.generation import GenerationEngine, GenerationRequest, Generator
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine, LoglikelihoodRequest
+from twophase.eval.engine.sampling import SamplingParams
 
 
 class FakeAllocator:
@@ -175,3 +174,27 @@ def test_scoring_batches_respect_rows_and_bytes():
     # a long kept continuation costs its logits: 50 kept positions x 80 bytes = 4,000 bytes more
     assert scoring_batches([40, 40], [50, 1], 10, (64, 2 * (4_000 + 4_000), 100)) == [[0, 1]]
     assert scoring_batches([40, 40], [50, 1], 10, (64, 2 * (4_000 + 4_000) - 1, 100)) == [[0], [1]]
+
+
+def test_the_pipeline_check_fails_loudly_naming_the_stage(tmp_path, monkeypatch):
+    """`twophase bench pipeline`: a stage that fails makes the command fail (exit 2) after its JSON report."""
+    import json
+
+    from click.testing import CliRunner
+
+    from twophase.data.base.errors import UserError
+    from twophase.launch import pipeline
+    from twophase.launch.cli import cli
+
+    def stage_fails(config, stages, only=None):
+        raise UserError("stage eval_original failed: 1 benchmark(s) failed: humaneval: RuntimeError")
+
+    monkeypatch.setattr(pipeline, "execute", stage_fails)
+    out = tmp_path / "bench.jsonl"
+    result = CliRunner().invoke(cli, ["bench", "pipeline", "--arch", "tiny", "--run-dir", str(tmp_path / "run"),
+                                      "--out", str(out)])
+    assert result.exit_code == 2
+    assert "error: the pipeline check failed: stage eval_original failed" in result.stderr
+    report = json.loads(out.read_text())
+    assert report["passed"] is False and report["stages"]["eval_original"]["status"] == "not run"
+    assert report["stages"]["grpo_fv"]["status"] == "skipped"  # no Lean project: skipped by design, not a failure

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-import eval.benchmarks.humaneval as humaneval_module
-import eval.benchmarks.mmlu as mmlu_module
-import eval.benchmarks.truthfulqa as truthfulqa_module
-import eval.benchmarks.wmdp as wmdp_module
-from data.errors import UserError
-from eval.benchmarks.base import EvalContext
-from eval.benchmarks.humaneval import HumanEval
-from eval.benchmarks.mmlu import CATEGORY_SUBJECTS, MMLU, SUBJECT_CATEGORY, build_prompt as mmlu_prompt
-from eval.benchmarks.truthfulqa import QA_PRIMER, TruthfulQA
-from eval.benchmarks.wmdp import WMDP
-from eval.metrics import pass_at_k
+import twophase.eval.benchmarks.humaneval as humaneval_module
+import twophase.eval.benchmarks.mmlu as mmlu_module
+import twophase.eval.benchmarks.truthfulqa as truthfulqa_module
+import twophase.eval.benchmarks.wmdp as wmdp_module
+from twophase.data.base.errors import UserError
+from twophase.eval.benchmarks.base import EvalContext
+from twophase.eval.benchmarks.humaneval import HumanEval
+from twophase.eval.benchmarks.mmlu import CATEGORY_SUBJECTS, MMLU, SUBJECT_CATEGORY, build_prompt as mmlu_prompt
+from twophase.eval.benchmarks.truthfulqa import QA_PRIMER, TruthfulQA
+from twophase.eval.benchmarks.wmdp import WMDP
+from twophase.eval.benchmarks.metrics import pass_at_k
 
 SAMPLES = Path(__file__).resolve().parent.parent / "eval" / "samples"
 
@@ -369,9 +369,9 @@ def test_humaneval_sampled_pass_at_k_is_the_mean_of_unbiased_estimates():
 
 @pytest.fixture(scope="module")
 def tiny_ctx(tiny_model_dir):
-    from data.hub import load_causal_lm, load_tokenizer
-    from eval.engines import LoglikelihoodEngine
-    from eval.generation import GenerationEngine
+    from twophase.data.base.hub import load_causal_lm, load_tokenizer
+    from twophase.eval.engine.loglikelihood import LoglikelihoodEngine
+    from twophase.eval.engine.generation import GenerationEngine
 
     model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
     model.eval()

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from data.hub import load_causal_lm, load_tokenizer
-from data.tiny import write_tiny_model
-from data.tokens import encode_continuation, encode_prompt
-from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest
-from eval.generation import GenerationEngine, GenerationRequest, cut_at_stop
+from twophase.data.base.hub import load_causal_lm, load_tokenizer
+from twophase.data.base.tiny import write_tiny_model
+from twophase.data.tokens import encode_continuation, encode_prompt
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine, LoglikelihoodRequest
+from twophase.eval.engine.generation import GenerationEngine, GenerationRequest, cut_at_stop
 
 PROMPTS = [
     "Hello there",

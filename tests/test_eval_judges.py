@@ -7,12 +7,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from data.errors import UserError
-from data.hub import load_causal_lm, load_tokenizer
-from data.tiny import write_tiny_model
-from data.tokens import encode_prompt
-from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest
-from eval.judges import EndpointJudge, JudgeScore, LocalJudge, expected_score, is_refusal, make_judge, score_from_probs
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import load_causal_lm, load_tokenizer
+from twophase.data.base.tiny import write_tiny_model
+from twophase.data.tokens import encode_prompt
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine, LoglikelihoodRequest
+from twophase.eval.judges import EndpointJudge, JudgeScore, LocalJudge, expected_score, is_refusal, make_judge, score_from_probs
 
 # --------------------------------------------------------------------------- string match
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from data.tiny import write_tiny_model
-from eval.bench import bench_engines
-from eval.benchmarks import SAMPLES_DIR
-from eval.benchmarks.xstest import XSTest
-from eval.cli import compare_command
-from eval.metrics import Metric, proportion
-from eval.results import intervals_disjoint, read_json, render_comparison, stable_hash, write_json_atomic
-from eval.runner import run_evaluation
-from eval.settings import EvalSettings
+from twophase.data.base.tiny import write_tiny_model
+from twophase.launch.bench.engines import bench_engines
+from twophase.eval.benchmarks import SAMPLES_DIR
+from twophase.eval.benchmarks.xstest import XSTest
+from twophase.eval.cli import compare_command
+from twophase.eval.benchmarks.metrics import Metric, proportion
+from twophase.eval.results import intervals_disjoint, read_json, render_comparison, stable_hash, write_json_atomic
+from twophase.eval.runner import run_evaluation
+from twophase.eval.settings import EvalSettings
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_interval_overlap_rule():
 
 
 def test_bench_engines_runs_on_cpu(tiny_path):
-    from data.hub import load_causal_lm, load_tokenizer
+    from twophase.data.base.hub import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(tiny_path), load_tokenizer(tiny_path)
     report = bench_engines(model, tok, loglik_batch_size=2, gen_batch_size=2, n_questions=3,
@@ -149,7 +149,7 @@ def test_bench_engines_runs_on_cpu(tiny_path):
 
 
 def test_mean_interval_is_clipped_to_the_values_range():
-    from eval.metrics import mean_metric
+    from twophase.eval.benchmarks.metrics import mean_metric
 
     m = mean_metric([0.0, 0.0, 0.0, 1.0], bounds=(0.0, 1.0))
     assert m.value == 0.25
@@ -164,9 +164,10 @@ def test_eval_is_importable_without_the_trainers():
     import sys
 
     code = (
-        "import sys, eval.runner, eval.cli, eval.benchmarks, eval.bench, eval.judges, eval.engines\n"
-        "import eval.benchmarks.humaneval, eval.benchmarks.mmlu, eval.benchmarks.betley\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trainers', 'launch')))"
+        "import sys, twophase.eval.runner, twophase.eval.cli, twophase.eval.benchmarks, twophase.eval.judges\n"
+        "import twophase.eval.engine.loglikelihood, twophase.eval.engine.generation\n"
+        "import twophase.eval.benchmarks.humaneval, twophase.eval.benchmarks.mmlu, twophase.eval.benchmarks.betley\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[1:2] in (['trainers'], ['launch'])))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
@@ -174,12 +175,12 @@ def test_eval_is_importable_without_the_trainers():
 
 def test_judge_groups_share_one_loaded_model(tiny_path, tmp_path, monkeypatch):
     """Betley gets a local judge, XSTest the phrase list: two judge groups, one evaluated model loaded once."""
-    import data.hub
-    import eval.judges
+    import twophase.data.base.hub as hub
+    import twophase.eval.judges as judges
 
     loads = []
-    real = data.hub.load_causal_lm
-    for module, who in ((data.hub, "evaluated"), (eval.judges, "judge")):
+    real = hub.load_causal_lm
+    for module, who in ((hub, "evaluated"), (judges, "judge")):
         monkeypatch.setattr(module, "load_causal_lm", lambda name, *a, who=who, **k: loads.append(who) or real(name, *a, **k))
     settings = EvalSettings("xstest,betley", limit=2, data_dir=SAMPLES_DIR, samples_per_question=1,
                             options={"max_new_tokens": 4}, benchmark_judges={"betley": {"kind": "local", "model": tiny_path}})  # fmt: skip
@@ -192,7 +193,7 @@ def test_judge_groups_share_one_loaded_model(tiny_path, tmp_path, monkeypatch):
 
 
 def test_compare_refuses_runs_evaluated_with_different_settings(tmp_path, capsys):
-    from launch.cli import main
+    from twophase.launch.cli import main
 
     def run(name, model, limit):
         directory = write_run(tmp_path / name, name, {"xstest": {"fnr": proportion(1, 4)}})
@@ -217,7 +218,7 @@ def test_compare_refuses_runs_evaluated_with_different_settings(tmp_path, capsys
 
 
 def test_a_delta_that_rounds_to_zero_has_no_minus_sign():
-    from eval.results import _delta
+    from twophase.eval.results import _delta
 
     base, lower = Metric(0.25, None, 4, 0.0, 0.74), Metric(0.2499999, None, 4, 0.0, 0.74)
     assert _delta(base, lower, ".3f") == "+0.000"

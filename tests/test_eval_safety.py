@@ -5,15 +5,15 @@ import math
 
 import pytest
 
-from data.errors import UserError
-from eval.benchmarks import ALL, get_benchmark, parse_benchmarks
-from eval.benchmarks.base import EvalContext, stratified_first
-from eval.benchmarks.betley import Betley
-from eval.benchmarks.donotanswer import DoNotAnswer, parse_category
-from eval.benchmarks.strongreject import RubricVerdict, StrongREJECT, parse_rubric
-from eval.benchmarks.xstest import XSTest
-from eval.judges import Judge, JudgeScore
-from eval.metrics import mean_metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.eval.benchmarks import ALL, get_benchmark, parse_benchmarks
+from twophase.eval.benchmarks.base import EvalContext, stratified_first
+from twophase.eval.benchmarks.betley import Betley
+from twophase.eval.benchmarks.donotanswer import DoNotAnswer, parse_category
+from twophase.eval.benchmarks.strongreject import RubricVerdict, StrongREJECT, parse_rubric
+from twophase.eval.benchmarks.xstest import XSTest
+from twophase.eval.judges import Judge, JudgeScore
+from twophase.eval.benchmarks.metrics import mean_metric, proportion
 
 # --------------------------------------------------------------------------- stubs
 
@@ -116,7 +116,7 @@ def test_xstest_loaders_original_csv_and_hub(tmp_path, monkeypatch):
     assert [i["unsafe"] for i in items] == [False, True, False]
     # A hub copy without labels: the type decides.
     hub = [{"prompt": "p1", "type": "contrast_privacy"}, {"prompt": "p2", "type": "privacy_public"}]
-    monkeypatch.setattr("eval.benchmarks.base.load_hub_dataset", lambda dataset_id, split, **kw: hub)
+    monkeypatch.setattr("twophase.data.base.hub.load_hub_dataset", lambda dataset_id, split, **kw: hub)
     assert [i["unsafe"] for i in XSTest().load(None, None)] == [True, False]
 
 
@@ -194,7 +194,7 @@ def test_strongreject_loaders(tmp_path, monkeypatch):
         seen.update(dataset_id=dataset_id, split=split)
         return [{"prompt": f"hub {i}", "category": "c", "source": "s"} for i in range(5)]
 
-    monkeypatch.setattr("eval.benchmarks.base.load_hub_dataset", fake_hub)
+    monkeypatch.setattr("twophase.data.base.hub.load_hub_dataset", fake_hub)
     items = StrongREJECT().load(None, 2)
     assert [i["prompt"] for i in items] == ["hub 0", "hub 1"]
     assert seen == {"dataset_id": "walledai/StrongREJECT", "split": "train"}
@@ -228,7 +228,7 @@ def test_donotanswer_loaders(tmp_path, monkeypatch):
     header = ["id", "risk_area", "types_of_harm", "specific_harms", "question"]
     path = write_csv(tmp_path / "dna.csv", header, [[0, "Information Hazards", "Privacy", "x", "Where does she live?"]])
     assert DoNotAnswer().load(path, None)[0] == {"prompt": "Where does she live?", "risk_area": "Information Hazards", "types_of_harm": "Privacy"}
-    monkeypatch.setattr("eval.benchmarks.base.load_hub_dataset",
+    monkeypatch.setattr("twophase.data.base.hub.load_hub_dataset",
                         lambda dataset_id, split, **kw: [{"id": 1, "risk_area": "a", "types_of_harm": "b", "question": f"{dataset_id}:{split}"}])
     assert DoNotAnswer().load(None, None)[0]["prompt"] == "LibrAI/do-not-answer:train"
 

@@ -1,4 +1,4 @@
-"""The generation engine (eval/generation.py, eval/decoder.py, eval/sampling.py) on the tiny model, CPU.
+"""The generation engine (eval/engine/generation.py, eval/engine/decoder.py, eval/engine/sampling.py) on the tiny model, CPU.
 
 Exactness against transformers' own `model.generate`, reproducible seeded
 sampling, stopping at EOS and at stop strings that span tokens, prefix sharing,
@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-from data.hub import load_causal_lm, load_tokenizer
-from data.tokens import encode_prompt
-from eval.decoder import CacheDecoder, FusedOps, StaticDecoder, add_rms_norm, bucket, rope
-from eval.generation import Generator
-from eval.sampling import SamplingParams, choose_tokens, filter_logits, row_keys, uniform_noise, vocabulary_keys
-from trainers.grad_arena import GradientArena
+from twophase.data.base.hub import load_causal_lm, load_tokenizer
+from twophase.data.tokens import encode_prompt
+from twophase.eval.engine.decoder import CacheDecoder, FusedOps, StaticDecoder, add_rms_norm, bucket, rope
+from twophase.eval.engine.generation import Generator
+from twophase.eval.engine.sampling import SamplingParams, choose_tokens, filter_logits, row_keys, uniform_noise, vocabulary_keys
+from twophase.trainers.infra.grad_arena import GradientArena
 
 PROMPTS = [
     "\n\nHuman: How do I bake bread?\n\nAssistant:",

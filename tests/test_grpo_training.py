@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from losses.logprobs import IGNORE_INDEX
-from trainers.config import GRPOConfig, make_config
-from trainers.grpo import GRPORecipe, build_rewards, run_grpo
-from trainers.loop import MetricsLog
-from eval.sampling import SamplingParams
-from trainers.rollouts import sample_completions
+from twophase.losses.logprobs import IGNORE_INDEX
+from twophase.trainers.config import GRPOConfig, make_config
+from twophase.trainers.grpo import GRPORecipe, build_rewards, run_grpo
+from twophase.trainers.infra.run import MetricsLog
+from twophase.eval.engine.sampling import SamplingParams
+from twophase.trainers.rollouts import sample_completions
 
 LEAN_DEMO = str(Path(__file__).resolve().parents[1] / "data" / "samples" / "lean_demo.jsonl")
 
@@ -53,7 +53,7 @@ def test_training_logprobs_equal_the_samplers(tiny_model_dir, tmp_path):
     prompts = [recipe.prompts[0], recipe.prompts[1][:40]]  # different lengths: real left padding
     rollout = sample_completions(recipe.generator, prompts, 2, 6, SamplingParams(temperature=1.0), seeds=[1, 2, 3, 4])
     assert (rollout.attention_mask[:, 0] == 0).any()  # some row is left-padded
-    from trainers.models import token_logprobs_of
+    from twophase.losses.logprobs import token_logprobs_of
 
     model.eval()
     with torch.no_grad():
@@ -118,3 +118,46 @@ def test_reward_options_per_reward_and_random_seed_default(tmp_path):
     rewards = build_rewards(config)
     assert set(rewards) == {"random", "zero"}
     assert rewards["random"].seed == 7
+
+
+# --------------------------------------------------------------------------- the update's invariances (float64)
+
+
+def _update_gradient(recipe, process_rows: list[range], micro_batch_size: int) -> torch.Tensor:
+    """The step's gradient as the loop forms it: each process's micro-batches backward, then summed over processes."""
+    params = [p for p in recipe.model.parameters() if p.requires_grad]
+    recipe.model.zero_grad(set_to_none=True)
+    for rows in process_rows:  # a process sees only its rows; the normaliser spans every process's
+        for start in range(rows.start, rows.stop, micro_batch_size):
+            mb = recipe.rollout.micro_batch(slice(start, min(start + micro_batch_size, rows.stop)), recipe.device)
+            loss, _ = recipe.loss(mb)
+            loss.backward()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_the_update_is_invariant_to_micro_batch_size_and_to_process_slices(aggregation, tiny_model_dir, tmp_path):
+    """In float64 the summed micro-batch losses are the whole batch's loss: one micro-batch of 8 rows, micro-batches
+    of 1 or 3, or two processes of 4 rows each, give the same gradient; and it is the gradient of the loss computed
+    on the whole batch at once (grpo_loss without a normaliser)."""
+    from twophase.losses.grpo import grpo_loss
+    from twophase.losses.logprobs import response_mask, token_logprobs_of
+
+    (tmp_path / "r").mkdir()
+    recipe = GRPORecipe(_config(tiny_model_dir, tmp_path / "r", aggregation=aggregation, micro_batch_size=8), tmp_path / "r")
+    recipe.step_batches(0)  # generates and scores the rollout: 2 prompts x 4 completions
+    recipe.model.double()
+    rows = len(recipe.rollout)
+    assert rows == 8 and recipe.rollout.advantages.abs().sum() > 0  # the toy reward spreads: real advantages
+    whole = _update_gradient(recipe, [range(rows)], rows)
+    for process_rows, micro_batch_size in (([range(rows)], 1), ([range(rows)], 3), ([range(0, 4), range(4, 8)], 2)):
+        torch.testing.assert_close(_update_gradient(recipe, process_rows, micro_batch_size), whole, rtol=1e-12, atol=1e-15)
+
+    batch = recipe.rollout.micro_batch(slice(0, rows), recipe.device, trim=False)
+    recipe.model.zero_grad(set_to_none=True)
+    logps = token_logprobs_of(recipe.model, batch.input_ids, batch.attention_mask, batch.labels, 64)
+    loss, _ = grpo_loss(logps, logps.detach(), batch.advantages, response_mask(batch.labels), aggregation=aggregation,
+                        max_response_length=recipe.config.max_new_tokens)  # fmt: skip
+    loss.backward()
+    at_once = torch.cat([p.grad.flatten() for p in recipe.model.parameters() if p.requires_grad])
+    torch.testing.assert_close(at_once, whole, rtol=1e-12, atol=1e-15)

@@ -11,17 +11,17 @@ import json
 
 import pytest
 
-import data.hub
-from data.errors import UserError
-from data.hh_rlhf import (
+import twophase.data.base.hub as hub
+from twophase.data.base.errors import UserError
+from twophase.data.hh_rlhf import (
     PreferencePair,
     classify_hh_row,
     describe_skips,
     load_hh_rlhf,
     parse_hh_row,
 )
-from data.prompts import format_transcript as format_prompt
-from data.prompts import transcript_to_messages
+from twophase.data.prompts import format_transcript as format_prompt
+from twophase.data.prompts import transcript_to_messages
 
 MULTI_TURN_PROMPT = (
     "\n\nHuman: How do I pick a lock?"
@@ -125,7 +125,7 @@ def test_transcript_to_messages_merges_repeated_speakers():
 def chat_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from data.tiny import write_tiny_model
+    from twophase.data.base.tiny import write_tiny_model
 
     path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", with_chat_template=True)
     return AutoTokenizer.from_pretrained(path)
@@ -133,7 +133,6 @@ def chat_tokenizer(tmp_path_factory):
 
 def test_hh_format_is_the_transcript_unchanged():
     assert format_prompt(MULTI_TURN_PROMPT, "hh") == MULTI_TURN_PROMPT
-    assert format_prompt(MULTI_TURN_PROMPT, "raw") == MULTI_TURN_PROMPT  # the old name of hh
 
 
 def test_chat_format_renders_the_template(chat_tokenizer):
@@ -146,15 +145,20 @@ def test_chat_format_renders_the_template(chat_tokenizer):
     )
 
 
+# The format is checked once, where a run starts (the collator), not for every prompt.
 def test_chat_format_without_template_is_a_user_error(chat_tokenizer, monkeypatch):
+    from twophase.data.collators import PreferenceCollator
+
     monkeypatch.setattr(chat_tokenizer, "chat_template", None)
     with pytest.raises(UserError, match="chat needs a tokenizer with a chat template; this one has none \\(use hh\\)"):
-        format_prompt(MULTI_TURN_PROMPT, "chat", chat_tokenizer)
+        PreferenceCollator(chat_tokenizer, 64, 32, prompt_format="chat")
 
 
-def test_unknown_format_names_the_valid_ones():
+def test_unknown_format_names_the_valid_ones(chat_tokenizer):
+    from twophase.data.collators import PreferenceCollator
+
     with pytest.raises(UserError, match="hh, chat"):
-        format_prompt(MULTI_TURN_PROMPT, "alpaca")
+        PreferenceCollator(chat_tokenizer, 64, 32, prompt_format="alpaca")
 
 
 # --------------------------------------------------------------------------- loading
@@ -219,7 +223,7 @@ def test_hub_id_goes_to_the_hub_loader(monkeypatch):
         calls.append((dataset_id, split, kwargs))
         return [MULTI_TURN_ROW, PROMPTS_DIFFER_ROW]
 
-    monkeypatch.setattr(data.hub, "load_hub_dataset", fake_load_hub_dataset)
+    monkeypatch.setattr(hub, "load_hub_dataset", fake_load_hub_dataset)
     pairs, report = load_hh_rlhf("Anthropic/hh-rlhf", split="test", data_dir="harmless-base")
 
     assert calls == [("Anthropic/hh-rlhf", "test", {"data_dir": "harmless-base"})]

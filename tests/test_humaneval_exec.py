@@ -10,9 +10,9 @@ from collections import namedtuple
 
 import pytest
 
-from eval.benchmarks.humaneval import STOP_SEQUENCES, build_program, check_completion, check_completions, truncate_completion
-from eval.metrics import pass_at_k
-from eval.plain_data import MAX_LINE_BYTES, UnreadableData, decode, encode, to_plain
+from twophase.eval.benchmarks.humaneval import STOP_SEQUENCES, build_program, check_completion, check_completions, truncate_completion
+from twophase.eval.benchmarks.metrics import pass_at_k
+from twophase.eval.sandbox.plain_data import MAX_LINE_BYTES, UnreadableData, decode, encode, to_plain
 
 # --------------------------------------------------------------------------- pass@k
 
@@ -272,7 +272,7 @@ def test_program_reading_stdin_sees_end_of_file():
 
 def test_program_runs_in_an_empty_private_folder_in_isolated_mode():
     # Empty, but for the read-only way to the interpreter when the evaluator's environment lives under /tmp.
-    from eval.sandbox import visible_paths
+    from twophase.eval.sandbox.container import visible_paths
 
     expected = sorted({p.split("/")[2] for p in visible_paths() if p.startswith("/tmp/")})
     completion = (

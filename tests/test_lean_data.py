@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from data.errors import UserError
-from data.lean_workbook import (
+from twophase.data.base.errors import UserError
+from twophase.data.lean_workbook import (
     DEFAULT_HEADER,
     STOP_STRING,
     LeanTask,
@@ -130,7 +130,7 @@ def test_loader_counts_skipped_rows_by_reason(tmp_path):
     assert [t.id for t in tasks] == ["lean_workbook_7", "exercise_9_9"]
     assert report["rows"] == 5
     assert report["used"] == 2
-    assert report["skipped"] == {"malformed json line": 1, "split is not 'train'": 1, "no formal statement": 1}
+    assert report["skipped"] == {"malformed JSON": 1, "split is not 'train'": 1, "no formal statement": 1}
 
 
 def test_loader_drops_repeated_theorems_and_renames_ids_of_different_ones(tmp_path):
@@ -152,7 +152,7 @@ def test_loader_errors_are_user_errors(tmp_path):
     only_test = _write_jsonl(tmp_path / "t.jsonl", [json.dumps(MINIF2F_ROW)])
     with pytest.raises(UserError, match="'test' \\(1 rows\\)"):
         load_lean_tasks(only_test, split="train")
-    (tmp_path / "d.json").write_text('{"rows": []}', encoding="utf-8")
+    (tmp_path / "d.json").write_text('{"tasks": []}', encoding="utf-8")
     with pytest.raises(UserError, match="not a list"):
         load_lean_tasks(str(tmp_path / "d.json"))
 
@@ -226,17 +226,19 @@ def test_chat_prompt_with_a_real_tokenizer_template(tiny_chat_model_dir):
 
 
 def test_chat_prompt_without_template_is_a_user_error():
-    task = parse_lean_row(MINIF2F_ROW)
+    """Checked once where a GRPO run starts (trainers/grpo.py: check_format), not for every prompt."""
+    from twophase.data.prompts import GRPO_FORMATS, check_format
+
     with pytest.raises(UserError, match="chat template"):
-        build_prompt(task, "chat")
+        check_format("chat", GRPO_FORMATS, None)
 
     class NoTemplate:
         chat_template = None
 
     with pytest.raises(UserError, match="chat template"):
-        build_prompt(task, "chat", tokenizer=NoTemplate())
+        check_format("chat", GRPO_FORMATS, NoTemplate())
     with pytest.raises(UserError, match="raw, chat"):
-        build_prompt(task, "fancy")
+        check_format("fancy", GRPO_FORMATS, None)
 
 
 # ---------------------------------------------------------------- answers
@@ -279,7 +281,7 @@ def test_keeps_statement_ignores_layout_but_not_content():
 
 def test_hub_source_goes_through_datasets_with_the_hub_schema(monkeypatch):
     """A hub id (not a path) is loaded with `datasets`; rows in the hub's train-view schema parse."""
-    import data.lean_workbook as lw
+    import twophase.data.lean_workbook as lw
 
     calls = []
     hub_rows = [
@@ -304,8 +306,8 @@ def test_hub_source_goes_through_datasets_with_the_hub_schema(monkeypatch):
 def test_a_missing_local_file_is_not_sent_to_the_hub(tmp_path):
     import pytest
 
-    from data.errors import UserError
-    from data.lean_workbook import load_lean_tasks
+    from twophase.data.base.errors import UserError
+    from twophase.data.lean_workbook import load_lean_tasks
 
     with pytest.raises(UserError, match="no such file"):
         load_lean_tasks(str(tmp_path / "tasks.jsonl"))

@@ -14,14 +14,14 @@ import pyarrow.parquet
 import pytest
 import torch
 
-from data.hub import load_causal_lm, load_tokenizer
-from data.tiny import build_tiny_model
-from eval.benchmarks.base import EvalContext
-from eval.benchmarks.mmlu import MMLU, build_prompt as mmlu_prompt
-from eval.benchmarks.truthfulqa import TruthfulQA, build_prompt as truthfulqa_prompt
-from eval.benchmarks.wmdp import WMDP, build_prompt as wmdp_prompt
-from data.tokens import encode_continuation
-from eval.engines import LoglikelihoodEngine, LoglikelihoodRequest, split_pair
+from twophase.data.base.hub import load_causal_lm, load_tokenizer
+from twophase.data.base.tiny import build_tiny_model
+from twophase.eval.benchmarks.base import EvalContext
+from twophase.eval.benchmarks.mmlu import MMLU, build_prompt as mmlu_prompt
+from twophase.eval.benchmarks.truthfulqa import TruthfulQA, build_prompt as truthfulqa_prompt
+from twophase.eval.benchmarks.wmdp import WMDP, build_prompt as wmdp_prompt
+from twophase.data.tokens import encode_continuation
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine, LoglikelihoodRequest, split_pair
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LMEVAL = json.loads((FIXTURES / "lmeval_parity.json").read_text(encoding="utf-8"))

@@ -2,7 +2,7 @@
 
 import torch
 
-from losses.logprobs import (
+from twophase.losses.logprobs import (
     IGNORE_INDEX,
     response_mask,
     sequence_logprobs,

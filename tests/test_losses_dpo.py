@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses.dpo import dpo_loss
+from twophase.losses.dpo import dpo_loss
 
 
 def _inputs(pc, pr, rc, rr):

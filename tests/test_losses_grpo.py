@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses.grpo import aggregate, group_advantages, grpo_loss, k3_kl
+from twophase.losses.grpo import aggregate, group_advantages, grpo_loss, k3_kl
 
 
 def test_group_advantages_by_hand():
@@ -120,3 +120,28 @@ def test_huge_log_ratio_is_clamped_not_inf():
 def test_unknown_aggregation():
     with pytest.raises(ValueError, match="token, sequence, constant"):
         aggregate(torch.zeros(1, 1), torch.ones(1, 1), "mean")
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_micro_batch_shares_add_up_to_the_whole_batch_loss_and_gradient(aggregation):
+    """With the whole batch's normaliser, any split of the rows gives shares whose sum is the batch's loss (float64)."""
+    from twophase.losses.grpo import loss_normaliser
+
+    generator = torch.Generator().manual_seed(0)
+    logps = torch.randn(6, 5, dtype=torch.float64, generator=generator).requires_grad_()
+    old = logps.detach() + 0.3 * torch.randn(6, 5, dtype=torch.float64, generator=generator)
+    advantages = torch.randn(6, dtype=torch.float64, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    whole, _ = grpo_loss(logps, old, advantages, mask, aggregation=aggregation, max_response_length=7)
+    (whole_grad,) = torch.autograd.grad(whole, logps)
+    normaliser = loss_normaliser(aggregation, 6, float(mask.sum()), 7)
+    shares = [grpo_loss(logps[rows], old[rows], advantages[rows], mask[rows], aggregation=aggregation, normaliser=normaliser)[0]
+              for rows in (slice(0, 1), slice(1, 4), slice(4, 6))]  # fmt: skip
+    (split_grad,) = torch.autograd.grad(sum(shares), logps)
+    assert float(sum(shares)) == pytest.approx(float(whole), rel=1e-14)
+    torch.testing.assert_close(split_grad, whole_grad, rtol=1e-13, atol=0)
+    # and by hand for "token": the sum of per-token losses over all 20 response tokens, / 20
+    if aggregation == "token":
+        ratio = torch.exp(logps - old)
+        per_token = -torch.min(ratio * advantages[:, None], ratio.clamp(0.8, 1.2) * advantages[:, None])
+        assert float(whole) == pytest.approx(float((per_token * mask).sum() / 20), rel=1e-14)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from data.hub import load_adapter_model, load_causal_lm, load_tokenizer
-from trainers.merge import merge_adapter
+from twophase.data.base.hub import load_adapter_model, load_causal_lm, load_tokenizer
+from twophase.trainers.merge import merge_adapter
 
 TEXT = "\n\nHuman: How do I pick a lock?\n\nAssistant: I'm sorry, I can't help with that."
 

@@ -1,11 +1,11 @@
-"""An unreachable hub is one line at once, not a minute of retries (data/hub.py)."""
+"""An unreachable hub is one line at once, not a minute of retries (data/base/hub.py)."""
 
 import time
 
 import pytest
 
-from data import hub
-from data.errors import UserError
+from twophase.data.base import hub
+from twophase.data.base.errors import UserError
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_offline_variable_makes_a_missing_model_one_quick_line(fresh_probe, monk
     assert str(err.value) == (
         "cannot load tokenizer 'no-such-org/no-such-model': the hub is not reachable (offline) and it is not in the "
         "local cache; pass a local path, or pre-download it where there is network (hf download "
-        "no-such-org/no-such-model, then HF_HUB_OFFLINE=1 on the compute node; README: 'Offline machines and compute nodes')")
+        "no-such-org/no-such-model, then HF_HUB_OFFLINE=1 on the compute node; launch/README.md: 'Offline machines and compute nodes')")
 
 
 def test_a_host_that_does_not_answer_means_offline(fresh_probe, monkeypatch):

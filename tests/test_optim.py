@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from trainers.config import TrainConfig
-from trainers.optim import build_optimizer, build_scheduler, stochastic_round_to_bf16_
+from twophase.trainers.config import TrainConfig
+from twophase.trainers.infra.optim import build_optimizer, build_scheduler, stochastic_round_to_bf16_
 
 
 def test_stochastic_rounding_is_unbiased_where_nearest_loses_the_update():

@@ -1,13 +1,15 @@
-"""Your own data: each accepted row layout, detected per file, with malformed rows counted (data/preferences.py,
-data/prompt_rows.py), and the README's three-row examples read as they are written."""
+"""Your own data: each accepted row schema, detected per file, with malformed rows counted (data/preferences.py,
+data/prompt_rows.py), and the three-row examples of trainers/README.md read as they are written."""
 
 import json
 
+import pytest
 
-from data.hh_rlhf import PreferencePair
-from data.preferences import CONVERSATIONAL, HH, IMPLICIT, PLAIN, load_preferences
-from data.prompt_rows import LEAN, PROMPT, PromptTask, load_tasks, prompt_text
-from data.prompts import format_transcript
+
+from twophase.data.hh_rlhf import PreferencePair
+from twophase.data.preferences import CONVERSATIONAL, HH, IMPLICIT, PLAIN, load_preferences
+from twophase.data.prompt_rows import LEAN, PROMPT, PromptTask, load_tasks, prompt_text
+from twophase.data.prompts import format_transcript
 
 
 def write_rows(tmp_path, rows, name="data.jsonl"):
@@ -33,10 +35,10 @@ def test_plain_layout_with_malformed_rows_counted(tmp_path):
         {"prompt": ["not", "text"], "chosen": "a", "rejected": "b"},
     ])
     pairs, report = load_preferences(path)
-    assert report["layout"] == PLAIN
+    assert report["schema"] == PLAIN
     assert (report["rows"], report["used"]) == (5, 1)
     assert report["skipped"] == {"empty rejected response": 1, "malformed JSON": 1, "chosen and rejected identical": 1,
-                                 "fields of another layout": 1}
+                                 "fields of another schema": 1}
     assert pairs == [PreferencePair(({"role": "user", "content": "What is 2+2?"},), " 4.", " 5.")]
     assert format_transcript(pairs[0].prompt, "hh") == "\n\nHuman: What is 2+2?\n\nAssistant:"
 
@@ -49,7 +51,7 @@ def test_conversational_layout(tmp_path):
         {"prompt": [{"role": "robot", "content": "x"}], "chosen": [assistant("a")], "rejected": [assistant("c")]},
     ])
     pairs, report = load_preferences(path)
-    assert report["layout"] == CONVERSATIONAL
+    assert report["schema"] == CONVERSATIONAL
     assert (report["rows"], report["used"]) == (3, 1)
     assert report["skipped"] == {"reply is not one assistant message": 1, "not a list of chat messages": 1}
     assert pairs[0].chosen == " Hello." and pairs[0].rejected == " Go away."
@@ -64,7 +66,7 @@ def test_conversational_layout_with_implicit_prompt(tmp_path):
         {"chosen": shared, "rejected": shared + [assistant("x")]},
     ])
     pairs, report = load_preferences(path)
-    assert report["layout"] == IMPLICIT
+    assert report["schema"] == IMPLICIT
     assert report["skipped"] == {"chosen and rejected prompts differ": 1, "no Assistant turn": 1}
     assert format_transcript(pairs[0].prompt, "hh") == (
         "\n\nHuman: Help me?\n\nAssistant: With what?\n\nHuman: A lock.\n\nAssistant:")
@@ -74,7 +76,7 @@ def test_conversational_layout_with_implicit_prompt(tmp_path):
 def test_hh_layout_is_detected_and_parsed_as_before(tmp_path):
     path = write_rows(tmp_path, [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}])
     pairs, report = load_preferences(path)
-    assert report["layout"] == HH
+    assert report["schema"] == HH
     assert pairs == [PreferencePair("\n\nHuman: Hi\n\nAssistant:", " Hello", " Go")]
 
 
@@ -86,18 +88,18 @@ def test_prompt_only_grpo_rows(tmp_path):
         [1, 2],
     ])
     tasks, report = load_tasks(path)
-    assert report == {"layout": PROMPT, "rows": 4, "used": 2, "skipped": {"no prompt": 1, "row is not an object": 1}}
+    assert report == {"schema": PROMPT, "rows": 4, "used": 2, "skipped": {"no prompt": 1, "row is not an object": 1}}
     assert tasks[0] == PromptTask("row-1", "What is 2+3?", {"answer": "5"})
     assert tasks[1].id == "q2" and tasks[1].fields == {"id": "q2", "answer": "7"}
     assert prompt_text(tasks[0], "raw") == "What is 2+3?"
 
 
 def test_lean_rows_keep_their_loader(tmp_path):
-    from data.lean_workbook import LeanTask
+    from twophase.data.lean_workbook import LeanTask
 
     path = write_rows(tmp_path, [{"formal_statement": "theorem t : 1 = 1 := by sorry", "split": "train"}])
     tasks, report = load_tasks(path)
-    assert report["layout"] == LEAN and isinstance(tasks[0], LeanTask)
+    assert report["schema"] == LEAN and isinstance(tasks[0], LeanTask)
 
 
 REWARD_FILE = '''
@@ -107,7 +109,7 @@ def length_is_answer(tasks, completions, *, step=0, scale=1.0):
 
 
 def test_reward_from_a_file_path_and_from_the_working_directory(tmp_path, monkeypatch):
-    from trainers.rewards import build_reward
+    from twophase.trainers.rewards import build_reward
 
     (tmp_path / "my_reward.py").write_text(REWARD_FILE)
     tasks = [PromptTask("a", "q", {"answer": "12"}), PromptTask("b", "q", {"answer": "1"})]
@@ -120,7 +122,7 @@ def test_reward_from_a_file_path_and_from_the_working_directory(tmp_path, monkey
 
 
 def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
-    from launch.cli import main
+    from twophase.launch.cli import main
 
     dpo_data = write_rows(tmp_path, [{"prompt": [user(f"Question {i}?")], "chosen": [assistant("No.")],
                                       "rejected": [assistant(f"Sure {i}.")]} for i in range(3)] + ["oops"], "pairs.jsonl")
@@ -135,8 +137,8 @@ def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
           "--set", f"reward={tmp_path / 'r.py'}:length_is_answer", "--set", "num_generations=2", "--set", "max_new_tokens=3",
           "--set", "prompts_per_step=2", *common])
     logged = out + capsys.readouterr().out
-    assert f"{dpo_data} (layout: conversational): used 3 of 4 rows; skipped 1 malformed JSON" in logged
-    assert f"{grpo_data} (layout: prompt): used 2 of 2 rows" in logged
+    assert f"{dpo_data} (schema: conversational): used 3 of 4 rows; skipped 1 malformed JSON" in logged
+    assert f"{grpo_data} (schema: prompt): used 2 of 2 rows" in logged
     samples = [json.loads(line) for line in (tmp_path / "grpo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4
     for sample in samples:
@@ -147,13 +149,47 @@ def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
 def test_the_readme_examples_load_as_their_layouts(tmp_path):
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "trainers" / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
     blocks = [block.split("```", 1)[0] for block in section.split("```jsonl\n")[1:]]
     assert len(blocks) == 6
     for number, (block, layout) in enumerate(zip(blocks[:4], [HH, PLAIN, CONVERSATIONAL, IMPLICIT])):
         pairs, report = load_preferences(write_rows(tmp_path, block.strip().splitlines(), f"p{number}.jsonl"))
-        assert (report["layout"], report["used"], report["rows"]) == (layout, 3, 3), layout
+        assert (report["schema"], report["used"], report["rows"]) == (layout, 3, 3), layout
     for number, (block, layout) in enumerate(zip(blocks[4:], [LEAN, PROMPT])):
         tasks, report = load_tasks(write_rows(tmp_path, block.strip().splitlines(), f"t{number}.jsonl"))
-        assert (report["layout"], report["used"], report["rows"]) == (layout, 3, 3), layout
+        assert (report["schema"], report["used"], report["rows"]) == (layout, 3, 3), layout
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet"])
+def test_one_row_reader_for_dpo_and_grpo_in_every_file_format(suffix, tmp_path):
+    """The same rows in each format give the same pairs, tasks and skip counts (data/base/rows.py)."""
+    import csv
+    import gzip
+
+    import pyarrow
+    import pyarrow.parquet
+
+    pairs_rows = [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+                  {"prompt": "2+2?", "chosen": "4", "rejected": "4"}]  # fmt: skip
+    task_rows = [{"prompt": "Say hi."}, {"prompt": ""}]
+
+    def write(rows, name):
+        path = tmp_path / (name + suffix)
+        if suffix == ".parquet":
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+        elif suffix == ".csv":
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+            path.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
+        return str(path)
+
+    pairs, report = load_preferences(write(pairs_rows, "pairs"))
+    assert (report["schema"], report["rows"], report["used"], report["skipped"]) == (PLAIN, 2, 1, {"chosen and rejected identical": 1})
+    assert (pairs[0].chosen, pairs[0].rejected) == (" Hello.", " Go away.")  # plain replies follow the HH layout
+    tasks, report = load_tasks(write(task_rows, "tasks"))
+    assert (report["schema"], report["rows"], report["used"], report["skipped"]) == (PROMPT, 2, 1, {"no prompt": 1})

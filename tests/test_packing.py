@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.collators import TokenizedPair, collate_pairs, split_into_passes, truncate_pair
-from data.packing import group_by_token_budget, pack_pairs
-from trainers.models import pair_logprobs_of
-from trainers.packed_attention import use_packed_attention
+from twophase.data.collators import TokenizedPair, collate_pairs, split_into_passes, truncate_pair
+from twophase.data.packing import group_by_token_budget, pack_pairs
+from twophase.trainers.dpo import pair_logprobs_of
+from twophase.trainers.infra.packed_attention import use_packed_attention
 
 X = -100  # no label
 
@@ -159,8 +159,8 @@ def _kernel_emulation(bottom_right: bool):
 
 
 def test_the_kernel_check_passes_a_right_kernel_and_stops_a_wrong_one(monkeypatch):
-    import trainers.packed_attention as packed_attention
-    from data.errors import UserError
+    import twophase.trainers.infra.packed_attention as packed_attention
+    from twophase.data.base.errors import UserError
 
     monkeypatch.setattr(packed_attention, "_kernel_applies", lambda q: q.dtype == torch.bfloat16)
     monkeypatch.setattr(packed_attention, "_flash_varlen", _kernel_emulation(bottom_right=True))

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import launch.experiment as experiment
-import launch.stages as stages_module
-from launch.cli import main
-from launch.manifest import PACKAGES, read_manifest
-from trainers.config import DPOConfig, GRPOConfig, load_config
+import twophase.launch.experiment as experiment
+import twophase.launch.stages as stages_module
+from twophase.launch.cli import main
+from twophase.launch.manifest import PACKAGES, read_manifest
+from twophase.trainers.config import DPOConfig, GRPOConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
@@ -284,7 +284,7 @@ def test_api_keys_never_reach_the_run_directory(tmp_path, monkeypatch, capsys):
 
 def test_interrupted_dpo_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A real DPO stage stopped by Ctrl-C during step 3 continues from step 2 and ends with the merged model."""
-    from trainers.dpo import DPORecipe
+    from twophase.trainers.dpo import DPORecipe
 
     original_loss, steps = DPORecipe.loss, []
 
@@ -363,7 +363,7 @@ def test_adding_a_condition_to_a_finished_run_runs_only_it_and_rebuilds_the_tabl
 
 
 def _settings_of(stage):
-    from eval.settings import EvalSettings
+    from twophase.eval.settings import EvalSettings
 
     return EvalSettings(**{k: v for k, v in stage.settings.items() if k not in ("model", "run_name")})
 
@@ -391,7 +391,7 @@ def test_evals_ask_in_the_format_phase_one_trained_with_and_betley_waits_for_a_j
 
 
 def pipeline_benchmarks():
-    from eval.benchmarks import ALL
+    from twophase.eval.benchmarks import ALL
 
     return ALL
 
@@ -411,7 +411,7 @@ def test_one_writer_per_run_directory_and_per_stage(tmp_path, monkeypatch, capsy
     fakes = FakeStages(monkeypatch)
     config = _write_config(tmp_path)
     run_dir = tmp_path / "run"
-    hold = "import sys; from data.run_dir import owned\nwith owned(sys.argv[1], sys.argv[2] == 'shared'):\n    print('held', flush=True); sys.stdin.read()"
+    hold = "import sys; from twophase.data.base.run_dir import owned\nwith owned(sys.argv[1], sys.argv[2] == 'shared'):\n    print('held', flush=True); sys.stdin.read()"
 
     def held_elsewhere(directory, mode):
         process = subprocess.Popen([sys.executable, "-c", hold, str(directory), mode], cwd=ROOT, stdin=subprocess.PIPE,

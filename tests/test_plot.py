@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from launch.cli import main
-from launch.plot import read_curves, training_runs
+from twophase.launch.cli import main
+from twophase.launch.plot import read_curves, training_runs
 
 
 def write_metrics(run_dir, records, torn=False):
@@ -55,10 +55,10 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_tables_say_how_to_get_curves_without_matplotlib(tmp_path, monkeypatch):
-    from launch.tables import training_curves
+    from twophase.launch.tables import training_curves
 
     run = write_metrics(tmp_path / "dpo", [{"step": 1, "loss": 0.7}])
-    monkeypatch.setattr("launch.plot.plotting_available", lambda: False)
+    monkeypatch.setattr("twophase.launch.plot.plotting_available", lambda: False)
     assert training_curves([str(run)], tmp_path / "t_curves.png") == (
         None, "\nTraining curves: not drawn, matplotlib is not installed: pip install 'twophase[plot]' (or pip install matplotlib).\n")
     assert not (tmp_path / "t_curves.png").exists()

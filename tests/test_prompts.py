@@ -3,15 +3,15 @@
 
 import pytest
 
-from data.errors import UserError
-from data.hh_rlhf import split_transcript
-from data.prompts import DPO_FORMATS, EVAL_FORMATS, format_question, format_transcript, hh_prompt
-from data.tokens import encode_prompt
+from twophase.data.base.errors import UserError
+from twophase.data.hh_rlhf import split_transcript
+from twophase.data.prompts import DPO_FORMATS, EVAL_FORMATS, check_format, format_question, format_transcript, hh_prompt
+from twophase.data.tokens import encode_prompt
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(tiny_chat_model_dir):
-    from data.hub import load_tokenizer
+    from twophase.data.base.hub import load_tokenizer
 
     return load_tokenizer(tiny_chat_model_dir)
 
@@ -47,19 +47,20 @@ def test_the_other_eval_formats(chat_tokenizer):
 
 
 def test_unknown_format_and_chat_without_template_are_user_errors(tiny_model_dir):
-    from data.hub import load_tokenizer
+    from twophase.data.base.hub import load_tokenizer
 
     plain = load_tokenizer(tiny_model_dir)
+    # checked once where a run starts (eval/runner.py), not for every question
     with pytest.raises(UserError, match="is not one of: hh, chat, raw, auto"):
-        format_question(plain, "hi", None, "alpaca")
+        check_format("alpaca", EVAL_FORMATS, plain)
     with pytest.raises(UserError, match="chat needs a tokenizer with a chat template"):
-        format_question(plain, "hi", None, "chat")
+        check_format("chat", EVAL_FORMATS, plain)
     assert format_question(plain, "hi", None, "auto") == "hi"  # auto without a template is raw
     assert set(DPO_FORMATS) < set(EVAL_FORMATS)  # every DPO format can be evaluated in
 
 
 def test_dpo_old_name_raw_is_hh():
-    from trainers.config import DPOConfig, GRPOConfig, make_config
+    from twophase.trainers.config import DPOConfig, GRPOConfig, make_config
 
     assert make_config(DPOConfig, {"prompt_format": "raw"}).prompt_format == "hh"
     with pytest.raises(UserError, match="prompt_format"):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
-from data.lean_workbook import DEFAULT_HEADER, LeanTask
-from trainers.rewards.lean_repl import (
+from twophase.data.base.errors import UserError
+from twophase.data.lean_workbook import DEFAULT_HEADER, LeanTask
+from twophase.trainers.infra.lean_repl import (
     LeanRepl,
     LeanReplPool,
     ReplCrashed,
@@ -18,7 +18,7 @@ from trainers.rewards.lean_repl import (
     split_imports,
     verdict,
 )
-from trainers.rewards import build_reward
+from twophase.trainers.rewards import build_reward
 
 FAKE_REPL = [sys.executable, str(Path(__file__).resolve().parent / "fake_lean_repl.py")]
 
@@ -226,8 +226,8 @@ def test_lean_reward_chat_style_screens_answers(tmp_path):
 
 
 def test_grpo_recipe_gives_the_lean_reward_its_prompt_format(tmp_path):
-    from trainers.config import GRPOConfig, make_config
-    from trainers.grpo import build_rewards
+    from twophase.trainers.config import GRPOConfig, make_config
+    from twophase.trainers.grpo import build_rewards
 
     lean = {"project_dir": str(tmp_path), "pool_size": 1, "command": FAKE_REPL}
     config = make_config(GRPOConfig, {"reward": "lean", "prompt_format": "chat", "reward_options": {"lean": lean}})

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
-from data.run_dir import LOCK_FILE, owned
-from eval.benchmarks import SAMPLES_DIR
-from eval.benchmarks.xstest import XSTest
-from eval.results import file_sha256, finished_result, read_json
-from eval.runner import run_evaluation
-from eval.settings import EvalSettings
-from eval.sandbox import remove_stale_exec_folders
-from launch.cli import main
+from twophase.data.base.errors import UserError
+from twophase.data.base.run_dir import LOCK_FILE, owned
+from twophase.eval.benchmarks import SAMPLES_DIR
+from twophase.eval.benchmarks.xstest import XSTest
+from twophase.eval.results import file_sha256, finished_result, read_json
+from twophase.eval.runner import run_evaluation
+from twophase.eval.settings import EvalSettings
+from twophase.eval.sandbox.container import remove_stale_exec_folders
+from twophase.launch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_DEMO = str(ROOT / "data" / "samples" / "hh_demo.jsonl")
-HOLD = "import sys; from data.run_dir import owned\nwith owned(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()"
+HOLD = "import sys; from twophase.data.base.run_dir import owned\nwith owned(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()"
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:
@@ -100,7 +100,7 @@ def test_a_refused_run_leaves_the_finished_run_untouched(tiny_model_dir, tmp_pat
 
 @pytest.fixture(scope="module")
 def tiny_eval_model(tmp_path_factory):
-    from data.tiny import write_tiny_model
+    from twophase.data.base.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_eval") / "model", with_chat_template=True)
 

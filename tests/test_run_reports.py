@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
-from trainers.loop import readable_number
+from twophase.launch.cli import main
+from twophase.trainers.infra.run import readable_number
 
 
 @pytest.mark.parametrize("value, text", [
@@ -26,7 +26,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, monkeypatc
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("trainers.dpo.run_dpo", interrupted_run)
+    monkeypatch.setattr("twophase.trainers.dpo.run_dpo", interrupted_run)
     with pytest.raises(SystemExit) as stop:
         main(["dpo", "--set", f"out_dir={out}", "--set", "max_steps=5"])
     assert stop.value.code == 130
@@ -53,7 +53,7 @@ def test_sigterm_while_the_merge_is_written_is_an_interrupt_with_its_manifest(tm
         time.sleep(5)  # the merge's writing; the signal arrives before this ends
         raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr("trainers.dpo.run_dpo", terminated_during_merge)
+    monkeypatch.setattr("twophase.trainers.dpo.run_dpo", terminated_during_merge)
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         main(["dpo", "--set", f"out_dir={out}", "--set", "max_steps=5"])
@@ -92,7 +92,7 @@ def test_missing_reporter_package_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_the_demo_says_what_its_tables_show(tmp_path):
-    from launch.demo import what_the_tables_show
+    from twophase.launch.demo import what_the_tables_show
 
     def cell(x):
         return {"value": x}
@@ -119,7 +119,7 @@ def test_the_demo_says_what_its_tables_show(tmp_path):
 
 
 def test_standalone_eval_records_provenance(tiny_model_dir, tmp_path):
-    from eval.benchmarks import SAMPLES_DIR
+    from twophase.eval.benchmarks import SAMPLES_DIR
 
     out = tmp_path / "eval"
     main(["eval", "--model", tiny_model_dir, "--benchmarks", "xstest", "--limit", "2", "--out", str(out),

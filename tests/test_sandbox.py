@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
-from eval import sandbox
-from eval.benchmarks.humaneval import HumanEval, check_completions, require_isolation
-from eval.execution import run_python
-from eval.runner import run_evaluation
-from eval.settings import EvalSettings
-from eval.sandbox import ContainedPython, Limits
+from twophase.data.base.errors import UserError
+from twophase.eval.sandbox import container as sandbox
+from twophase.eval.benchmarks.humaneval import HumanEval, check_completions, require_isolation
+from twophase.eval.sandbox.execution import run_python
+from twophase.eval.runner import run_evaluation
+from twophase.eval.settings import EvalSettings
+from twophase.eval.sandbox.container import ContainedPython, Limits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_no_unix_socket_even_to_a_socket_file_it_can_see():
 
 def test_the_unix_socket_filter_refuses_only_af_unix_and_foreign_abis():
     """The BPF program, run here by a small interpreter over (nr, arch, domain) cases."""
-    from eval.sandbox_init import SYSCALL_ARCH, unix_socket_filter
+    from twophase.eval.sandbox.sandbox_init import SYSCALL_ARCH, unix_socket_filter
 
     def run_filter(rows, nr, arch, domain):
         data = {0: nr, 4: arch, 16: domain}
@@ -448,9 +448,12 @@ def test_an_environment_under_tmp_stays_visible_below_the_writable_tmp(isolation
         "try:\n    open(os.path.join(sys.prefix, 'x'), 'w'); inside = 'wrote'\nexcept OSError as err:\n    inside = type(err).__name__\n"
         "print(json.dumps({'prefix': sys.prefix, 'work': open('/tmp/work.txt').read(), 'inside': inside}))\n"
     )
-    runner = f"from eval.execution import run_python\nr = run_python({program!r}, timeout=10.0)\nprint(r.stdout, r.stderr, r.returncode)"
+    # The bare environment has no twophase installed: the runner maps the namespace onto the repository.
+    runner = (f"import sys, types\ntwophase = types.ModuleType('twophase')\ntwophase.__path__ = [{str(REPO)!r}]\n"
+              f"sys.modules['twophase'] = twophase\n")
+    runner += f"from twophase.eval.sandbox.execution import run_python\nr = run_python({program!r}, timeout=10.0)\nprint(r.stdout, r.stderr, r.returncode)"
     result = subprocess.run([str(environment / "bin" / "python"), "-c", runner], capture_output=True, text=True,
-                            timeout=120, cwd=REPO, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)})  # fmt: skip
+                            timeout=120, cwd=REPO, env={"PATH": os.environ["PATH"]})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[0])
     assert report == {"prefix": str(environment), "work": "ok", "inside": "OSError"}, result.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
+from twophase.launch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "launch" / "configs" / "wu17_v5.yaml"
@@ -139,7 +139,7 @@ def test_sigterm_checkpoints_then_requeues_the_job(tmp_path):
     import signal
     import time
 
-    from launch.slurm import ClusterOptions, sbatch_script
+    from twophase.launch.slurm import ClusterOptions, sbatch_script
 
     log = tmp_path / "log"
     stage = tmp_path / "stage.sh"  # stands in for twophase: a checkpoint on SIGTERM, then exit 130

@@ -23,11 +23,14 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
-from data.collators import Layout
-from data.errors import UserError
-from data.files import atomic_write_text
-from data.prompts import DPO_OLD_NAMES, DPOFormat, GRPOFormat
-from losses.dpo import LossType
+from twophase.data.collators import Layout
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_write_text
+from twophase.data.prompts import DPO_OLD_NAMES, DPOFormat, GRPOFormat
+from twophase.losses.dpo import LossType
+from twophase.losses.grpo import AdvantageScale, Aggregation
+
+LRSchedule = Literal["constant", "linear", "cosine"]  # trainers/infra/optim.py: build_scheduler
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
     lr: float = 5e-7
-    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"  # decay to 0 after warmup
+    lr_schedule: LRSchedule = "linear"  # decay to 0 after warmup
     warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -49,7 +52,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"  # bitsandbytes 8-bit | torch
-    stochastic_rounding: bool = True  # adamw8bit: round bf16 weight updates stochastically (trainers/optim.py)
+    stochastic_rounding: bool = True  # adamw8bit: round bf16 weight updates stochastically (trainers/infra/optim.py)
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16: bf16 weights and bf16 autocast on GPU
     device: str = "auto"  # auto | cuda | cpu | cuda:N
     gradient_checkpointing: bool = True
@@ -62,7 +65,7 @@ class TrainConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    report_to: list[str] = field(default_factory=list)  # also log live to: tensorboard, wandb (trainers/reporting.py)
+    report_to: list[str] = field(default_factory=list)  # also log live to: tensorboard, wandb (trainers/infra/reporting.py)
 
 
 @dataclass
@@ -83,7 +86,7 @@ class DPOConfig(TrainConfig):
     loss_type: LossType = "sigmoid"  # losses/dpo.py
     label_smoothing: float = 0.0
     precompute_ref_logps: bool = False
-    # How a forward pass holds its pairs (README: "DPO batch layouts"): stacked | shared_prompt | packed |
+    # How a forward pass holds its pairs (trainers/README.md: "DPO batch layouts"): stacked | shared_prompt | packed |
     # packed_shared_prompt. Padded layouts take micro_batch_size pairs a pass; packed ones as many as fit
     # in max_tokens_per_pass tokens (at least 2 x max_length, so that any pair fits).
     layout: Layout = "packed_shared_prompt"
@@ -98,7 +101,7 @@ class GRPOConfig(TrainConfig):
 
     out_dir: str = "runs/grpo"
     lr: float = 1e-6
-    lr_schedule: str = "constant"
+    lr_schedule: LRSchedule = "constant"
     lora: bool = False  # full fine-tuning, as in the published run
     dataset: str = "internlm/Lean-Workbook"
     split: str = "train"
@@ -113,17 +116,17 @@ class GRPOConfig(TrainConfig):
     top_k: int = 0  # 0 = off
     stop_strings: list[str] | None = None  # None: the closing fence for raw prompts, nothing for chat
     generation_batch_size: int = 16  # sequences decoded at once
-    generation_cuda_graphs: bool = True  # GPU: each decode step is a replayed CUDA graph (eval/decoder.py)
+    generation_cuda_graphs: bool = True  # GPU: each decode step is a replayed CUDA graph (eval/engine/decoder.py)
     micro_batch_size: int = 4  # completions per forward pass in the update
     num_iterations: int = 1  # μ: policy updates per generation batch
     reward: str = "random"  # random | zero | lean | toy | module:function; comma-separated to sum several
     reward_options: dict[str, dict] = field(default_factory=dict)  # reward name -> its options
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: AdvantageScale = "group"  # losses/grpo.py: group_advantages
     advantage_eps: float = 1e-4
     beta: float = 0.0  # KL coefficient; a reference model exists only when > 0
     clip_low: float = 0.2
     clip_high: float = 0.2
-    aggregation: Literal["token", "sequence", "constant"] = "token"
+    aggregation: Aggregation = "token"  # losses/grpo.py: grpo_loss
 
 
 # --------------------------------------------------------------------------- the values a run accepts

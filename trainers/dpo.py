@@ -1,7 +1,7 @@
 """Phase 1: Direct Preference Optimization with LoRA, as a recipe for the shared loop.
 
 Each optimizer step takes `micro_batch_size × grad_accum_steps` preference
-pairs. `layout` (data/collators.py) decides how they are laid out and grouped
+pairs. `layout` (data/collators.py: the batch layout) decides how they are laid out and grouped
 into forward passes: `micro_batch_size` padded pairs a pass, either as two rows
 a pair ("stacked") or as one row [prompt][chosen][rejected] so each prompt is
 computed once ("shared_prompt", the default); or, packed, as many pairs end to
@@ -13,6 +13,15 @@ reference log-probabilities of every pair the run will use are computed once
 before training and cached in the output directory.
 
     loss = mean over pairs of dpo_loss(π_c, π_r, ref_c, ref_r)     (losses/dpo.py)
+
+Which published loss `loss_type` makes it (printed at start-up, `algorithm_line`):
+
+    | loss_type | algorithm                                   | label_smoothing ε               |
+    | --------- | ------------------------------------------- | ------------------------------- |
+    | sigmoid   | DPO (Rafailov et al., 2023)                 | > 0: conservative DPO (cDPO)    |
+    | robust    | robust DPO (Chowdhury et al., 2024)         | the assumed label-flip rate     |
+    | ipo       | IPO (Azar et al., 2023)                     | unused                          |
+    | hinge     | SLiC-style hinge (Zhao et al., 2023)        | unused                          |
 """
 
 from __future__ import annotations
@@ -23,30 +32,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data import distributed
-from data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
-from data.errors import UserError
-from data.files import atomic_torch_save
-from data.hh_rlhf import describe_skips
-from data.preferences import LAYOUT_FIELDS, load_preferences
-from data.hub import save_model
-from data.sampler import EpochSampler
-from losses.dpo import dpo_loss
-from trainers.checkpoint import seed_everything
-from trainers.config import DPOConfig, save_config
-from trainers.loop import autocast_context, owned_out_dir, train
-from trainers.merge import merge_in_memory
-from trainers.models import (
-    causal_lm_of,
-    check_policy_source,
-    count_trainable,
-    frozen_copy,
-    load_policy,
-    pair_logprobs_of,
-    reference_model,
-    resolve_device,
-)
-from trainers.packed_attention import use_packed_attention, verify_packed_attention
+from twophase.data.base import distributed
+from twophase.data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_torch_save
+from twophase.data.hh_rlhf import describe_skips
+from twophase.data.preferences import SCHEMA_FIELDS, load_preferences
+from twophase.data.base.hub import save_model
+from twophase.data.base.model_api import causal_lm_of, reference_model
+from twophase.data.base.sampler import EpochSampler
+from twophase.losses.dpo import dpo_loss
+from twophase.trainers.infra.checkpoint import seed_everything
+from twophase.trainers.config import DPOConfig, save_config
+from twophase.trainers.infra.run import RunCallbacks, autocast_context, owned_out_dir
+from twophase.trainers.loop import train
+from twophase.trainers.merge import merge_in_memory
+from twophase.losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden, token_logprobs_of
+from twophase.trainers.infra.packed_attention import PackedSegments, use_packed_attention, verify_packed_attention
+from twophase.trainers.models import check_policy_source, count_trainable, frozen_copy, load_policy, resolve_device
 
 
 class DPORecipe:
@@ -110,21 +113,8 @@ class DPORecipe:
         }
         return losses.mean() * share, metrics
 
-    def step_metrics(self) -> dict[str, float]:
-        return {}
-
-    def preparation_seconds(self) -> float:
-        return 0.0
-
-    def truncate_logs_after(self, step: int) -> None:
-        pass  # DPO keeps no log of its own
-
-    def memory_advice(self) -> str:
-        """What to lower when a step does not fit in GPU memory."""
-        config = self.config
-        if config.layout in PACKED_LAYOUTS:
-            return f"lower max_tokens_per_pass (now {config.max_tokens_per_pass}; at least 2 x max_length) or max_length"
-        return f"lower micro_batch_size (now {config.micro_batch_size}; raise grad_accum_steps to keep the step's pairs) or max_length"
+    def step_metrics(self, step: int) -> dict[str, float]:
+        return {}  # every DPO metric is a sum of micro-batch shares
 
     def pair_logprobs(self, model, batch: dict) -> torch.Tensor:
         """(2n,) summed response log-probabilities: the n chosen replies, then the n rejected ones."""
@@ -203,14 +193,14 @@ class DPORecipe:
 
 
 def load_pairs(config: DPOConfig) -> list:
-    """The run's preference pairs in any accepted layout (data/preferences.py); none usable is one clear error."""
+    """The run's preference pairs in any accepted row schema (data/preferences.py); none usable is one clear error."""
     pairs, report = load_preferences(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
-    tqdm.write(f"{config.dataset} (layout: {report['layout']}): {describe_skips(report)}")
+    tqdm.write(f"{config.dataset} (schema: {report['schema']}): {describe_skips(report)}")
     if not pairs:
         raise UserError(
             f"no usable preference pair in {config.dataset} ({describe_skips(report) if report['rows'] else 'it has no rows'}): "
-            f"read as layout '{report['layout']}', each row must be a JSON object with {LAYOUT_FIELDS[report['layout']]} "
-            f"(README: 'Your own data')"
+            f"read as schema '{report['schema']}', each row must be a JSON object with {SCHEMA_FIELDS[report['schema']]} "
+            f"(trainers/README.md: 'Your own data')"
         )
     return pairs
 
@@ -223,6 +213,22 @@ def check_world_size(config: DPOConfig) -> None:
     )
 
 
+def algorithm_line(config: DPOConfig) -> str:
+    """What `loss_type` and the other switches make this run, in one line (the table in this module's docstring)."""
+    name = {"sigmoid": "DPO" if config.label_smoothing == 0 else f"cDPO (ε = {config.label_smoothing:g})",
+            "robust": f"robust DPO (ε = {config.label_smoothing:g})", "ipo": "IPO", "hinge": "SLiC hinge"}[config.loss_type]  # fmt: skip
+    reference = "reference = the base model under the LoRA adapter" if config.lora else "reference = a frozen copy"
+    cached = ", reference log-probs precomputed" if config.precompute_ref_logps else ""
+    return f"{name}: β = {config.beta:g}, {reference}{cached}, {config.layout} batch layout"
+
+
+def memory_advice(config: DPOConfig) -> str:
+    """What to lower when a step does not fit in GPU memory."""
+    if config.layout in PACKED_LAYOUTS:
+        return f"lower max_tokens_per_pass (now {config.max_tokens_per_pass}; at least 2 x max_length) or max_length"
+    return f"lower micro_batch_size (now {config.micro_batch_size}; raise grad_accum_steps to keep the step's pairs) or max_length"
+
+
 def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     """Train, save the adapter, and merge it when `merge_after`; returns the output paths."""
     started = time.time()
@@ -232,10 +238,11 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     distributed.start(resolve_device(config.device))
     with owned_out_dir(config.out_dir, resume) as out_dir:
         seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG: the same on every rank
+        tqdm.write(algorithm_line(config))
         recipe = DPORecipe(config, out_dir, pairs=pairs)
         if distributed.is_main():
             save_config(config, out_dir / "config.json")
-        last = train(recipe, config, out_dir, resume=resume)
+        last = train(recipe, config, out_dir, resume=resume, callbacks=RunCallbacks(memory_advice=lambda: memory_advice(config)))
         outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl")}
         if distributed.is_main():  # every rank holds the same weights: one writes them
             outputs["final"] = str(recipe.save_final())
@@ -246,3 +253,56 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     outputs["minutes"] = round((time.time() - started) / 60, 2)
     outputs["last_metrics"] = last
     return outputs
+
+
+# --- the policy's forward pass on a collated batch (data/collators.py: the batch layouts) -----------------
+def shared_prompt_logprobs_of(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed chosen and rejected log-probabilities from one pass over [prompt][chosen][rejected] rows.
+
+    See data/collators.py: pack_shared_prompt for the layout.
+    """
+    lm = causal_lm_of(model)
+    mask = batch["allowed"][:, None, :, :]  # (B, 1, T, T): one mask for every head
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state
+    head = lm.get_output_embeddings()
+    sums = []
+    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
+        sums.append(sequence_logprobs(token_logprobs_from_hidden(hidden, head, labels, chunk_size), response_mask(labels)))
+    return sums[0], sums[1]
+
+
+def packed_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """(2n,) summed chosen then rejected log-probabilities of the n pairs of one packed row.
+
+    See data/packing.py for the layout; the model must use packed attention
+    (trainers/infra/packed_attention.py: use_packed_attention).
+    """
+    lm = causal_lm_of(model)
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+        packed_segments=PackedSegments.of_batch(batch),
+    ).last_hidden_state  # fmt: skip
+    head = lm.get_output_embeddings()
+    owner = batch["pair_of_token"][0, 1:]  # the state at t predicts the label at t + 1, which belongs to that pair
+    sums = []
+    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
+        logps = token_logprobs_from_hidden(hidden, head, labels, chunk_size)[0]
+        sums.append(logps.new_zeros(batch["num_pairs"]).index_add(0, owner, logps))
+    return torch.cat(sums)
+
+
+def pair_logprobs_of(model, batch: dict, layout: str, chunk_size: int) -> torch.Tensor:
+    """(2n,) summed reply log-probabilities of a collated batch: the n chosen replies, then the n rejected ones."""
+    if layout == "stacked":
+        return sequence_logprobs_of(model, batch, chunk_size)
+    if layout == "shared_prompt":
+        return torch.cat(shared_prompt_logprobs_of(model, batch, chunk_size))
+    return packed_logprobs_of(model, batch, chunk_size)
+
+
+def sequence_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """Summed response log-probability of each sequence in a collated batch."""
+    logps = token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
+    return sequence_logprobs(logps, response_mask(batch["labels"]))

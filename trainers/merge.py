@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data.errors import UserError
-from data.files import atomic_write_text
-from data.hub import is_adapter_dir, load_adapter_model, save_model
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_write_text
+from twophase.data.base.hub import is_adapter_dir, load_adapter_model, save_model
 
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")

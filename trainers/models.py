@@ -8,17 +8,12 @@ never built.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
-from data import distributed
-from data.errors import UserError
-from data.hub import check_path_exists, load_causal_lm, load_tokenizer
-from data.tokens import positions_from_mask
-from losses.logprobs import response_mask, sequence_logprobs, token_logprobs_from_hidden
-from trainers.config import TrainConfig
-from trainers.packed_attention import PackedSegments
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import check_path_exists, load_causal_lm, load_tokenizer
+from twophase.trainers.config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,85 +102,6 @@ def frozen_copy(model):
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
-
-
-@contextmanager
-def reference_model(policy, frozen=None):
-    """The frozen reference: `frozen` when there is one (full fine-tuning), else the policy with
-    its LoRA adapter disabled, which gives exactly the base model's outputs and costs no memory."""
-    if frozen is not None:
-        yield frozen
-    else:
-        with policy.disable_adapter():
-            yield policy
-
-
-def causal_lm_of(model):
-    """The underlying *ForCausalLM module, through a peft wrapper if there is one."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def token_logprobs_of(model, input_ids, attention_mask, labels, chunk_size: int) -> torch.Tensor:
-    """(B, T−1) log-probabilities of `labels` under `model`, 0 where labels are −100."""
-    lm = causal_lm_of(model)
-    # Positions count real tokens only, as in generation (data/tokens.py: one rule for both).
-    position_ids = positions_from_mask(attention_mask)
-    hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return token_logprobs_from_hidden(hidden, lm.get_output_embeddings(), labels, chunk_size)
-
-
-def shared_prompt_logprobs_of(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed chosen and rejected log-probabilities from one pass over [prompt][chosen][rejected] rows.
-
-    See data/collators.py: pack_shared_prompt for the layout.
-    """
-    lm = causal_lm_of(model)
-    mask = batch["allowed"][:, None, :, :]  # (B, 1, T, T): one mask for every head
-    hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
-    ).last_hidden_state
-    head = lm.get_output_embeddings()
-    sums = []
-    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
-        sums.append(sequence_logprobs(token_logprobs_from_hidden(hidden, head, labels, chunk_size), response_mask(labels)))
-    return sums[0], sums[1]
-
-
-def packed_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
-    """(2n,) summed chosen then rejected log-probabilities of the n pairs of one packed row.
-
-    See data/packing.py for the layout; the model must use packed attention
-    (trainers/packed_attention.py: use_packed_attention).
-    """
-    lm = causal_lm_of(model)
-    hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-        packed_segments=PackedSegments.of_batch(batch),
-    ).last_hidden_state  # fmt: skip
-    head = lm.get_output_embeddings()
-    owner = batch["pair_of_token"][0, 1:]  # the state at t predicts the label at t + 1, which belongs to that pair
-    sums = []
-    for labels in (batch["chosen_labels"], batch["rejected_labels"]):
-        logps = token_logprobs_from_hidden(hidden, head, labels, chunk_size)[0]
-        sums.append(logps.new_zeros(batch["num_pairs"]).index_add(0, owner, logps))
-    return torch.cat(sums)
-
-
-def pair_logprobs_of(model, batch: dict, layout: str, chunk_size: int) -> torch.Tensor:
-    """(2n,) summed reply log-probabilities of a collated batch: the n chosen replies, then the n rejected ones."""
-    if layout == "stacked":
-        return sequence_logprobs_of(model, batch, chunk_size)
-    if layout == "shared_prompt":
-        return torch.cat(shared_prompt_logprobs_of(model, batch, chunk_size))
-    return packed_logprobs_of(model, batch, chunk_size)
-
-
-def sequence_logprobs_of(model, batch: dict, chunk_size: int) -> torch.Tensor:
-    """Summed response log-probability of each sequence in a collated batch."""
-    logps = token_logprobs_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size)
-    return sequence_logprobs(logps, response_mask(batch["labels"]))
 
 
 def count_trainable(model) -> tuple[int, int]:

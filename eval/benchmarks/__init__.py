@@ -22,22 +22,22 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from data.errors import UserError
-from eval.benchmarks.base import Benchmark
+from twophase.data.base.errors import UserError
+from twophase.eval.benchmarks.base import Benchmark
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 
 REGISTRY = {
     # safety
-    "betley": "eval.benchmarks.betley",
-    "strongreject": "eval.benchmarks.strongreject",
-    "xstest": "eval.benchmarks.xstest",
-    "donotanswer": "eval.benchmarks.donotanswer",
+    "betley": "twophase.eval.benchmarks.betley",
+    "strongreject": "twophase.eval.benchmarks.strongreject",
+    "xstest": "twophase.eval.benchmarks.xstest",
+    "donotanswer": "twophase.eval.benchmarks.donotanswer",
     # truthfulness and capability
-    "truthfulqa": "eval.benchmarks.truthfulqa",
-    "humaneval": "eval.benchmarks.humaneval",
-    "mmlu": "eval.benchmarks.mmlu",
-    "wmdp": "eval.benchmarks.wmdp",
+    "truthfulqa": "twophase.eval.benchmarks.truthfulqa",
+    "humaneval": "twophase.eval.benchmarks.humaneval",
+    "mmlu": "twophase.eval.benchmarks.mmlu",
+    "wmdp": "twophase.eval.benchmarks.wmdp",
 }
 ALL = tuple(REGISTRY)
 

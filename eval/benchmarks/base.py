@@ -9,18 +9,16 @@ judge, and writes one audit record per item.
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data.errors import UserError
-from data.hub import load_hub_dataset
-from eval.engines import LoglikelihoodEngine
-from eval.generation import GenerationEngine, GenerationRequest
-from eval.judges import Judge
-from eval.metrics import Metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.data.base.rows import read_local_file, read_rows  # noqa: F401 (the benchmarks' row reader)
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine
+from twophase.eval.engine.generation import GenerationEngine, GenerationRequest
+from twophase.eval.judges import Judge
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 
 @dataclass
@@ -71,32 +69,6 @@ class Benchmark:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def read_rows(source: str | None, dataset_id: str, split: str, **hub_kwargs) -> list[dict]:
-    """Rows of a local file (.csv, .json, .jsonl) or, when source is None or a hub id, of a hub split."""
-    if source and Path(source).expanduser().exists():
-        return read_local_file(Path(source).expanduser())
-    dataset = load_hub_dataset(source or dataset_id, split, **hub_kwargs)
-    return [dict(row) for row in dataset]
-
-
-def read_local_file(path: Path) -> list[dict]:
-    """Rows of a .csv, .json (a list of rows), .jsonl or .parquet file (the hub's own storage format)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet  # comes with `datasets`
-
-        return pyarrow.parquet.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".csv":
-        return [dict(row) for row in csv.DictReader(text.splitlines())]
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    if suffix == ".json":
-        data = json.loads(text)
-        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
-    raise UserError(f"cannot read {path}: expected a .csv, .json, .jsonl or .parquet file")
 
 
 def split_files(root: Path, split: str) -> list[Path]:

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import yaml
 
-from data.errors import UserError
-from eval.benchmarks.base import Benchmark, EvalContext, JudgeCallCounter, first
-from eval.generation import GenerationRequest
-from eval.judges import JudgeScore
-from eval.metrics import Metric, mean_metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.eval.benchmarks.base import Benchmark, EvalContext, JudgeCallCounter, first
+from twophase.eval.engine.generation import GenerationRequest
+from twophase.eval.judges import JudgeScore
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, proportion
 
 QUESTIONS_URL = (
     "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/first_plot_questions.yaml"

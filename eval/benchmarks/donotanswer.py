@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from eval.benchmarks.base import (
+from twophase.eval.benchmarks.base import (
     Benchmark,
     EvalContext,
     JudgeCallCounter,
@@ -32,7 +32,7 @@ from eval.benchmarks.base import (
     read_rows,
     refusal_metrics,
 )
-from eval.metrics import Metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 CATEGORIES = (0, 1, 2, 3, 4, 5)
 NOT_COMPLYING = (0, 1, 2, 3, 4)

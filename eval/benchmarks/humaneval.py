@@ -18,14 +18,14 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data.errors import UserError
-from data.hub import is_local, load_hub_dataset
-from eval.benchmarks.base import Benchmark, EvalContext
-from eval.execution import check_function
-from eval.generation import GenerationRequest
-from eval.sandbox import MODES as SANDBOX_MODES
-from eval.sandbox import isolation_problem
-from eval.metrics import Metric, mean_metric, pass_at_k, proportion
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import is_local, load_hub_dataset
+from twophase.eval.benchmarks.base import Benchmark, EvalContext
+from twophase.eval.sandbox.execution import check_function
+from twophase.eval.engine.generation import GenerationRequest
+from twophase.eval.sandbox.container import MODES as SANDBOX_MODES
+from twophase.eval.sandbox.container import isolation_problem
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, pass_at_k, proportion
 
 # A completion ends where the model starts a new top-level statement: the
 # function body is over. These strings are handed to the generation engine and
@@ -42,7 +42,7 @@ DEFAULTS = {
     "max_new_tokens": 512,
     "timeout": 3.0,
     "workers": 4,
-    "sandbox": "namespaces",  # or "none": run programs unisolated (README, "Executed code")
+    "sandbox": "namespaces",  # or "none": run programs unisolated (eval/README.md, "Executed code")
 }
 OPT_OUT = "--option humaneval.sandbox=none"
 
@@ -66,7 +66,7 @@ def require_isolation(sandbox: str) -> None:
         raise UserError(
             f"humaneval: this machine cannot isolate the programs HumanEval runs ({problem}). Run it where Linux "
             f"namespaces work through util-linux `unshare`, or run the programs unisolated with {OPT_OUT} "
-            "(see README, 'Executed code')"
+            "(see eval/README.md, 'Executed code')"
         )
 
 

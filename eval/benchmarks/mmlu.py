@@ -27,11 +27,11 @@ from collections import defaultdict
 from itertools import zip_longest
 from pathlib import Path
 
-from data.errors import UserError
-from data.hub import is_local, load_hub_dataset
-from eval.benchmarks.base import Benchmark, EvalContext, read_split_rows
-from eval.engines import LoglikelihoodRequest
-from eval.metrics import Metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import is_local, load_hub_dataset
+from twophase.eval.benchmarks.base import Benchmark, EvalContext, read_split_rows
+from twophase.eval.engine.loglikelihood import LoglikelihoodRequest
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 LETTERS = ("A", "B", "C", "D")
 

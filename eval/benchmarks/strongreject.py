@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from eval.benchmarks.base import (
+from twophase.eval.benchmarks.base import (
     Benchmark,
     EvalContext,
     JudgeCallCounter,
@@ -27,7 +27,7 @@ from eval.benchmarks.base import (
     read_rows,
     refusal_metrics,
 )
-from eval.metrics import Metric, mean_metric, proportion
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, proportion
 
 PROMPT_COLUMNS = ("forbidden_prompt", "prompt", "meli_query")
 

@@ -25,11 +25,11 @@ import json
 import math
 from pathlib import Path
 
-from data.errors import UserError
-from data.hub import is_local, load_hub_dataset
-from eval.benchmarks.base import Benchmark, EvalContext, read_local_file, read_split_rows
-from eval.engines import LoglikelihoodRequest
-from eval.metrics import Metric, mean_metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import is_local, load_hub_dataset
+from twophase.eval.benchmarks.base import Benchmark, EvalContext, read_local_file, read_split_rows
+from twophase.eval.engine.loglikelihood import LoglikelihoodRequest
+from twophase.eval.benchmarks.metrics import Metric, mean_metric, proportion
 
 # The six-shot "QA" prompt of the TruthfulQA paper, reproduced exactly.
 QA_PRIMER = (

@@ -11,14 +11,13 @@ its size.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from data.errors import UserError
-from data.hub import is_local, load_hub_dataset
-from eval.benchmarks.base import Benchmark, EvalContext
-from eval.benchmarks.mmlu import accuracy_by, format_question, header, interleave, make_question, score_lettered
-from eval.metrics import Metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import is_local, load_hub_dataset
+from twophase.eval.benchmarks.base import Benchmark, EvalContext, read_local_file
+from twophase.eval.benchmarks.mmlu import accuracy_by, format_question, header, interleave, make_question, score_lettered
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 # subset (the hub config name and the local file stem) -> the topic in the header, as
 # lm-evaluation-harness's wmdp_bio / wmdp_chem / wmdp_cyber tasks write it
@@ -27,14 +26,6 @@ SUBSETS = {"wmdp-bio": "biology", "wmdp-chem": "chemistry", "wmdp-cyber": "cyber
 
 def build_prompt(item: dict) -> str:
     return header(SUBSETS[item["group"]]) + format_question(item)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """A JSON list, or JSON lines, of {question, choices, answer}."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _local_file(root: Path, subset: str) -> Path | None:
@@ -68,7 +59,7 @@ class WMDP(Benchmark):
             for subset in SUBSETS:
                 path = _local_file(root, subset)
                 if path is not None:
-                    subsets[subset] = _subset(_read_rows(path), subset, str(path))
+                    subsets[subset] = _subset(read_local_file(path), subset, str(path))
             if not subsets:
                 raise UserError(f"{source}: no WMDP files found (expected wmdp-bio.jsonl, wmdp-chem.jsonl, wmdp-cyber.jsonl)")
         else:

@@ -21,9 +21,9 @@ phrase list's, whichever --judge is chosen.
 
 from __future__ import annotations
 
-from data.errors import UserError
-from eval.benchmarks.base import Benchmark, EvalContext, column, generate_answers, read_rows, stratified_first
-from eval.metrics import Metric, proportion
+from twophase.data.base.errors import UserError
+from twophase.eval.benchmarks.base import Benchmark, EvalContext, column, generate_answers, read_rows, stratified_first
+from twophase.eval.benchmarks.metrics import Metric, proportion
 
 
 def is_unsafe(row: dict) -> bool:

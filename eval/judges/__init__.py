@@ -30,13 +30,13 @@ import os
 
 import torch
 
-from data.errors import UserError
-from data.hub import load_causal_lm, load_tokenizer
-from eval.judges.base import Judge
-from eval.judges.endpoint import EndpointJudge
-from eval.judges.local import LocalJudge
-from eval.judges.refusal import REFUSAL_PHRASES, is_refusal
-from eval.judges.scores import MIN_SCORE_MASS, JudgeScore, expected_score, score_from_probs
+from twophase.data.base.errors import UserError
+from twophase.data.base.hub import load_causal_lm, load_tokenizer
+from twophase.eval.judges.base import Judge
+from twophase.eval.judges.endpoint import EndpointJudge
+from twophase.eval.judges.local import LocalJudge
+from twophase.eval.judges.refusal import REFUSAL_PHRASES, is_refusal
+from twophase.eval.judges.scores import MIN_SCORE_MASS, JudgeScore, expected_score, score_from_probs
 
 __all__ = ["EndpointJudge", "JUDGE_KINDS", "Judge", "JudgeScore", "LocalJudge", "REFUSAL_PHRASES", "expected_score",
            "is_refusal", "make_judge", "score_from_probs"]

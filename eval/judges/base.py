@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from data.errors import UserError
-from eval.judges.refusal import is_refusal
-from eval.judges.scores import JudgeScore
+from twophase.data.base.errors import UserError
+from twophase.eval.judges.refusal import is_refusal
+from twophase.eval.judges.scores import JudgeScore
 
 
 class Judge:

@@ -10,8 +10,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from eval.judges.base import Judge
-from eval.judges.scores import JudgeScore, score_from_probs
+from twophase.eval.judges.base import Judge
+from twophase.eval.judges.scores import JudgeScore, score_from_probs
 
 
 class EndpointJudge(Judge):

@@ -6,12 +6,12 @@ import math
 
 import torch
 
-from data.prompts import format_question
-from data.tokens import encode_continuation, encode_prompt
-from eval.engines import LoglikelihoodEngine
-from eval.generation import GenerationEngine, GenerationRequest
-from eval.judges.base import Judge
-from eval.judges.scores import MIN_SCORE_MASS, SCORE_VALUES, JudgeScore, score_from_probs
+from twophase.data.prompts import format_question
+from twophase.data.tokens import encode_continuation, encode_prompt
+from twophase.eval.engine.loglikelihood import LoglikelihoodEngine
+from twophase.eval.engine.generation import GenerationEngine, GenerationRequest
+from twophase.eval.judges.base import Judge
+from twophase.eval.judges.scores import MIN_SCORE_MASS, SCORE_VALUES, JudgeScore, score_from_probs
 
 
 class LocalJudge(Judge):

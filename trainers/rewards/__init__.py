@@ -2,9 +2,12 @@
 
 Every reward function has one signature:
 
-    fn(tasks: list[LeanTask], completions: list[str], *, step: int = 0) -> list[float]
+    fn(tasks: list[LeanTask], completions: list[str], *, step: int = 0, rows: range | None = None) -> list[float]
 
-returning one float per completion. A reward object may also expose `details`,
+returning one float per completion. `rows` are the completions' row indices in
+the step's whole generation batch (the same however many processes share it;
+None: 0, 1, ...); a function of yours without a `rows` parameter is called
+without it. A reward object may also expose `details`,
 a list with one dict per completion of its last call (e.g. {"passed": False,
 "reason": "uses sorry"}), which the trainer writes to its audit log.
 
@@ -27,10 +30,9 @@ import re
 import sys
 from pathlib import Path
 
-from data import distributed
-from data.errors import UserError
-from data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
-from data.prompts import GRPO_FORMATS, check_format_name
+from twophase.data.base.errors import UserError
+from twophase.data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
+from twophase.data.prompts import GRPO_FORMATS, check_format_name
 
 
 def _check_lengths(tasks: list, completions: list) -> None:
@@ -38,13 +40,13 @@ def _check_lengths(tasks: list, completions: list) -> None:
         raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions; pass one task per completion")
 
 
-def zero_reward(tasks: list[LeanTask], completions: list[str], *, step: int = 0) -> list[float]:
+def zero_reward(tasks: list[LeanTask], completions: list[str], *, step: int = 0, rows: range | None = None) -> list[float]:
     """0.0 for everything: a run with this reward must not change the policy's behaviour."""
     _check_lengths(tasks, completions)
     return [0.0] * len(completions)
 
 
-def toy_reward(tasks: list[LeanTask], completions: list[str], *, step: int = 0) -> list[float]:
+def toy_reward(tasks: list[LeanTask], completions: list[str], *, step: int = 0, rows: range | None = None) -> list[float]:
     """The share of characters that are lowercase ASCII letters or "_" (0.0 for an empty completion).
 
     A stand-in for `lean`, not a measure of proof quality: it is dense and
@@ -62,7 +64,7 @@ def _lowercase_share(text: str) -> float:
 
 
 class RandomReward:
-    """Uniform rewards in [0, 1), a function of (seed, step) and position only.
+    """Uniform rewards in [0, 1), a function of (seed, step) and the row in the step's batch only.
 
     Seeding per step, not once per run, makes a resumed run see exactly the
     rewards the uninterrupted run would have seen.
@@ -71,13 +73,12 @@ class RandomReward:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def __call__(self, tasks: list[LeanTask], completions: list[str], *, step: int = 0) -> list[float]:
+    def __call__(self, tasks: list[LeanTask], completions: list[str], *, step: int = 0, rows: range | None = None) -> list[float]:
         _check_lengths(tasks, completions)
+        rows = range(len(completions)) if rows is None else rows
         rng = random.Random(f"{self.seed}/{step}")
-        # Under torchrun each process scores an equal slice of the step's rows: skip the draws of the ranks before it,
-        # so a row's reward does not depend on the number of processes.
-        skipped = distributed.rank() * len(completions)
-        return [rng.random() for _ in range(skipped + len(completions))][skipped:]
+        draws = [rng.random() for _ in range(rows.stop)]  # row r gets draw r, whoever scores it
+        return draws[rows.start : rows.stop]
 
 
 # An `axiom` declared by the answer could state the theorem itself.
@@ -102,7 +103,7 @@ class LeanReward:
         prompt_format: str = "raw",
         import_timeout: float = 600.0,
     ):
-        from trainers.rewards.lean_repl import LeanReplPool
+        from twophase.trainers.infra.lean_repl import LeanReplPool
 
         if not project_dir:
             raise UserError(
@@ -125,7 +126,7 @@ class LeanReward:
             return "declares an axiom"
         return None
 
-    def __call__(self, tasks: list[LeanTask], completions: list[str], *, step: int = 0) -> list[float]:
+    def __call__(self, tasks: list[LeanTask], completions: list[str], *, step: int = 0, rows: range | None = None) -> list[float]:
         _check_lengths(tasks, completions)
         programs = [program_to_check(t, c, self.prompt_format) for t, c in zip(tasks, completions)]
         outcomes: list[tuple[bool, str] | None] = []
@@ -182,9 +183,29 @@ def _import_reward(spec: str, options: dict):
     target = getattr(module, attribute, None)
     if target is None or not callable(target):
         raise UserError(f"reward '{spec}': module '{module_name}' has no callable '{attribute}'")
-    if inspect.isclass(target):
-        return target(**options)
-    return functools.partial(target, **options) if options else target
+    reward = target(**options) if inspect.isclass(target) else functools.partial(target, **options) if options else target
+    return reward if _takes_rows(reward) else _WithoutRows(reward)
+
+
+def _takes_rows(fn) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a callable whose signature Python cannot read: call it as documented
+        return True
+    return any(p.name == "rows" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+class _WithoutRows:
+    """A reward of yours written before `rows` existed: called without it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, tasks, completions, *, step: int = 0, rows: range | None = None):
+        return self.fn(tasks, completions, step=step)
+
+    def __getattr__(self, name):  # its `details` and `close`, if it has them
+        return getattr(self.fn, name)
 
 
 def _load_reward_module(spec: str, module_name: str):

@@ -1,0 +1,272 @@
+"""The run around the training loop: its directory, its metrics log, its signals and its printed lines.
+
+None of this is the algorithm (trainers/loop.py is): it is what makes a run resumable and readable.
+
+* `owned_out_dir`: one writer per output directory, and no silent reuse of an earlier run's;
+* `restore`: the newest intact checkpoint, or a fresh seeded start;
+* `MetricsLog`: metrics.jsonl, one record per step, cut back to the checkpoint on resume;
+* `DeferredInterrupts`: Ctrl-C and SIGTERM wait for the end of an update or a checkpoint write;
+* `StepPrinter`: the progress bar and one averaged line every `log_every` steps;
+* `RunCallbacks`: what a run asks of its recipe's surroundings (memory advice, its own logs, preparation time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from twophase.data.base import distributed
+from twophase.data.base.errors import UserError
+from twophase.data.base.files import atomic_write_text, remove_stale_temporaries
+from twophase.data.base.run_dir import owned
+from twophase.trainers.infra.checkpoint import list_checkpoints, restore_newest, seed_everything, set_rng_state
+
+
+@dataclass
+class RunCallbacks:
+    """Run-level concerns of a recipe, none of them part of its algorithm; each has a harmless default.
+
+    `memory_advice()`: which settings to lower when a step does not fit in GPU memory.
+    `on_start(step)`: called once (rank 0) before the first step; e.g. GRPO cuts samples.jsonl back to `step`.
+    `preparation_seconds(step)`: seconds of step `step` spent before the update (GRPO: generation and
+    scoring), which the loop subtracts to time the update; the same answer however often it is asked.
+    """
+
+    memory_advice: Callable[[], str] = lambda: "lower micro_batch_size"
+    on_start: Callable[[int], None] = lambda step: None
+    preparation_seconds: Callable[[int], float] = lambda step: 0.0
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on GPU; on the CPU the tiny demo model runs in float32."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def out_of_memory_message(advice: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else "CUDA out of memory"
+    return f"out of GPU memory in a training step ({first}); {advice}, then rerun with --resume"
+
+
+@contextmanager
+def owned_out_dir(out_dir, resume: bool):
+    """Hold `out_dir` for a training run (data/base/run_dir.py); yields it as a Path.
+
+    Before anything is written there: leftovers of killed runs are removed, and a
+    directory that holds an earlier run's checkpoints is refused without --resume.
+    """
+    if not distributed.is_main():  # rank 0 holds the directory for the whole job; the others wait until it has
+        distributed.barrier()
+        refuse_earlier_run(Path(out_dir) / "checkpoints", resume)
+        yield Path(out_dir)
+        return
+    with owned(out_dir) as path:
+        checkpoint_dir = path / "checkpoints"
+        if checkpoint_dir.is_dir():
+            remove_stale_temporaries(checkpoint_dir)
+        refuse_earlier_run(checkpoint_dir, resume)
+        distributed.barrier()
+        yield path
+
+
+def refuse_earlier_run(checkpoint_dir: Path, resume: bool) -> None:
+    """Without --resume, a directory that holds an earlier run's checkpoints is not reused."""
+    if not resume and list_checkpoints(checkpoint_dir):
+        raise UserError(
+            f"{Path(checkpoint_dir).parent} already holds checkpoints of an earlier run; pass --resume to continue it, "
+            f"or choose another out_dir (--set out_dir=...)"
+        )
+
+
+def restore(recipe, optimizer, scheduler, checkpoint_dir, log, resume, seed) -> int:
+    refuse_earlier_run(checkpoint_dir, resume)
+    restored = restore_newest(checkpoint_dir, recipe.model, optimizer, scheduler, report=tqdm.write) if resume else None
+    if restored is None:
+        if resume:
+            intact = "intact checkpoint" if list_checkpoints(checkpoint_dir) else "checkpoint"
+            tqdm.write(f"no {intact} in {checkpoint_dir}: starting from step 0")
+        seed_everything(seed)
+        log.reset()
+        return 0
+    path, state = restored
+    recipe.load_state_dict(state["recipe"])
+    set_rng_state(state["rng"])
+    log.truncate_after(state["step"])
+    tqdm.write(f"resumed from {path} (step {state['step']})")
+    return state["step"]
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per step, appended and flushed as training goes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def reset(self) -> None:
+        if distributed.is_main():
+            atomic_write_text(self.path, "")
+
+    def write(self, metrics: dict) -> None:
+        if not distributed.is_main():
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps the checkpoint does not contain (they will be redone)."""
+        if not distributed.is_main():
+            return
+        if not self.path.exists():
+            return self.reset()
+        keep_records_up_to(self.path, step)
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite a JSONL log of per-step records with those of steps <= `step` only (the later ones will be redone).
+
+    A last line that is not a complete record is what a stop in the middle of a write leaves: it is
+    dropped with one line saying so. Any other line that is not JSON means the file was damaged.
+    """
+    lines = [line for line in Path(path).read_bytes().split(b"\n") if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"record {number} of {path} is not JSON: the file is damaged; repair or delete it") from None
+            tqdm.write(f"{path}: dropped a torn last line ({len(line)} bytes of a record cut off by a stop)")
+    kept = [record for record in records if record["step"] <= step]
+    atomic_write_text(Path(path), "".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _format_metrics(metrics: dict) -> str:
+    """One line per logging interval: metrics averaged over the steps since the last line."""
+    parts = [f"step {metrics['step']}"]
+    parts += [f"{key} {readable_number(value)}" for key, value in metrics.items() if key != "step"]
+    return " | ".join(parts)
+
+
+def readable_number(value) -> str:
+    """A metric for a person: 4 significant digits, small numbers in exponent form (1e-06, -3.2e-05), never -0."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value == 0:
+        return "0"
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if abs(value) >= 1e4:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+class StepPrinter:
+    """The progress bar, and every `log_every` steps one line of the metrics averaged since the last line (rank 0)."""
+
+    def __init__(self, config, start_step: int):
+        self.log_every = config.log_every
+        self.window: list[dict] = []
+        self.bar = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                        disable=not distributed.is_main())  # fmt: skip
+
+    def step_done(self, metrics: dict) -> None:
+        self.window.append(metrics)
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "grad_norm") if k in metrics})
+        step = metrics["step"]
+        if self.log_every and step % self.log_every == 0 and distributed.is_main():
+            tqdm.write(_format_metrics(_reduce(self.window) | {"step": step}))
+            self.window = []
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _reduce(collected: list[dict]) -> dict:
+    keys = dict.fromkeys(k for m in collected for k in m)  # first-seen order, for readable logs
+    out = {}
+    for key in keys:
+        values = [m[key] for m in collected if key in m]
+        out[key] = sum(values) if key == "tokens" else sum(values) / len(values)
+    return out
+
+
+class sigterm_as_interrupt:
+    """Turn SIGTERM (a cluster's preemption) into KeyboardInterrupt so a checkpoint is written."""
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not in the main thread
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+
+class DeferredInterrupts:
+    """SIGINT and SIGTERM as KeyboardInterrupt, held back inside `deferred()` blocks.
+
+    Outside a block a signal raises KeyboardInterrupt at once, as Python's own
+    Ctrl-C does, so a long generation or forward pass stops without waiting.
+    Inside one it is remembered and raised as the block ends: the block (an
+    optimizer update and its record, a checkpoint write) is never cut half-way.
+    A second signal inside a block changes nothing; SIGKILL cannot be caught
+    and is what checkpoints' atomic renames are for.
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.pending = False
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not in the main thread: signals are not ours to handle
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending:  # reached only when the block ended without an exception
+            self.pending = False
+            raise KeyboardInterrupt
