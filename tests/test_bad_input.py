@@ -64,6 +64,59 @@ def grpo(*settings: str, **paths_from) -> Callable[[dict], list[str]]:
     return argv
 
 
+BAD_REWARDS = """\
+def nan(tasks, completions, *, step=0):
+    return [float("nan")] * len(completions)
+
+
+def inf(tasks, completions, *, step=0):
+    return [0.0] * (len(completions) - 1) + [float("inf")]
+
+
+def raises(tasks, completions, *, step=0):
+    raise ValueError("my reward broke")
+
+
+def too_few(tasks, completions, *, step=0):
+    return [1.0]
+
+
+def none(tasks, completions, *, step=0):
+    return None
+
+
+def words(tasks, completions, *, step=0):
+    return ["good"] * len(completions)
+
+
+def no_step(tasks, completions):
+    return [0.0] * len(completions)
+"""
+
+
+def reward(name: str) -> Callable[[dict], list[str]]:
+    return lambda p: grpo(f"reward={p['files']['bad_rewards']}:{name}")(p)
+
+
+def nan_loss_at_step(step: int):
+    """The DPO loss turns NaN at `step` (as a bad batch or a diverging run would make it)."""
+
+    def setup(monkeypatch, paths):
+        from twophase.trainers.dpo import DPORecipe
+
+        real = DPORecipe.loss
+        calls = {"n": 0}
+
+        def loss(self, micro_batch):
+            value, metrics = real(self, micro_batch)
+            calls["n"] += 1
+            return (value * float("nan") if calls["n"] >= step else value), metrics
+
+        monkeypatch.setattr(DPORecipe, "loss", loss)
+
+    return setup
+
+
 def evaluate(*extra: str, model: str | None = None, data: str | None = None) -> Callable[[dict], list[str]]:
     def argv(p):
         return ["eval", "--model", p["files"][model] if model else p["model"], "--benchmarks", "xstest", "--out", p["out"],
@@ -207,6 +260,20 @@ ROWS = {
     "pipeline dpo.max_steps 0": Row(pipeline("dpo.max_steps=0"), "max_steps = 0 in "),
     "pipeline eval.limit -1": Row(pipeline("eval.limit=-1"), "limit = -1 must be"),
     "pipeline run_dir is a file": Row(pipeline(), "is a file, not a directory", setup=out_is("a_file")),
+    # rewards that misbehave, and a loss that is not finite: one line, no NaN model on disk
+    "reward returns NaN": Row(reward("nan"), "returned 2 value(s) that are not finite numbers (row 0: nan, row 1: nan)",
+                              before_model=False, refused=False),
+    "reward returns inf": Row(reward("inf"), "returned 1 value(s) that are not finite numbers (row 1: inf)",
+                              before_model=False, refused=False),
+    "reward raises": Row(reward("raises"), "raised ValueError: my reward broke", before_model=False, refused=False),
+    "reward returns too few": Row(reward("too_few"), "returned 1 values for 2 completions; a reward is fn(tasks, "
+                                  "completions, *, step, rows=None)", before_model=False, refused=False),
+    "reward returns None": Row(reward("none"), "returned None, not a list", before_model=False, refused=False),
+    "reward returns strings": Row(reward("words"), "(row 0: 'good', row 1: 'good'", before_model=False, refused=False),
+    "reward without step": Row(reward("no_step"), "does not take the keyword `step`; a reward is fn(tasks, completions"),
+    "DPO loss turns NaN": Row(dpo("max_steps=3", "save_every=1"), "step 2: the loss is nan; the update was not applied "
+                              "and the newest checkpoint, step 1, is intact", before_model=False, refused=False,
+                              setup=nan_loss_at_step(2)),
 }
 
 
@@ -220,6 +287,7 @@ def files(tiny_model_dir, tmp_path_factory):
         "list_rows.jsonl": json.dumps(["\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: hi\n\nAssistant: b"]) + "\n",
         "a_file": "not a directory\n",
         "broken_benchmarks/xstest.csv": "",
+        "bad_rewards.py": BAD_REWARDS,
         "pipeline.yaml": yaml.safe_dump({"model": tiny_model_dir, "eval": {"benchmarks": "xstest"},
                                          "dpo": {"dataset": HH_DEMO}, "grpo": {"dataset": LEAN_DEMO}}),  # fmt: skip
     }

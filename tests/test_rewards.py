@@ -52,7 +52,7 @@ def test_toy_reward_values_by_hand():
 
 
 def test_reward_rejects_mismatched_lengths():
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match=r"^reward toy raised ValueError: 2 tasks but 1 completions"):
         build_reward("toy")(tasks(2), ["a"])
 
 

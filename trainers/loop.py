@@ -55,6 +55,7 @@ from twophase.trainers.infra.run import (
     StepPrinter,
     autocast_context,
     out_of_memory_message,
+    refuse_non_finite,
     restore,
 )
 
@@ -165,6 +166,7 @@ class _Training:
         recipe, config = self.recipe, self.config
         sharding.finish_gradients(recipe.model, self.parameters)  # once per step: the global batch's gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+        refuse_non_finite(step, collected, sharding.total_norm(grad_norm), self.saved)  # trainers/infra/run.py
         if self.shards:
             self.shards.hand_over_gradients()
         self.optimizer.step()

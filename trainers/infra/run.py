@@ -52,6 +52,17 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
+def refuse_non_finite(step: int, collected: list[dict], grad_norm: float, newest_checkpoint: int) -> None:
+    """Stop before the optimizer step if the loss or the gradient is not finite: no NaN ever reaches the weights."""
+    losses = [m["loss"] for m in collected]
+    if all(math.isfinite(x) for x in losses) and math.isfinite(grad_norm):
+        return
+    what = f"the loss is {sum(losses)}" if not all(math.isfinite(x) for x in losses) else f"the gradient norm is {grad_norm}"
+    where = f"the newest checkpoint, step {newest_checkpoint}, is intact" if newest_checkpoint else "no checkpoint was written"
+    raise UserError(f"step {step + 1}: {what}; the update was not applied and {where}. Non-finite numbers come from the "
+                    f"data, a reward or too high a learning rate: fix that, then rerun (with --resume to continue)")
+
+
 def out_of_memory_message(advice: str, err: Exception) -> str:
     first = str(err).strip().splitlines()[0][:160] if str(err).strip() else "CUDA out of memory"
     return f"out of GPU memory in a training step ({first}); {advice}, then rerun with --resume"

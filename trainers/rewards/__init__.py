@@ -15,7 +15,9 @@ a list with one dict per completion of its last call (e.g. {"passed": False,
 `random`, `zero`) or your own: "path/to/file.py:function" (a file, no PYTHONPATH needed)
 or "module:function" (importable, or a module in the working directory). For "module:function",
 a function gets `options` bound as keyword arguments; a class is instantiated
-with them and the instance is the reward.
+with them and the instance is the reward. Every reward is called through
+trainers/infra/reward_calls.py, which turns what a reward does wrong (raises,
+returns NaN, the wrong count, not numbers) into one line naming it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from twophase.data.base.errors import UserError
 from twophase.data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
 from twophase.data.prompts import GRPO_FORMATS, check_format_name
+from twophase.trainers.infra.reward_calls import CheckedReward
 
 
 def _check_lengths(tasks: list, completions: list) -> None:
@@ -162,9 +165,9 @@ def build_reward(spec: str, options: dict | None = None):
     if spec in BUILTIN_REWARDS:
         factory = BUILTIN_REWARDS[spec]
         _check_options(spec, factory, options)
-        return factory(**options)
+        return CheckedReward(spec, factory(**options))
     if ":" in spec:
-        return _import_reward(spec, options)
+        return CheckedReward(spec, _import_reward(spec, options))
     names = ", ".join(sorted(BUILTIN_REWARDS))
     raise UserError(f"unknown reward '{spec}'; use one of: {names}, or 'module:function' for your own")
 
