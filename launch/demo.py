@@ -127,6 +127,7 @@ def demo_command(out_dir, overrides, threads):
     eval, LoRA DPO + merge, eval, GRPO (random, zero, toy rewards), eval, tables."""
     import torch
 
+    from twophase.data.base.run_dir import owned
     from twophase.data.base.tiny import write_tiny_model
     from twophase.launch.experiment import load_pipeline
     from twophase.launch.pipeline import execute
@@ -134,11 +135,11 @@ def demo_command(out_dir, overrides, threads):
     torch.set_num_threads(threads)
 
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
-    out = Path(out_dir)
-    click.echo(f"building the tiny model and tokenizer in {out / 'tiny-model'}")
-    write_tiny_model(out / "tiny-model", with_chat_template=True)
-    config, stages = load_pipeline(write_demo_config(out), overrides)
-    execute(config, stages)
+    with owned(out_dir) as out:  # held before the first write: a second demo here is refused with one line
+        click.echo(f"building the tiny model and tokenizer in {out / 'tiny-model'}")
+        write_tiny_model(out / "tiny-model", with_chat_template=True)
+        config, stages = load_pipeline(write_demo_config(out), overrides)
+        execute(config, stages)
     tables = Path(config.run_dir) / "tables"
     if (tables / "original_vs_dpo.json").is_file():
         click.echo("\nWhat the tables show:\n" + "\n".join(what_the_tables_show(tables)))

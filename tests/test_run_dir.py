@@ -64,7 +64,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_does_not
     try:
         before = _files(out)
         for argv in (_dpo_args(tiny_model_dir, out),
-                     ["eval", "--model", tiny_model_dir, "--benchmarks", "xstest", "--out", str(out)]):  # fmt: skip
+                     ["eval", "--model", tiny_model_dir, "--benchmarks", "xstest", "--out", str(out)],
+                     ["demo", "--out", str(out)]):  # fmt: skip  (a second demo on one folder: the same one line)
             code, err = _cli(capsys, *argv)
             assert code == 2 and err.count("\n") == 1
             assert err.startswith(f"error: {out} is in use by process {holder.pid} on ") and "choose another" in err
