@@ -97,6 +97,19 @@ def test_a_refused_run_leaves_the_finished_run_untouched(tiny_model_dir, tmp_pat
     code, err = _cli(capsys, *_dpo_args(tiny_model_dir, out, "--set", "lr=1e-3"))  # no --resume
     assert code == 2 and "--resume" in err
     assert _files(out) == finished  # config.json included: the provenance of the finished run is kept
+    # --resume of another command, or with keys its checkpoints depend on changed: one line, nothing written
+    grpo = ["grpo", "--set", f"model={tiny_model_dir}", "--set", f"out_dir={out}", "--set", "device=cpu", "--set",
+            f"dataset={Path(HH_DEMO).with_name('lean_demo.jsonl')}", "--resume"]
+    refusals = {
+        "holds a run of another command (its config.json is not a grpo config)": grpo,
+        "was trained with other settings that its checkpoints depend on (lora_r 2 -> 4; optimizer 'adamw' -> "
+        "'adamw8bit'); resume with the run's own values": _dpo_args(tiny_model_dir, out, "--set", "lora_r=4", "--set",
+                                                                 "optimizer=adamw8bit", "--resume"),
+    }  # fmt: skip
+    for says, argv in refusals.items():
+        code, err = _cli(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+        assert _files(out) == finished
 
 
 @pytest.fixture(scope="module")

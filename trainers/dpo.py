@@ -236,7 +236,7 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     check_world_size(config)
     pairs = load_pairs(config)  # bad input is refused before out_dir is touched
     distributed.start(resolve_device(config.device))
-    with owned_out_dir(config.out_dir, resume) as out_dir:
+    with owned_out_dir(config, resume) as out_dir:
         seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG: the same on every rank
         tqdm.write(algorithm_line(config))
         recipe = DPORecipe(config, out_dir, pairs=pairs)

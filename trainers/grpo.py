@@ -323,7 +323,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     check_world_size(config)
     tasks = load_tasks(config)  # bad input is refused before out_dir is touched
     distributed.start(resolve_device(config.device))
-    with owned_out_dir(config.out_dir, resume) as out_dir:
+    with owned_out_dir(config, resume) as out_dir:
         seed_everything(config.seed)
         tqdm.write(algorithm_line(config))
         recipe = GRPORecipe(config, out_dir, tasks=tasks)

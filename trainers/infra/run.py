@@ -12,6 +12,7 @@ None of this is the algorithm (trainers/loop.py is): it is what makes a run resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -69,12 +70,15 @@ def out_of_memory_message(advice: str, err: Exception) -> str:
 
 
 @contextmanager
-def owned_out_dir(out_dir, resume: bool):
-    """Hold `out_dir` for a training run (data/base/run_dir.py); yields it as a Path.
+def owned_out_dir(config, resume: bool):
+    """Hold `config.out_dir` for a training run (data/base/run_dir.py); yields it as a Path.
 
-    Before anything is written there: leftovers of killed runs are removed, and a
-    directory that holds an earlier run's checkpoints is refused without --resume.
+    Before anything is written there: leftovers of killed runs are removed, a
+    directory that holds an earlier run's checkpoints is refused without --resume,
+    and with --resume one whose run was another command, or had other values of
+    the keys that shape its checkpoints, is refused with what differs.
     """
+    out_dir = config.out_dir
     if not distributed.is_main():  # rank 0 holds the directory for the whole job; the others wait until it has
         distributed.barrier()
         refuse_earlier_run(Path(out_dir) / "checkpoints", resume)
@@ -85,8 +89,34 @@ def owned_out_dir(out_dir, resume: bool):
         if checkpoint_dir.is_dir():
             remove_stale_temporaries(checkpoint_dir)
         refuse_earlier_run(checkpoint_dir, resume)
+        if resume:
+            refuse_another_run(path / "config.json", config)
         distributed.barrier()
         yield path
+
+
+# What a checkpoint's weights and optimizer state were made for: resuming with other values cannot be exact.
+SHAPING_KEYS = ("model", "lora", "lora_r", "lora_alpha", "lora_target_modules", "layout", "optimizer")
+
+
+def refuse_another_run(saved: Path, config) -> None:
+    """--resume only continues the run that wrote `saved` (its config.json): the same command and shaping keys."""
+    if not saved.is_file():
+        return
+    try:
+        earlier = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{saved} is not readable JSON, so this run cannot be checked against it; "
+                        f"move the folder away or choose another out_dir") from None  # fmt: skip
+    now = dataclasses.asdict(config)
+    if not isinstance(earlier, dict) or set(earlier) != set(now):
+        command = type(config).__name__.removesuffix("Config").lower()
+        raise UserError(f"{saved.parent} holds a run of another command (its config.json is not a {command} config); "
+                        f"--resume continues only the run that wrote it: choose another out_dir")  # fmt: skip
+    differs = [f"{key} {earlier[key]!r} -> {now[key]!r}" for key in SHAPING_KEYS if key in now and earlier[key] != now[key]]
+    if differs:
+        raise UserError(f"{saved.parent} was trained with other settings that its checkpoints depend on "
+                        f"({'; '.join(differs)}); resume with the run's own values, or choose another out_dir")  # fmt: skip
 
 
 def refuse_earlier_run(checkpoint_dir: Path, resume: bool) -> None:
