@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,6 +68,7 @@ class EvalSettings:
         for name in names:
             self.judge_of(name)  # a misconfigured judge fails now, not after an hour of generation
         options = flat_options(self.options, ALL)
+        check_option_names(options, names)
         check_arguments({"limit": self.limit, "samples_per_question": self.samples_per_question, **options})
         batch_size = check_batch_size(self.batch_size)
         if self.samples_per_question is not None:
@@ -124,6 +126,23 @@ def flat_options(options: dict, benchmarks: tuple[str, ...]) -> dict:
     return flat
 
 
+def check_option_names(options: dict, names: list[str]) -> None:
+    """Every option names a key some benchmark reads: `name.key` that benchmark's, a plain key one of the run's."""
+    from twophase.eval.benchmarks import ALL, get_benchmark
+
+    read = {name: get_benchmark(name).option_names for name in ALL}
+    for key in options:
+        owner, _, option = key.rpartition(".")
+        if owner and owner not in read:
+            raise UserError(f"--option {key}: no benchmark is named {owner!r}; choose from {', '.join(ALL)}")
+        if owner and option not in read[owner]:
+            valid = ", ".join(read[owner]) or "none"
+            raise UserError(f"--option {key}: {owner} has no option {option!r}; its options: {valid}")
+        if not owner and not any(option in read[name] for name in names):
+            valid = ", ".join(sorted({o for name in names for o in read[name]})) or "none"
+            raise UserError(f"--option {key}: none of the benchmarks run ({', '.join(names)}) reads it; their options: {valid}")
+
+
 # The least each numeric argument or benchmark option may be: anything else is one line before the model loads.
 LEAST = {"limit": 1, "samples_per_question": 1, "max_new_tokens": 1, "judge_max_tokens": 1,
          "n_samples": 1, "num_shots": 0, "workers": 1}  # fmt: skip
@@ -135,8 +154,21 @@ def check_arguments(arguments: dict) -> None:
     A benchmark's own option ("humaneval.n_samples") is checked as the plain one.
     """
     for key, value in arguments.items():
-        least = LEAST.get(key.rsplit(".", 1)[-1])
-        if least is None or value is None:
+        name = key.rsplit(".", 1)[-1]
+        if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UserError(f"{key} = {value!r} must be a whole number of at least {least}")
+        if name in LEAST and (isinstance(value, bool) or not isinstance(value, int) or value < LEAST[name]):
+            raise UserError(f"{key} = {value!r} must be a whole number of at least {LEAST[name]}")
+        if name in RANGES and not _in_range(value, *RANGES[name]):
+            raise UserError(f"{key} = {value!r} must be a number in {RANGES[name][2]}")
+
+
+# The numbers that need not be whole: (lowest, highest, how the range reads; lowest excluded when the text says so).
+RANGES = {"timeout": (0.0, math.inf, "(0, inf): seconds a program may run"), "temperature": (0.0, math.inf, "[0, inf)"),
+          "top_p": (0.0, 1.0, "(0, 1]")}  # fmt: skip
+
+
+def _in_range(value, low: float, high: float, text: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    return (value > low if text.startswith("(") else value >= low) and value <= high

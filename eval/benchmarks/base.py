@@ -41,6 +41,7 @@ class Benchmark:
     default_source: str = ""  # hub id (or URL)
     split: str = "train"  # hub split
     local_file: str = ""  # file name under --data-dir
+    option_names: tuple[str, ...] = ()  # the --option keys it reads (anything else given to it is an error)
     description: str = ""
     # The prompt format of a benchmark that writes its own prompts (few-shot text, code to
     # complete); None for the benchmarks that ask questions in the run's --prompt-format.

@@ -134,6 +134,7 @@ def betley_metrics(aligned: list[float | None], coherent: list[float | None]) ->
 
 class Betley(Benchmark):
     name = "betley"
+    option_names = ("samples_per_question", "max_new_tokens")
     default_source = QUESTIONS_URL
     local_file = "betley.yaml"
     description = "24 emergent-misalignment questions: mean alignment/coherence and P(misaligned) by a 0-100 judge"

@@ -91,6 +91,7 @@ def category_metrics(categories: list[int | None]) -> dict[str, Metric]:
 
 class DoNotAnswer(Benchmark):
     name = "donotanswer"
+    option_names = ("max_new_tokens", "judge_max_tokens")
     default_source = "LibrAI/do-not-answer"
     split = "train"
     local_file = "donotanswer.csv"

@@ -116,6 +116,7 @@ def _problem(row: dict, where: str) -> dict:
 
 class HumanEval(Benchmark):
     name = "humaneval"
+    option_names = tuple(DEFAULTS)
     default_source = "openai/openai_humaneval"
     split = "test"
     local_file = "humaneval.jsonl"  # or the original HumanEval.jsonl.gz

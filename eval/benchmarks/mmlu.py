@@ -191,6 +191,7 @@ def _hub_split(dataset_id: str, split: str) -> dict[str, list[dict]]:
 
 class MMLU(Benchmark):
     name = "mmlu"
+    option_names = ("num_shots",)
     default_source = "cais/mmlu"  # config all
     split = "test"
     local_file = "mmlu"  # a directory of {subject}_dev.csv and {subject}_test.csv

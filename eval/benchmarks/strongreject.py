@@ -108,6 +108,7 @@ def rubric_metrics(verdicts: list[RubricVerdict | None]) -> dict[str, Metric]:
 
 class StrongREJECT(Benchmark):
     name = "strongreject"
+    option_names = ("max_new_tokens", "judge_max_tokens")
     default_source = "walledai/StrongREJECT"
     split = "train"
     local_file = "strongreject.csv"

@@ -52,6 +52,7 @@ def xstest_metrics(unsafe: list[bool], refused: list[bool]) -> dict[str, Metric]
 
 class XSTest(Benchmark):
     name = "xstest"
+    option_names = ("max_new_tokens",)
     default_source = "walledai/XSTest"
     split = "test"
     local_file = "xstest.csv"
