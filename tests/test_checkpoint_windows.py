@@ -310,7 +310,16 @@ def test_torn_and_damaged_log_lines(tmp_path, capsys):
     assert [json.loads(line) for line in log.read_text().splitlines()] == records[:3]
     assert capsys.readouterr().out.count("dropped a torn last line") == 1
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(UserError, match="record 2 of .* is not JSON"):
+    with pytest.raises(UserError, match="record 2 of .* is not a step record"):
+        keep_records_up_to(log, 2)
+    # a last line that parses but is no step record ({}, null, a record without "step") is dropped alike
+    for last in ("{}", "null", '{"completion": "x"}', '{"step": "3"}', '[1, 2]'):
+        log.write_text('{"step": 1}\n{"step": 2}\n' + last + "\n")
+        keep_records_up_to(log, 2)
+        assert log.read_text() == '{"step": 1}\n{"step": 2}\n', last
+    assert capsys.readouterr().out.count("dropped a torn last line") == 5
+    log.write_text('{"step": 1}\n{}\n{"step": 2}\n')
+    with pytest.raises(UserError, match="record 2 of .* is not a step record"):
         keep_records_up_to(log, 2)
 
 

@@ -179,20 +179,32 @@ class MetricsLog:
 def keep_records_up_to(path: Path, step: int) -> None:
     """Rewrite a JSONL log of per-step records with those of steps <= `step` only (the later ones will be redone).
 
-    A last line that is not a complete record is what a stop in the middle of a write leaves: it is
-    dropped with one line saying so. Any other line that is not JSON means the file was damaged.
+    A record is a JSON object with a whole-number "step". A last line that is not one is what a stop
+    in the middle of a write leaves (or a damaged end): it is dropped with one line saying so. Any
+    other line that is not a record means the file was damaged.
     """
     lines = [line for line in Path(path).read_bytes().split(b"\n") if line.strip()]
     records = []
     for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number < len(lines):
-                raise UserError(f"record {number} of {path} is not JSON: the file is damaged; repair or delete it") from None
-            tqdm.write(f"{path}: dropped a torn last line ({len(line)} bytes of a record cut off by a stop)")
+        record = _step_record(line)
+        if record is not None:
+            records.append(record)
+        elif number < len(lines):
+            raise UserError(f"record {number} of {path} is not a step record (a JSON object with a \"step\"): the file "
+                            f"is damaged; repair or delete it")  # fmt: skip
+        else:
+            tqdm.write(f"{path}: dropped a torn last line ({len(line)} bytes that are not a whole step record)")
     kept = [record for record in records if record["step"] <= step]
     atomic_write_text(Path(path), "".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _step_record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record.get("step"), bool)
+    return record if ok else None
 
 
 def _format_metrics(metrics: dict) -> str:
