@@ -266,6 +266,9 @@ ROWS = {
     "pipeline eval.limit -1": Row(pipeline("eval.limit=-1"), "limit = -1 must be"),
     "pipeline run_dir is a file": Row(pipeline(), "is a file, not a directory", setup=out_is("a_file")),
     # rewards that misbehave, and a loss that is not finite: one line, no NaN model on disk
+    "max_new_tokens past the model": Row(grpo("max_new_tokens=1000000000"), "max_prompt_length + max_new_tokens = "
+                                         "1,000,000,512 tokens, but "),
+    "max_length past the model": Row(dpo("max_length=100000", "max_prompt_length=32"), "max_length = 100,000 tokens, but "),
     "reward returns NaN": Row(reward("nan"), "returned 2 value(s) that are not finite numbers (row 0: nan, row 1: nan)",
                               before_model=False, refused=False),
     "reward returns inf": Row(reward("inf"), "returned 1 value(s) that are not finite numbers (row 1: inf)",

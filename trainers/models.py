@@ -8,6 +8,9 @@ never built.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from twophase.data.base import distributed
@@ -35,9 +38,28 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def check_policy_source(config: TrainConfig) -> None:
-    """A missing model path or an absent GPU, said before any data or weights are read."""
+    """A missing model path, an absent GPU, or sequences longer than the model's positions, said before any
+    data or weights are read (a model's length is read from its local config.json; a hub id is checked once loaded)."""
     check_path_exists("model", config.model)
     resolve_device(config.device)
+    positions = _model_positions(config.model)
+    longest, what = _longest_sequence(config)
+    if positions and longest > positions:
+        raise UserError(f"{what} = {longest:,} tokens, but {config.model} has {positions:,} positions; lower them to fit")
+
+
+def _model_positions(model: str) -> int | None:
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _longest_sequence(config) -> tuple[int, str]:
+    """The longest sequence a run feeds the model, and how the config makes it."""
+    if hasattr(config, "max_new_tokens"):  # GRPO: a prompt and its completion
+        return config.max_prompt_length + config.max_new_tokens, "max_prompt_length + max_new_tokens"
+    return config.max_length, "max_length"
 
 
 def load_policy(config: TrainConfig):
