@@ -98,6 +98,11 @@ def reward(name: str) -> Callable[[dict], list[str]]:
     return lambda p: grpo(f"reward={p['files']['bad_rewards']}:{name}")(p)
 
 
+def _memory_of(monkeypatch, size: int):
+    """This machine as one with `size` bytes of memory (as under `prlimit --as`)."""
+    monkeypatch.setattr("twophase.trainers.infra.run.device_memory_bytes", lambda device: size)
+
+
 def nan_loss_at_step(step: int):
     """The DPO loss turns NaN at `step` (as a bad batch or a diverging run would make it)."""
 
@@ -269,6 +274,8 @@ ROWS = {
     "max_new_tokens past the model": Row(grpo("max_new_tokens=1000000000"), "max_prompt_length + max_new_tokens = "
                                          "1,000,000,512 tokens, but "),
     "max_length past the model": Row(dpo("max_length=100000", "max_prompt_length=32"), "max_length = 100,000 tokens, but "),
+    "micro-batch past the memory": Row(dpo("micro_batch_size=100000", "layout=stacked"), "a forward pass of 12,800,000 "
+                                       "tokens needs about ", before_model=False, setup=lambda mp, p: _memory_of(mp, 6 * 2**30)),
     "reward returns NaN": Row(reward("nan"), "returned 2 value(s) that are not finite numbers (row 0: nan, row 1: nan)",
                               before_model=False, refused=False),
     "reward returns inf": Row(reward("inf"), "returned 1 value(s) that are not finite numbers (row 1: inf)",

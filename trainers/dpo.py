@@ -222,6 +222,11 @@ def algorithm_line(config: DPOConfig) -> str:
     return f"{name}: β = {config.beta:g}, {reference}{cached}, {config.layout} batch layout"
 
 
+def pass_tokens(config: DPOConfig) -> int:
+    """The most tokens one training pass holds: the packed budget, or the padded rows of a micro-batch."""
+    return config.max_tokens_per_pass if config.layout in PACKED_LAYOUTS else 2 * config.micro_batch_size * config.max_length
+
+
 def memory_advice(config: DPOConfig) -> str:
     """What to lower when a step does not fit in GPU memory."""
     if config.layout in PACKED_LAYOUTS:
@@ -242,7 +247,8 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
         recipe = DPORecipe(config, out_dir, pairs=pairs)
         if distributed.is_main():
             save_config(config, out_dir / "config.json")
-        last = train(recipe, config, out_dir, resume=resume, callbacks=RunCallbacks(memory_advice=lambda: memory_advice(config)))
+        callbacks = RunCallbacks(memory_advice=lambda: memory_advice(config), pass_tokens=pass_tokens(config))
+        last = train(recipe, config, out_dir, resume=resume, callbacks=callbacks)
         outputs = {"out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl")}
         if distributed.is_main():  # every rank holds the same weights: one writes them
             outputs["final"] = str(recipe.save_final())

@@ -230,7 +230,8 @@ class GRPORecipe:
         advice = (f"lower micro_batch_size (now {config.micro_batch_size}) for the update, generation_batch_size "
                   f"(now {config.generation_batch_size}) for generation, or max_new_tokens (now {config.max_new_tokens})")  # fmt: skip
         return RunCallbacks(memory_advice=lambda: advice, on_start=self.log.truncate_after,
-                            preparation_seconds=self._preparation_seconds)  # fmt: skip
+                            preparation_seconds=self._preparation_seconds,
+                            pass_tokens=config.micro_batch_size * (config.max_prompt_length + config.max_new_tokens))  # fmt: skip
 
     def _preparation_seconds(self, step: int) -> float:
         """Generation and scoring, on the step that generated (what the loop subtracts to time the update)."""

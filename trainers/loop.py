@@ -56,6 +56,7 @@ from twophase.trainers.infra.run import (
     autocast_context,
     out_of_memory_message,
     refuse_non_finite,
+    refuse_pass_that_cannot_fit,
     restore,
 )
 
@@ -109,6 +110,7 @@ class _Training:
 
     def __init__(self, recipe: Recipe, config: TrainConfig, out_dir: Path, callbacks: RunCallbacks):
         self.recipe, self.config, self.callbacks = recipe, config, callbacks
+        refuse_pass_that_cannot_fit(recipe.model, recipe.device, callbacks)  # trainers/infra/run.py
         self.checkpoint_dir = out_dir / "checkpoints"
         self.log = MetricsLog(out_dir / "metrics.jsonl")
         self.reporters = Reporters(config.report_to, out_dir, dataclasses.asdict(config))  # report_to: optional live logging

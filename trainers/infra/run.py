@@ -44,6 +44,46 @@ class RunCallbacks:
     memory_advice: Callable[[], str] = lambda: "lower micro_batch_size"
     on_start: Callable[[int], None] = lambda step: None
     preparation_seconds: Callable[[int], float] = lambda step: 0.0
+    pass_tokens: int = 0  # the most tokens one forward pass holds (0: unknown), checked against the device's memory
+
+
+def refuse_pass_that_cannot_fit(model, device: torch.device, callbacks: RunCallbacks) -> None:
+    """One line before the first step when a forward pass cannot fit in the device's memory, by an estimate.
+
+    bytes ≈ weights + tokens × bytes per value × (layers × hidden          the checkpointed layer inputs
+                                                  + 2 × (3 × intermediate + 6 × hidden))  one layer recomputed,
+                                                                                           forward and backward
+    It errs low (no optimizer state, no allocator slack), so it refuses only what surely fails.
+    """
+    if not callbacks.pass_tokens:
+        return
+    config = getattr(model, "config", None)
+    layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    value_bytes = 2 if device.type == "cuda" else 4  # bf16 autocast on a GPU; float32 on the CPU
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = weights + callbacks.pass_tokens * value_bytes * (layers * hidden + 2 * (3 * intermediate + 6 * hidden))
+    have = device_memory_bytes(device)
+    if have and need > have:
+        raise UserError(f"a forward pass of {callbacks.pass_tokens:,} tokens needs about {need / 2**30:.1f} GiB "
+                        f"(weights + layer checkpoints + one layer recomputed; trainers/infra/run.py) but "
+                        f"{device} has {have / 2**30:.1f} GiB; {callbacks.memory_advice()}")  # fmt: skip
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The device's memory: the GPU's, or on the CPU what this process may still take (RAM, its address-space limit)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+    import resource
+
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return ram
+    with open("/proc/self/statm") as statm:  # the address space already used counts against the limit
+        used = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    return min(ram, max(0, limit - used))
 
 
 def autocast_context(device: torch.device, precision: str):
