@@ -43,7 +43,7 @@ def dpo_loss(
         robust   (−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)) / (1 − 2ε)
                  (robust DPO, Chowdhury et al. 2024: unbiased under flipped labels)
         ipo      (Δ − 1/(2β))²
-                 (IPO, Azar et al. 2023: regress the margin to a fixed target)
+                 (IPO, Azar et al. 2023; Δ of log-probs averaged per reply token, as TRL)
         hinge    relu(1 − βΔ)
                  (SLiC-style hinge on the margin)
 

@@ -103,3 +103,35 @@ def test_some_pairs_of_the_step_are_truncated(tiny_model_dir, tmp_path):
 def test_a_token_budget_smaller_than_two_sequences_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="max_tokens_per_pass"):
         _recipe(tiny_model_dir, tmp_path / "small", "packed", max_tokens_per_pass=127)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "shared_prompt"])
+def test_ipo_is_trls_ipo_on_per_token_mean_log_probs(tiny_model_dir, tmp_path, layout):
+    """IPO as TRL computes it: ((mean π_c − mean π_r) − (mean ref_c − mean ref_r) − 1/(2β))², each mean a reply's
+    log-probability divided by its token count, recomputed here from plain per-sequence forwards in float64."""
+    recipe = _recipe(tiny_model_dir, tmp_path / layout, layout, loss_type="ipo", beta=0.1)
+    micro_batch = recipe.step_batches(0)[0]
+    loss, _ = recipe.loss(micro_batch)
+    pairs = [recipe.tokenized_pair(i) for i in micro_batch["indices"]]
+
+    def mean_logp(model, prompt, reply):
+        ids = torch.tensor([prompt + reply])
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        return float(logps[len(prompt) - 1 :].gather(-1, ids[0, len(prompt) :, None]).sum()) / len(reply)
+
+    expected = []
+    with torch.no_grad():
+        for p in pairs:
+            policy = mean_logp(recipe.model, p.prompt, p.chosen) - mean_logp(recipe.model, p.prompt, p.rejected)
+            with recipe.model.disable_adapter():
+                reference = mean_logp(recipe.model, p.prompt, p.chosen) - mean_logp(recipe.model, p.prompt, p.rejected)
+            expected.append((policy - reference - 1 / (2 * 0.1)) ** 2)
+    share = len(pairs) / recipe.pairs_per_step
+    assert float(loss) / share == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+    assert abs(sum(expected) / len(expected) - 25.0) < 5  # near (0 − 5)² at the start, as TRL's first IPO loss
+
+
+def test_ipo_step_is_the_same_in_every_layout(tiny_model_dir, tmp_path):
+    steps = {layout: _run_step(_recipe(tiny_model_dir, tmp_path / layout, layout, loss_type="ipo"), 0) for layout in LAYOUTS}
+    for layout in LAYOUTS[1:]:
+        assert steps[layout]["loss"] == pytest.approx(steps["stacked"]["loss"], rel=1e-9), layout

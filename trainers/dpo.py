@@ -20,7 +20,7 @@ Which published loss `loss_type` makes it (printed at start-up, `algorithm_line`
     | --------- | ------------------------------------------- | ------------------------------- |
     | sigmoid   | DPO (Rafailov et al., 2023)                 | > 0: conservative DPO (cDPO)    |
     | robust    | robust DPO (Chowdhury et al., 2024)         | the assumed label-flip rate     |
-    | ipo       | IPO (Azar et al., 2023)                     | unused                          |
+    | ipo       | IPO (Azar et al., 2023), π per reply token  | unused                          |
     | hinge     | SLiC-style hinge (Zhao et al., 2023)        | unused                          |
 """
 
@@ -117,8 +117,9 @@ class DPORecipe:
         return {}  # every DPO metric is a sum of micro-batch shares
 
     def pair_logprobs(self, model, batch: dict) -> torch.Tensor:
-        """(2n,) summed response log-probabilities: the n chosen replies, then the n rejected ones."""
-        return pair_logprobs_of(model, batch, self.config.layout, self.config.logprob_chunk_size)
+        """(2n,) reply log-probabilities, chosen then rejected: summed, or for IPO averaged over each reply's tokens (as TRL)."""
+        summed = pair_logprobs_of(model, batch, self.config.layout, self.config.logprob_chunk_size)
+        return summed / batch["reply_tokens"] if self.config.loss_type == "ipo" else summed
 
     def state_dict(self) -> dict:
         """The data position. The order is a pure function of (seed, position), so this is all it takes."""
@@ -184,6 +185,7 @@ class DPORecipe:
     def _on_device(self, indices: list[int], pairs: list[TokenizedPair]) -> dict:
         batch = collate_pairs(pairs, self.config.layout, self.collator.pad_id)
         on_device = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        on_device["reply_tokens"] = torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs], device=self.device)
         return {"indices": indices, "batch": on_device, "pair_tokens": batch["pair_tokens"]}
 
     # --- outputs ---------------------------------------------------------------------------
