@@ -176,7 +176,21 @@ def _select_split(rows: list, split: str | None, source: str, skipped: Counter) 
     return kept
 
 
-DUPLICATE_STATEMENT = "repeats an earlier task's statement"
+DUPLICATE_STATEMENT = "repeats an earlier theorem (up to its name and whitespace)"
+_SPACE_AROUND_PUNCTUATION = re.compile(r"\s*([()\[\]{}:,])\s*")
+
+
+def theorem_key(task: LeanTask) -> tuple[str, str]:
+    """What makes two tasks the same theorem: header and statement with the declaration's name dropped (and
+    `lemma` read as `theorem`) and whitespace normalised (runs of it are one space; none around brackets,
+    colons and commas). Spacing inside a term (`0 <x^2`) still differs: telling it apart needs a parser."""
+    def normal(text: str) -> str:
+        return _SPACE_AROUND_PUNCTUATION.sub(r"\1", " ".join(text.split()))
+
+    statement, name = task.statement, _DECLARATION_NAME.search(task.statement)
+    if name:
+        statement = statement[: name.start(1)] + "_" + statement[name.end(1) :]
+    return normal(task.header), normal(re.sub(r"\blemma\b", "theorem", statement, count=1))
 
 
 def _unique_ids(tasks: list[LeanTask]) -> tuple[list[LeanTask], int]:
@@ -200,10 +214,10 @@ def load_lean_tasks(
     by their `split` field (e.g. 'test' / 'valid' for DeepSeek's miniF2F; 'all'
     keeps every row). `limit` caps the number of tasks returned.
 
-    A row whose theorem (header and statement) repeats an earlier row's is
-    dropped and counted under skipped["repeats an earlier task's statement"]:
-    Lean Workbook lists some theorems several times, and a duplicate would be
-    sampled, and rewarded, more often than the others.
+    A row whose theorem (header and statement) repeats an earlier row's, up to
+    the theorem's name and whitespace (`theorem_key`), is dropped and counted
+    under skipped[DUPLICATE_STATEMENT]: Lean Workbook lists some theorems several
+    times, and a duplicate would be sampled, and rewarded, more often than the others.
 
     Returns (tasks, report) with report = {"rows": rows read, "used": tasks
     returned, "skipped": {reason: count}, "duplicate_ids": ids of different
@@ -240,10 +254,10 @@ def lean_tasks_from_rows(rows, skipped: Counter, limit: int | None = None) -> tu
         parsed = _parse(row)
         if not isinstance(parsed, LeanTask):
             skipped[parsed] += 1
-        elif (parsed.header, parsed.statement) in theorems:
+        elif theorem_key(parsed) in theorems:
             skipped[DUPLICATE_STATEMENT] += 1
         else:
-            theorems.add((parsed.header, parsed.statement))
+            theorems.add(theorem_key(parsed))
             tasks.append(parsed)
     tasks, renamed = _unique_ids(tasks)
     report = {"rows": rows_read, "used": len(tasks), "skipped": dict(skipped), "duplicate_ids": renamed}

@@ -6,6 +6,7 @@ import pytest
 
 from twophase.data.base.errors import UserError
 from twophase.data.lean_workbook import (
+    DUPLICATE_STATEMENT,
     DEFAULT_HEADER,
     STOP_STRING,
     LeanTask,
@@ -141,9 +142,26 @@ def test_loader_drops_repeated_theorems_and_renames_ids_of_different_ones(tmp_pa
     # the same theorem three times: kept once, the two repeats counted; a different theorem under the same id: renamed
     assert [t.id for t in tasks] == ["mathd_algebra_1", "mathd_algebra_1#2", "exercise_9_9"]
     assert "+ 2 = 4" in tasks[1].statement
-    assert report == {"rows": 5, "used": 3, "skipped": {"repeats an earlier task's statement": 2}, "duplicate_ids": 1}
+    assert report == {"rows": 5, "used": 3, "skipped": {DUPLICATE_STATEMENT: 2}, "duplicate_ids": 1}
     tasks, report = load_lean_tasks(str(path), split="all", limit=2)
     assert [t.id for t in tasks] == ["mathd_algebra_1", "mathd_algebra_1#2"] and report["used"] == 2
+
+
+def test_the_same_theorem_under_another_name_or_spacing_is_a_duplicate(tmp_path):
+    base = "theorem lean_workbook_1 (x : ℝ) (h : 0 < x) : 0 < x ^ 2 := by\n"
+    rows = [
+        {"id": "lean_workbook_1", "formal_statement": base},
+        {"id": "lean_workbook_2", "formal_statement": base.replace("lean_workbook_1", "lean_workbook_plus_77")},  # renamed
+        {"id": "lean_workbook_3", "formal_statement": "theorem  lean_workbook_3 (x:ℝ)\n    (h : 0 <  x) :  0 < x ^ 2 := by\n"},
+        {"id": "lean_workbook_4", "formal_statement": "lemma lean_workbook_4 ( x : ℝ ) ( h : 0 < x ) : 0 < x ^ 2 := by\n"},  # lemma
+        {"id": "lean_workbook_5", "formal_statement": base.replace("x ^ 2", "x ^ 3")},  # another theorem
+        {"id": "lean_workbook_6", "formal_statement": base.replace("0 < x ^ 2", "0 <x^2")},  # spaces inside a term: kept
+    ]
+    path = tmp_path / "workbook.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    tasks, report = load_lean_tasks(str(path), split="all")
+    assert [t.id for t in tasks] == ["lean_workbook_1", "lean_workbook_5", "lean_workbook_6"]
+    assert report["skipped"] == {DUPLICATE_STATEMENT: 3} and report["used"] == 3 and report["rows"] == 6
 
 
 def test_loader_errors_are_user_errors(tmp_path):
