@@ -304,8 +304,9 @@ def settings_differences(run_dirs: list[str | Path]) -> list[str]:
             a, b = _comparable_settings(base), _comparable_settings(other.get(bench))
             if a is None or b is None or stable_hash(a) == stable_hash(b):
                 continue
-            key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-            differences.append(f"{bench}: {key} {_short(a.get(key))} vs {_short(b.get(key))}")
+            for key in sorted(set(a) | set(b)):  # every setting that differs, not only the first
+                if a.get(key) != b.get(key):
+                    differences.append(f"{bench}: {key} {_short(a.get(key))} vs {_short(b.get(key))}")
             break
     return differences
 

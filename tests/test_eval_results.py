@@ -195,14 +195,18 @@ def test_judge_groups_share_one_loaded_model(tiny_path, tmp_path, monkeypatch):
 def test_compare_refuses_runs_evaluated_with_different_settings(tmp_path, capsys):
     from twophase.launch.cli import main
 
-    def run(name, model, limit):
+    def run(name, model, limit, prompt_format="hh"):
         directory = write_run(tmp_path / name, name, {"xstest": {"fnr": proportion(1, 4)}})
         result = read_json(directory / "xstest.json")
-        settings = {"benchmark": "xstest", "model": model, "limit": limit, "seed": 0, "source_digest": "sha256:ab"}
+        settings = {"benchmark": "xstest", "model": model, "limit": limit, "seed": 0, "source_digest": "sha256:ab",
+                    "prompt_format": prompt_format}  # fmt: skip
         write_json_atomic(directory / "xstest.json", {**result, "settings": settings})
         return str(directory)
 
     base, same, other = run("a", "m1", 4), run("b", "m2", 4), run("c", "m2", 8)
+    with pytest.raises(SystemExit):  # every setting that differs is named, not only the first
+        main(["compare", base, run("d", "m2", 8, "chat")])
+    assert "(xstest: limit 4 vs 8; xstest: prompt_format \"hh\" vs \"chat\")" in capsys.readouterr().err
     main(["compare", base, same])  # only the model differs: compared
     assert "| XSTest | fnr |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
