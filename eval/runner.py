@@ -10,6 +10,7 @@ others still run. The model is loaded only if some benchmark has to run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError, reason_of
-from twophase.data.base.hub import check_path_exists
+from twophase.data.base.hub import TRAINED_FILE, check_path_exists, how_trained
 from twophase.data.prompts import EVAL_FORMATS, check_format, format_question, resolved_format
 from twophase.data.base.run_dir import owned
 from twophase.eval.benchmarks import get_benchmark, local_source
@@ -65,6 +66,7 @@ def run_evaluation(
     settings = settings.checked()
     if model_obj is None:
         check_path_exists("model", model)
+        settings = _asked_as_trained(settings, model)
     distributed.start()  # under torchrun: the ranks share the items of each benchmark (eval/engine/loglikelihood.py, eval/engine/generation.py)
     with owned(out_dir) as out:  # one writer per output directory (under torchrun, rank 0)
         remove_stale_exec_folders()
@@ -83,6 +85,20 @@ def run_evaluation(
     _log(f"eval: results in {out} ({SUMMARY_FILE}, <benchmark>.json, <benchmark>.jsonl)"
          + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
     return summary
+
+
+def _asked_as_trained(settings: EvalSettings, model: str) -> EvalSettings:
+    """prompt_format auto, for a model twophase trained: the format it was trained in (its twophase.json)."""
+    if settings.prompt_format != "auto":
+        return settings
+    trained = how_trained(model) or {}
+    asked = trained.get("eval_prompt_format")
+    if asked in ("hh", "chat", "raw"):
+        _log(f"eval: asking in the {asked} format, the one {model} was trained in ({TRAINED_FILE}: {trained.get('phase')}); "
+             f"--prompt-format overrides it")  # fmt: skip
+        return dataclasses.replace(settings, prompt_format=asked)
+    _log("eval: asking in the chat template if the tokenizer has one, else with the bare question (--prompt-format auto)")
+    return settings
 
 
 def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings, sources, runtime) -> dict:

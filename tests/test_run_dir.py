@@ -1,5 +1,6 @@
 """One writer per run directory; refused runs write nothing; eval results and audits are replaced as a pair."""
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,17 @@ def _cli(capsys, *argv) -> tuple[int, str]:
     except SystemExit as exit_info:
         code = exit_info.code
     return code, capsys.readouterr().err
+
+
+def _cli_out(capsys, *argv) -> tuple[int, str]:
+    """The exit status and everything printed (stdout and stderr)."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def _dpo_args(model_dir, out_dir, *extra):
@@ -184,3 +196,22 @@ def test_a_file_system_without_flock_runs_unguarded_and_says_so(tmp_path, monkey
     err = capsys.readouterr().err
     assert err.startswith(f"warning: cannot lock {tmp_path / LOCK_FILE} (") and err.count("\n") == 1
     assert (tmp_path / ".metrics.jsonl.x1.tmp").exists()  # unguarded: nothing of anyone else's is removed
+
+
+def test_eval_asks_a_twophase_model_in_the_format_it_was_trained_in(tiny_model_dir, tmp_path, capsys):
+    """A model directory twophase wrote says how it was trained (twophase.json); `twophase eval` with the default
+    --prompt-format auto asks in that format and says so; an explicit --prompt-format wins."""
+    out = tmp_path / "dpo"
+    args = _dpo_args(tiny_model_dir, out, "--set", "merge_after=true", "--set", "prompt_format=hh", "--set", "merge_dtype=float32")
+    assert _cli(capsys, *args)[0] == 0
+    recorded = json.loads((out / "merged" / "twophase.json").read_text())
+    assert recorded == {"phase": "dpo", "prompt_format": "hh", "base_model": tiny_model_dir, "eval_prompt_format": "hh"}
+    assert json.loads((out / "adapter" / "twophase.json").read_text()) == recorded
+    for extra, expected in (((), "hh"), (("--prompt-format", "raw"), "raw")):
+        evaluation = tmp_path / f"eval-{expected}"
+        code = _cli_out(capsys, "eval", "--model", str(out / "merged"), "--benchmarks", "xstest", "--limit", "2",
+                        "--data-dir", str(SAMPLES_DIR), "--option", "max_new_tokens=2", "--out", str(evaluation), *extra)
+        assert code[0] == 0, code
+        assert json.loads((evaluation / "xstest.json").read_text())["prompt_format"] == expected
+        said = "eval: asking in the hh format, the one " in code[1]
+        assert said == (expected == "hh")

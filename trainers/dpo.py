@@ -38,7 +38,7 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_torch_save
 from twophase.data.hh_rlhf import describe_skips
 from twophase.data.preferences import SCHEMA_FIELDS, load_preferences
-from twophase.data.base.hub import save_model
+from twophase.data.base.hub import how_trained, save_model
 from twophase.data.base.model_api import causal_lm_of, reference_model
 from twophase.data.base.sampler import EpochSampler
 from twophase.losses.dpo import dpo_loss
@@ -191,7 +191,9 @@ class DPORecipe:
     # --- outputs ---------------------------------------------------------------------------
     def save_final(self) -> Path:
         """Write the trained adapter (or full model) and tokenizer to out_dir/adapter or out_dir/model."""
-        return save_model(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"))
+        trained = {"phase": "dpo", "prompt_format": self.config.prompt_format, "base_model": self.config.model,
+                   "eval_prompt_format": self.config.prompt_format}  # fmt: skip
+        return save_model(self.model, self.tokenizer, self.out_dir / ("adapter" if self.config.lora else "model"), trained)
 
 
 def load_pairs(config: DPOConfig) -> list:
@@ -255,7 +257,8 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
         if distributed.is_main():  # every rank holds the same weights: one writes them
             outputs["final"] = str(recipe.save_final())
             if config.lora and config.merge_after:
-                merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype)
+                merged = merge_in_memory(recipe.model, recipe.tokenizer, out_dir / "merged", dtype=config.merge_dtype,
+                                         trained=how_trained(outputs["final"]))  # fmt: skip
                 outputs["merged"] = str(merged)
         distributed.barrier()  # every rank returns once rank 0's outputs exist
     outputs["minutes"] = round((time.time() - started) / 60, 2)

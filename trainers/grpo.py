@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError
-from twophase.data.base.hub import save_model
+from twophase.data.base.hub import how_trained, save_model
 from twophase.data.lean_workbook import STOP_STRING, LeanTask
 from twophase.data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
 from twophase.data.prompts import GRPO_FORMATS, check_format
@@ -241,7 +241,10 @@ class GRPORecipe:
         """One ordinary save_pretrained directory, written by rank 0 (a sharded model is gathered first: every rank calls this)."""
         model = self.gathered.refresh(self.model) if self.gathered else self.model
         path = self.out_dir / ("adapter" if self.config.lora else "model")
-        return save_model(model, self.tokenizer, path) if distributed.is_main() else path
+        base = how_trained(self.config.model) or {}  # asked as its base was, e.g. Phase 1's hh format
+        trained = {"phase": "grpo", "prompt_format": self.config.prompt_format, "base_model": self.config.model,
+                   "eval_prompt_format": base.get("eval_prompt_format", self.config.prompt_format)}  # fmt: skip
+        return save_model(model, self.tokenizer, path, trained) if distributed.is_main() else path
 
     def close(self) -> None:
         for fn in self.rewards.values():

@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 
 from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_write_text
-from twophase.data.base.hub import is_adapter_dir, load_adapter_model, save_model
+from twophase.data.base.hub import how_trained, is_adapter_dir, load_adapter_model, save_model
 
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 REPORT_FILE = "merge_report.json"
 
 
-def merge_in_memory(peft_model, tokenizer, out_dir: Path, dtype: str | None = None) -> Path:
+def merge_in_memory(peft_model, tokenizer, out_dir: Path, dtype: str | None = None, trained: dict | None = None) -> Path:
     """Merge the adapter of a live peft model into its weights and save them in `dtype` (default: the weights' own).
 
     The sum W + ΔW is formed in float32 and rounded to `dtype` once, so the
@@ -36,7 +36,7 @@ def merge_in_memory(peft_model, tokenizer, out_dir: Path, dtype: str | None = No
     target = getattr(torch, dtype) if dtype else next(peft_model.parameters()).dtype
     report = merge_fidelity(peft_model, target)
     merged = peft_model.to(torch.float32).merge_and_unload().to(target)
-    path = save_model(merged, tokenizer, out_dir)
+    path = save_model(merged, tokenizer, out_dir, trained)  # the adapter's twophase.json, if it has one
     atomic_write_text(Path(path) / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     if report["relative_error_of_update"] > 0.01:
         tqdm.write(f"merge: in {report['dtype']}, the merged weights keep {report['update_fraction_kept']:.1%} of the "
@@ -86,4 +86,4 @@ def merge_adapter(adapter_dir: str, out_dir: str, base: str | None = None, dtype
     if not is_adapter_dir(adapter_dir):
         raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json); pass --adapter OUT_DIR/adapter")
     peft_model, tokenizer = load_adapter_model(str(adapter_dir), base=base, dtype=torch.float32)
-    return merge_in_memory(peft_model, tokenizer, Path(out_dir), dtype=dtype)
+    return merge_in_memory(peft_model, tokenizer, Path(out_dir), dtype=dtype, trained=how_trained(adapter_dir))

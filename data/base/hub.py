@@ -7,6 +7,8 @@ such path, and the hub cannot be reached or does not have it), the user gets a
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -197,13 +199,31 @@ def load_hub_dataset(dataset_id: str, split: str, **kwargs):
         raise _unreachable("dataset", dataset_id, err) from None
 
 
-def save_model(model, tokenizer, target: str | os.PathLike) -> Path:
+TRAINED_FILE = "twophase.json"  # in a model directory twophase wrote: how the model was trained
+
+
+def save_model(model, tokenizer, target: str | os.PathLike, trained: dict | None = None) -> Path:
     """A model (full, merged, or a peft adapter) and its tokenizer as one `save_pretrained` directory,
-    written atomically: a stop while saving leaves the earlier directory, or none, never half of one."""
+    written atomically: a stop while saving leaves the earlier directory, or none, never half of one.
+
+    `trained` ({"phase", "prompt_format", "base_model", "eval_prompt_format"}) is written beside the
+    weights as twophase.json, so that `twophase eval` asks in the format the model was trained in.
+    """
     from twophase.data.base.files import atomic_directory
 
     quiet_transformers_bars()
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if trained:
+            (Path(tmp) / TRAINED_FILE).write_text(json.dumps(trained, indent=2) + "\n", encoding="utf-8")
     return Path(target)
+
+
+def how_trained(model: str | os.PathLike) -> dict | None:
+    """The twophase.json of a model directory twophase wrote (None for any other model, or an unreadable one)."""
+    try:
+        recorded = json.loads((Path(model) / TRAINED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
