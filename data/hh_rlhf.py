@@ -153,16 +153,6 @@ def load_hh_rlhf(
     return pairs, report
 
 
-def describe_skips(report: dict) -> str:
-    """One line for a log, e.g. "used 2,303 of 2,312 rows; skipped 5 ..., 4 empty chosen response"."""
-    skipped = report.get("skipped") or {}
-    head = f"used {report['used']:,} of {report['rows']:,} rows"
-    if not skipped:
-        return head + "; skipped none"
-    parts = [f"{count:,} {reason}" for reason, count in skipped.items()]
-    return head + "; skipped " + ", ".join(parts)
-
-
 
 
 def _iter_rows(source: str, split: str, data_dir: str | None):

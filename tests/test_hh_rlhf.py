@@ -13,10 +13,10 @@ import pytest
 
 import twophase.data.base.hub as hub
 from twophase.data.base.errors import UserError
+from twophase.data.base.rows import describe_skips
 from twophase.data.hh_rlhf import (
     PreferencePair,
     classify_hh_row,
-    describe_skips,
     load_hh_rlhf,
     parse_hh_row,
 )

@@ -144,6 +144,9 @@ def test_dpo_and_grpo_train_on_own_data(tiny_chat_model_dir, tmp_path, capsys):
     for sample in samples:
         answer = "5" if sample["task_id"] == "row-1" else "8"
         assert list(sample["rewards"].values()) == [float(len(sample["completion"]) == len(answer))]
+    metrics = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "reward/length_is_answer" in metrics and not any(str(tmp_path) in key for key in metrics)  # the function's name
+    assert "used 2 of 2 rows; skipped none" in logged  # skip reasons as words, not a Python dict
 
 
 def test_the_readme_examples_load_as_their_layouts(tmp_path):

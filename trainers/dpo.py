@@ -36,7 +36,7 @@ from twophase.data.base import distributed
 from twophase.data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
 from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_torch_save
-from twophase.data.hh_rlhf import describe_skips
+from twophase.data.base.rows import describe_skips
 from twophase.data.preferences import SCHEMA_FIELDS, load_preferences
 from twophase.data.base.hub import how_trained, save_model
 from twophase.data.base.model_api import causal_lm_of, reference_model

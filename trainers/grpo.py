@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError
 from twophase.data.base.hub import how_trained, save_model
+from twophase.data.base.rows import describe_skips
 from twophase.data.lean_workbook import STOP_STRING, LeanTask
 from twophase.data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
 from twophase.data.prompts import GRPO_FORMATS, check_format
@@ -280,8 +281,15 @@ def build_rewards(config: GRPOConfig) -> dict:
             own.setdefault("seed", config.seed)
         if name == "lean":
             own = _lean_options(own, config.prompt_format)
-        rewards[name] = build_reward(name, own)
+        rewards[metric_name(name, names)] = build_reward(name, own)
     return rewards
+
+
+def metric_name(spec: str, specs: list[str]) -> str:
+    """How a reward's metrics are named: its function's name for "path/to/file.py:function" (the path would make
+    unreadable keys like reward//home/me/r.py:r/mean), unless two rewards of the run share that name."""
+    short = spec.rpartition(":")[2] if ":" in spec else spec
+    return short if sum(s.rpartition(":")[2] == short for s in specs if ":" in s) + (short in specs) == 1 else spec
 
 
 def _lean_options(options: dict, prompt_format: str) -> dict:
@@ -298,7 +306,7 @@ def _lean_options(options: dict, prompt_format: str) -> dict:
 def load_tasks(config: GRPOConfig) -> list:
     """The run's tasks, Lean theorems or prompts (data/prompt_rows.py); a source that yields none is one clear error."""
     tasks, report = load_task_rows(config.dataset, split=config.split, limit=config.limit)
-    described = f"used {report['used']} of {report['rows']} rows; skipped {report['skipped'] or 'none'}"
+    described = describe_skips(report)
     tqdm.write(f"{config.dataset} (schema: {report['schema']}): {described}")
     if not tasks:
         raise UserError(

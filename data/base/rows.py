@@ -85,3 +85,13 @@ def read_rows(source: str | None, dataset_id: str, split: str, **hub_kwargs) -> 
         return read_local_file(Path(source).expanduser())
     dataset = hub.load_hub_dataset(source or dataset_id, split, **hub_kwargs)
     return [dict(row) for row in dataset]
+
+
+def describe_skips(report: dict) -> str:
+    """One line for a log, e.g. "used 2,303 of 2,312 rows; skipped 5 ..., 4 empty chosen response"."""
+    skipped = report.get("skipped") or {}
+    head = f"used {report['used']:,} of {report['rows']:,} rows"
+    if not skipped:
+        return head + "; skipped none"
+    parts = [f"{count:,} {reason}" for reason, count in skipped.items()]
+    return head + "; skipped " + ", ".join(parts)

@@ -87,7 +87,8 @@ def load_length_profile(name: str) -> list[tuple[int, int, int]]:
 @click.option("--prompt-format", type=click.Choice(["raw", "chat"]), default="raw", show_default=True)
 def main(data_file, tokenizer_name, out, prompt_format):
     """Write the token-length profile of an HH-RLHF file (numbers only)."""
-    from twophase.data.hh_rlhf import describe_skips, load_hh_rlhf
+    from twophase.data.base.rows import describe_skips
+    from twophase.data.hh_rlhf import load_hh_rlhf
     from twophase.data.base.hub import load_tokenizer
     from twophase.data.base.files import atomic_write_text
 
