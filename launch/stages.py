@@ -212,7 +212,12 @@ def status_lines(run_dir: Path) -> list[str]:
     try:
         plan = json.loads(plan_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise UserError(f"{run_dir} is not a pipeline run directory (no readable {PLAN_FILE})") from None
+        standalone = read_manifest(Path(run_dir))  # a `twophase dpo|grpo|eval` run's own manifest
+        if standalone is not None:
+            entry = {"name": standalone.get("stage", "run"), "needs": []}
+            return [f"{entry['name']}  {describe_stage(Path(run_dir), entry)}"]
+        raise UserError(f"{run_dir} is neither a pipeline run directory (no readable {PLAN_FILE}) nor a "
+                        f"twophase dpo, grpo or eval run (no manifest.json)") from None  # fmt: skip
     width = max(len(entry["name"]) for entry in plan["stages"])
     return [f"{entry['name']:<{width}}  {describe_stage(Path(run_dir) / entry['name'], entry)}" for entry in plan["stages"]]
 

@@ -271,7 +271,15 @@ def test_skipped_stage_is_reported_and_not_run(tmp_path, monkeypatch, capsys):
 
 def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     code, _, err = _run(capsys, "status", str(tmp_path))
-    assert code == 2 and "not a pipeline run directory" in err
+    assert code == 2 and "is neither a pipeline run directory" in err
+
+
+def test_status_of_a_standalone_run_shows_its_manifest(tmp_path, capsys):
+    from twophase.launch.manifest import finish, start_manifest, write_manifest
+
+    write_manifest(tmp_path, finish(start_manifest("grpo", {"lr": 1e-6}, 0, [], None), "interrupted", reason="SIGTERM"))
+    code, out, _ = _run(capsys, "status", str(tmp_path))
+    assert code == 0 and out.split()[:2] == ["grpo", "interrupted"]
 
 
 def test_api_keys_never_reach_the_run_directory(tmp_path, monkeypatch, capsys):
