@@ -38,9 +38,10 @@ def progress(iterable: Iterable | None = None, *, desc: str, total: int | None =
 
 
 def say(message: str) -> None:
-    """One line on stdout, at once: above a terminal's bars (tqdm.write), flushed in a log file."""
+    """One line on stdout, at once: above a terminal's bars (tqdm.write), and flushed (stdout may be a file)."""
     if on_terminal():
         tqdm.write(message)
+        sys.stdout.flush()
     else:
         print(message, flush=True)
 
