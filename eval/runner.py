@@ -21,6 +21,7 @@ from pathlib import Path
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError, reason_of
 from twophase.data.base.hub import TRAINED_FILE, check_path_exists, how_trained
+from twophase.data.base.progress import progress, say
 from twophase.data.prompts import EVAL_FORMATS, check_format, format_question, resolved_format
 from twophase.data.base.run_dir import owned
 from twophase.eval.benchmarks import get_benchmark, local_source
@@ -40,12 +41,6 @@ from twophase.eval.results import (
 )
 from twophase.eval.sandbox.container import remove_stale_exec_folders
 from twophase.eval.settings import EvalSettings
-
-from tqdm.auto import tqdm  # comes with transformers
-
-
-def _log(message: str) -> None:
-    tqdm.write(message)
 
 
 def run_evaluation(
@@ -72,8 +67,8 @@ def run_evaluation(
         remove_stale_exec_folders()
         runtime = _Runtime(model, model_obj, tokenizer_obj, settings.batch_size, settings.seed, settings.dtype)
         summary = _start_summary(out, model, run_name, settings.names)
-        _log(f"eval: {model} on {settings.benchmarks.replace(',', ', ')} -> {out}")
-        with tqdm(total=len(settings.names), desc="benchmarks", unit="benchmark") as bar:
+        say(f"eval: {model} on {settings.benchmarks.replace(',', ', ')} -> {out}")
+        with progress(total=len(settings.names), desc="eval", unit="benchmark") as bar:
             for kind, judge_options, names in settings.judge_groups():
                 judge = make_judge(kind, judge_options)  # loaded once for the benchmarks it serves
                 for name in names:
@@ -82,7 +77,7 @@ def run_evaluation(
                     bar.update()
     distributed.barrier()  # every rank returns once rank 0's files exist
     failed = [n for n, e in summary["benchmarks"].items() if e["status"] == "failed"]
-    _log(f"eval: results in {out} ({SUMMARY_FILE}, <benchmark>.json, <benchmark>.jsonl)"
+    say(f"eval: results in {out} ({SUMMARY_FILE}, <benchmark>.json, <benchmark>.jsonl)"
          + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
     return summary
 
@@ -94,10 +89,10 @@ def _asked_as_trained(settings: EvalSettings, model: str) -> EvalSettings:
     trained = how_trained(model) or {}
     asked = trained.get("eval_prompt_format")
     if asked in ("hh", "chat", "raw"):
-        _log(f"eval: asking in the {asked} format, the one {model} was trained in ({TRAINED_FILE}: {trained.get('phase')}); "
+        say(f"eval: asking in the {asked} format, the one {model} was trained in ({TRAINED_FILE}: {trained.get('phase')}); "
              f"--prompt-format overrides it")  # fmt: skip
         return dataclasses.replace(settings, prompt_format=asked)
-    _log("eval: asking in the chat template if the tokenizer has one, else with the bare question (--prompt-format auto)")
+    say("eval: asking in the chat template if the tokenizer has one, else with the bare question (--prompt-format auto)")
     return settings
 
 
@@ -122,13 +117,13 @@ def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings,
         earlier = distributed.broadcast_from_main(finished_result(out, name, settings_hash))  # every rank decides alike
         if benchmark.needs_scoring_judge and not judge_obj.can_score:
             result = _no_judge_result(benchmark, described, out, run_name)
-            _log(f"  {name}: skipped, {NO_JUDGE} (it needs a 0-100 judge: --judge local --judge-model PATH)")
+            say(f"  {name}: skipped, {NO_JUDGE} (it needs a 0-100 judge: --judge local --judge-model PATH)")
             return _summary_entry(result, out)
         if earlier is not None:
-            _log(f"  {name}: finished earlier with the same settings, reusing {result_path(out, name)}")
+            say(f"  {name}: finished earlier with the same settings, reusing {result_path(out, name)}")
             return _summary_entry(earlier, out, resumed=True)
         result = _run_one(benchmark, source, described, settings_hash, runtime, judge_obj, out, settings, bench_options, run_name)
-        _log(f"  {name}: {_headline(result)}")
+        say(f"  {name}: {_headline(result)}")
         return _summary_entry(result, out)
     except ModelUnavailable:  # every benchmark would fail the same way
         raise
@@ -144,7 +139,7 @@ def _evaluate_one(name, out, model, run_name, judge_obj, settings: EvalSettings,
             "finished_at": _now(),
         }
         _write_result_without_audit(out, name, failed)
-        _log(f"  {name}: FAILED - {reason}")
+        say(f"  {name}: FAILED - {reason}")
         runtime.free_memory()
         return _summary_entry(failed, out)
 
@@ -275,11 +270,11 @@ class _Runtime:
             dtype = getattr(torch, self.dtype) if self.dtype else (torch.bfloat16 if cuda else None)
             device = str(distributed.local_device(torch.device("cuda"))) if cuda else None
             if is_adapter_dir(self.model_id):  # a LoRA adapter: its base model with the adapter unmerged
-                _log(f"eval: loading the adapter {self.model_id} on its base model ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
+                say(f"eval: loading the adapter {self.model_id} on its base model ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
                 self.model, tokenizer = load_adapter_model(self.model_id, dtype=dtype, device=device)
                 self.tokenizer = self.tokenizer or tokenizer
             else:
-                _log(f"eval: loading {self.model_id} ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
+                say(f"eval: loading {self.model_id} ({'cuda' if cuda else 'cpu'}, {dtype or 'saved dtype'})")
                 self.model = load_causal_lm(self.model_id, dtype=dtype, device=device)
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_id)

@@ -155,7 +155,7 @@ def report_error(line: str) -> None:
 def quiet_other_ranks() -> None:
     """Under torchrun only rank 0 prints progress and results (errors still reach stderr from any rank)."""
     if os.environ.get("RANK", "0") != "0":  # torchrun's rank of this process
-        os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when its bars are made
+        os.environ["TQDM_DISABLE"] = "1"  # silences bars and plain progress lines (data/base/progress.py)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 

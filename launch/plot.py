@@ -1,16 +1,16 @@
 """`twophase plot`: training curves from metrics.jsonl, several runs overlaid, as one PNG.
 
-The panels, against the optimizer step (a panel no run logged says so):
+One row of panels per phase among the runs, against the optimizer step; DPO's and GRPO's
+quantities never share an axis (a run's phase is told by what it logged: PHASE_MARKERS).
+Each run keeps one colour in every panel; in a panel of several quantities the line style
+tells them apart. A panel no run logged says so.
 
-  loss                       the step's loss
-  rewards                    DPO's implicit rewards (chosen, rejected, margin); the spread of GRPO's rewards
-  reward accuracy            DPO's share of pairs ranked right; GRPO's mean reward
-  KL                         GRPO's KL to the reference (logged when beta > 0)
-  grad norm                  before clipping
-  throughput                 trained tokens per second (and GRPO's generated tokens per second)
+  DPO    loss | implicit rewards (chosen, rejected, margin) | reward accuracy | grad norm | trained tokens/s
+  GRPO   loss | reward (mean, std over the step's completions) | KL to the reference (beta > 0) | grad norm
+         | tokens/s (trained, generated)
 
-matplotlib is an optional extra (`pip install 'twophase[plot]'`), imported only here
-and only when a plot is drawn; reading the curves needs nothing but the standard library.
+matplotlib is an optional extra (`pip install 'twophase[plot]'`, which the Quickstart installs),
+imported only here and only when a plot is drawn; reading the curves needs nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -22,16 +22,26 @@ import click
 
 from twophase.data.base.errors import UserError
 
-# (panel title, [(metrics.jsonl key, what the legend calls it)])
-PANELS = [
-    ("loss", [("loss", "loss")]),
-    ("rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("rewards/margin", "margin"),
-                 ("reward/std", "reward std")]),
-    ("reward accuracy / mean reward", [("rewards/accuracy", "accuracy"), ("reward/mean", "mean reward")]),
-    ("KL", [("kl", "KL")]),
-    ("grad norm", [("grad_norm", "grad norm")]),
-    ("throughput (tokens/s)", [("tokens_per_s", "trained"), ("generation_tokens_per_s", "generated")]),
-]  # fmt: skip
+# phase -> its panels: (title, [(metrics.jsonl key, what the legend calls it)])
+PHASE_PANELS = {
+    "DPO": [
+        ("DPO loss", [("loss", "loss")]),
+        ("DPO implicit rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"),
+                                  ("rewards/margin", "margin")]),
+        ("DPO reward accuracy (share of pairs ranked right)", [("rewards/accuracy", "accuracy")]),
+        ("DPO grad norm (before clipping)", [("grad_norm", "grad norm")]),
+        ("DPO throughput (trained tokens/s)", [("tokens_per_s", "trained")]),
+    ],
+    "GRPO": [
+        ("GRPO loss", [("loss", "loss")]),
+        ("GRPO reward (over the step's completions)", [("reward/mean", "mean"), ("reward/std", "std")]),
+        ("GRPO KL to the reference", [("kl", "KL")]),
+        ("GRPO grad norm (before clipping)", [("grad_norm", "grad norm")]),
+        ("GRPO throughput (tokens/s)", [("tokens_per_s", "trained"), ("generation_tokens_per_s", "generated")]),
+    ],
+}  # fmt: skip
+PHASE_MARKERS = {"DPO": "rewards/accuracy", "GRPO": "reward/mean"}  # logged every step by that phase alone
+LINE_STYLES = ("-", "--", ":")
 INSTALL_HINT = "pip install 'twophase[plot]' (or pip install matplotlib)"
 
 
@@ -85,30 +95,66 @@ def plotting_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def plot_runs(run_dirs: list[Path], target: Path, labels: list[str] | None = None) -> Path:
-    """One PNG with a panel per entry of PANELS, every run overlaid; returns its path."""
+def phase_of(run_dir: Path, curves: dict) -> str:
+    """DPO or GRPO, by the metric only that phase logs; one line when a run logged neither."""
+    phases = [phase for phase, key in PHASE_MARKERS.items() if key in curves]
+    if len(phases) != 1:
+        raise UserError(f"{run_dir}/metrics.jsonl has no step of a DPO or GRPO run (no {' or '.join(PHASE_MARKERS.values())}); "
+                        f"pass the out_dir of a run that trained at least one step")  # fmt: skip
+    return phases[0]
+
+
+def draw_figure(run_dirs: list[Path], labels: list[str] | None = None):
+    """The figure: a row of PHASE_PANELS per phase among the runs, each run in its own colour everywhere."""
     plt = pyplot()
     labels = labels or [Path(d).name for d in run_dirs]
-    curves = [read_curves(d) for d in run_dirs]
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for axis, (title, keys) in zip(axes.flat, PANELS):
-        drawn = 0
-        for label, run in zip(labels, curves):
-            for key, name in keys:
-                if key in run:
-                    axis.plot(*run[key], label=f"{label}: {name}" if len(keys) > 1 else label)
-                    drawn += 1
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        if drawn:
-            axis.legend(fontsize="small")
-        else:
-            axis.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=axis.transAxes)
+    runs = [(label, read_curves(d), f"C{i % 10}") for i, (label, d) in enumerate(zip(labels, run_dirs))]
+    phases = {run_dir: phase_of(run_dir, curves) for run_dir, (_, curves, _) in zip(run_dirs, runs)}
+    rows = [phase for phase in PHASE_PANELS if phase in phases.values()]
+    columns = max(len(PHASE_PANELS[phase]) for phase in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(4.2 * columns, 3.4 * len(rows) + 0.6),
+                                squeeze=False, layout="constrained")  # fmt: skip
+    for row, phase in zip(axes, rows):
+        in_phase = [run for run_dir, run in zip(run_dirs, runs) if phases[run_dir] == phase]
+        for axis, panel in zip(row, PHASE_PANELS[phase]):
+            draw_panel(axis, panel, in_phase)
+        for unused in row[len(PHASE_PANELS[phase]):]:
+            unused.set_visible(False)
+    figure.legend([legend_line(colour) for _, _, colour in runs], labels, loc="outside upper center", ncol=min(len(runs), 6), title="runs (one colour each)")
+    return figure
+
+
+def draw_panel(axis, panel, runs) -> None:
+    """One panel: its quantities (a line style each) of every run (a colour each) that logged them."""
+    title, keys = panel
+    for label, curves, colour in runs:
+        for (key, name), style in zip(keys, LINE_STYLES):
+            if key in curves:
+                axis.plot(*curves[key], color=colour, linestyle=style, label=f"{label}: {name}")
+    axis.set_title(title, fontsize="medium")
+    axis.set_xlabel("step")
+    if not axis.lines:
+        axis.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=axis.transAxes)
+    elif len(keys) > 1:  # which line style is which quantity; the figure's legend says which colour is which run
+        styles = [(name, style) for (key, name), style in zip(keys, LINE_STYLES) if any(key in run[1] for run in runs)]
+        axis.legend([legend_line("0.3", style) for _, style in styles], [name for name, _ in styles], fontsize="small")
+
+
+def legend_line(colour: str, style: str = "-"):
+    """A line for a legend only, drawn in no panel."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=colour, linestyle=style)
+
+
+def plot_runs(run_dirs: list[Path], target: Path, labels: list[str] | None = None) -> Path:
+    """One PNG of `draw_figure`; returns its path."""
+    figure = draw_figure(run_dirs, labels)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
     figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    pyplot().close(figure)
     temporary.replace(target)  # atomic: a reader never sees half a PNG
     return target
 
@@ -119,7 +165,7 @@ def plot_runs(run_dirs: list[Path], target: Path, labels: list[str] | None = Non
               help="PNG to write (default: curves.png in the first RUN_DIR).")
 @click.option("--names", default=None, help="Comma-separated legend names, one per training run.")
 def plot_command(run_dirs, out_file, names):
-    """Plot loss, rewards, KL, reward accuracy, grad norm and throughput against step; several runs overlaid.
+    """Plot each phase's loss, rewards, KL or accuracy, grad norm and throughput against step; runs overlaid.
 
     RUN_DIR is a training run's out_dir, or a pipeline RUN_DIR (its dpo and grpo_* stages).
 

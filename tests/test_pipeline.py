@@ -324,6 +324,12 @@ def test_demo_runs_the_whole_pipeline_end_to_end(tmp_path, capsys):
                 "eval.limit=1", "eval.options.max_new_tokens=4"]  # fmt: skip
     code, out, err = _run(capsys, "demo", "--out", str(out_dir), *[a for item in smallest for a in ("--set", item)])
     assert code == 0, err
+    # not a terminal (capsys): progress is plain lines, without a bar's carriage returns and escape codes
+    assert "\r" not in out + err and "\x1b[" not in out + err
+    assert "train: step 2/2 (100%)" in err and "train: step 1/1 (100%)" in err and "eval: benchmark 8/8 (100%)" in err
+    # the curves beside the tables (matplotlib comes with the Quickstart's `plot` extra and the tests' `dev` extra)
+    assert (out_dir / "tables" / "dpo_vs_grpo_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Training curves (grpo_random, grpo_zero, grpo_toy): [dpo_vs_grpo_curves.png](dpo_vs_grpo_curves.png)" in out
     expected = ["eval_original", "dpo", "eval_dpo", "eval_dpo_exact", "grpo_random", "eval_grpo_random", "grpo_zero",
                 "eval_grpo_zero", "grpo_toy", "eval_grpo_toy", "tables"]  # fmt: skip
     assert [read_manifest(out_dir / name)["status"] for name in expected] == ["done"] * len(expected)

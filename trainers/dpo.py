@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from twophase.data.base import distributed
 from twophase.data.collators import PACKED_LAYOUTS, PreferenceCollator, TokenizedPair, collate_pairs, split_into_passes
 from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_torch_save
+from twophase.data.base.progress import progress, say
 from twophase.data.base.rows import describe_skips
 from twophase.data.preferences import SCHEMA_FIELDS, load_preferences
 from twophase.data.base.hub import how_trained, save_model
@@ -80,7 +80,7 @@ class DPORecipe:
         self.pairs_per_step = config.micro_batch_size * config.grad_accum_steps
         self.pairs_seen = 0
         trainable, total = count_trainable(self.model)
-        tqdm.write(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         self.reference_logps = self._precompute_reference() if config.precompute_ref_logps else None
 
     # --- what the loop asks of a recipe -------------------------------------------------
@@ -157,7 +157,7 @@ class DPORecipe:
         chunk = 2 * self.pairs_per_step  # pairs collated at a time: bounds the host and device memory
         needed = distributed.shard_of(needed)  # each rank computes a share; the table is gathered below
         with torch.no_grad():
-            for start in tqdm(range(0, len(needed), chunk), desc="reference log-probs", disable=not distributed.is_main()):
+            for start in progress(range(0, len(needed), chunk), desc="reference log-probs", disable=not distributed.is_main()):
                 for mb in self._micro_batches(needed[start : start + chunk], pairs_per_pass, tokens_per_pass):
                     with autocast_context(self.device, self.config.precision):
                         logps = self._reference_logps_live(mb["batch"]).float().cpu()
@@ -199,7 +199,7 @@ class DPORecipe:
 def load_pairs(config: DPOConfig) -> list:
     """The run's preference pairs in any accepted row schema (data/preferences.py); none usable is one clear error."""
     pairs, report = load_preferences(config.dataset, split=config.split, data_dir=config.data_dir, limit=config.limit)
-    tqdm.write(f"{config.dataset} (schema: {report['schema']}): {describe_skips(report)}")
+    say(f"{config.dataset} (schema: {report['schema']}): {describe_skips(report)}")
     if not pairs:
         raise UserError(
             f"no usable preference pair in {config.dataset} ({describe_skips(report) if report['rows'] else 'it has no rows'}): "
@@ -247,7 +247,7 @@ def run_dpo(config: DPOConfig, resume: bool = False) -> dict:
     distributed.start(resolve_device(config.device))
     with owned_out_dir(config, resume) as out_dir:
         seed_everything(config.seed)  # LoRA's initialisation draws from the global RNG: the same on every rank
-        tqdm.write(algorithm_line(config))
+        say(algorithm_line(config))
         recipe = DPORecipe(config, out_dir, pairs=pairs)
         if distributed.is_main():
             save_config(config, out_dir / "config.json")

@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError
 from twophase.data.base.hub import how_trained, save_model
+from twophase.data.base.progress import say
 from twophase.data.base.rows import describe_skips
 from twophase.data.lean_workbook import STOP_STRING, LeanTask
 from twophase.data.prompt_rows import LEAN, load_tasks as load_task_rows, prompt_text
@@ -109,7 +109,7 @@ class GRPORecipe:
         self.rollout_metrics: dict[str, float] = {}  # of the generation batch's first step
         self.generation_and_scoring_s = 0.0
         trainable, total = count_trainable(self.model)
-        tqdm.write(f"trainable parameters: {trainable:,} of {total:,}")
+        say(f"trainable parameters: {trainable:,} of {total:,}")
 
     # --- what the loop asks of a recipe -------------------------------------------------
     def step_batches(self, step: int) -> list[RolloutBatch]:
@@ -307,7 +307,7 @@ def load_tasks(config: GRPOConfig) -> list:
     """The run's tasks, Lean theorems or prompts (data/prompt_rows.py); a source that yields none is one clear error."""
     tasks, report = load_task_rows(config.dataset, split=config.split, limit=config.limit)
     described = describe_skips(report)
-    tqdm.write(f"{config.dataset} (schema: {report['schema']}): {described}")
+    say(f"{config.dataset} (schema: {report['schema']}): {described}")
     if not tasks:
         raise UserError(
             f"no usable task in {config.dataset} ({described if report['rows'] else 'it has no rows'}): "
@@ -337,7 +337,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     distributed.start(resolve_device(config.device))
     with owned_out_dir(config, resume) as out_dir:
         seed_everything(config.seed)
-        tqdm.write(algorithm_line(config))
+        say(algorithm_line(config))
         recipe = GRPORecipe(config, out_dir, tasks=tasks)
         if distributed.is_main():
             save_config(config, out_dir / "config.json")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_write_text
 from twophase.data.base.hub import how_trained, is_adapter_dir, load_adapter_model, save_model
+from twophase.data.base.progress import say
 
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
@@ -39,7 +38,7 @@ def merge_in_memory(peft_model, tokenizer, out_dir: Path, dtype: str | None = No
     path = save_model(merged, tokenizer, out_dir, trained)  # the adapter's twophase.json, if it has one
     atomic_write_text(Path(path) / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     if report["relative_error_of_update"] > 0.01:
-        tqdm.write(f"merge: in {report['dtype']}, the merged weights keep {report['update_fraction_kept']:.1%} of the "
+        say(f"merge: in {report['dtype']}, the merged weights keep {report['update_fraction_kept']:.1%} of the "
                    f"adapter's update (relative error {report['relative_error_of_update']:.2f}, rounding); "
                    f"merge in float32 to keep it exactly")  # fmt: skip
     return path

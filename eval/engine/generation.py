@@ -35,16 +35,11 @@ import torch
 
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError
+from twophase.data.base.progress import progress
 from twophase.data.tokens import encode_prompt
 from twophase.eval.engine.batching import AUTO, MAX_GENERATION_ROWS, check_batch_size, rows_per_batch
 from twophase.eval.engine.decoder import CacheDecoder, StaticDecoder, bucket, supports_static_decoding
 from twophase.eval.engine.sampling import SamplingParams
-
-try:  # tqdm ships with transformers; progress bars are a convenience only
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    def tqdm(iterable=None, **_):
-        return iterable
 
 
 @dataclass
@@ -273,7 +268,7 @@ class GenerationEngine:
             self.batch_rows.add(batch)
             # Under torchrun each rank decodes every N-th chunk: the same chunks, so the same answers, as one process.
             starts = distributed.shard_of(list(range(0, len(group), batch)))
-            for first in tqdm(starts, desc=desc, leave=False, disable=len(group) <= batch):
+            for first in progress(starts, desc=desc, leave=False, disable=len(group) <= batch):
                 chunk = group[first : first + batch]
                 done = self.generator.generate(
                     [r["ids"] for r in chunk], [r["max_new"] for r in chunk], sampling,

@@ -41,15 +41,10 @@ import torch
 
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError
+from twophase.data.base.progress import progress
 from twophase.data.base.model_api import causal_lm_of, forward_keywords
 from twophase.data.tokens import encode_continuation, encode_prompt, left_pad, pad_id_of
 from twophase.eval.engine.batching import AUTO, CPU_ROWS, check_batch_size, scoring_batches, scoring_budget
-
-try:  # tqdm ships with transformers; progress bars are a convenience only
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    def tqdm(iterable=None, **_):
-        return iterable
 
 
 # --------------------------------------------------------------------------- requests
@@ -239,7 +234,7 @@ class LoglikelihoodEngine:
         pad = pad_id_of(self.tokenizer)
         # Under torchrun each rank computes every N-th batch (the same batches as one process: the same numbers).
         batches = distributed.shard_of(self._batches([len(r) for r in rows], keeps))
-        for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
+        for batch in progress(batches, desc=desc, leave=False, disable=len(batches) < 2):
             start = time.perf_counter()
             seqs = [self._truncate(list(rows[i]), keeps[i]) for i in batch]
             ids, mask, pos = left_pad(seqs, pad, device)

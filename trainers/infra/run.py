@@ -6,7 +6,7 @@ None of this is the algorithm (trainers/loop.py is): it is what makes a run resu
 * `restore`: the newest intact checkpoint, or a fresh seeded start;
 * `MetricsLog`: metrics.jsonl, one record per step, cut back to the checkpoint on resume;
 * `DeferredInterrupts`: Ctrl-C and SIGTERM wait for the end of an update or a checkpoint write;
-* `StepPrinter`: the progress bar and one averaged line every `log_every` steps;
+* `StepPrinter`: the progress bar (plain lines in a log file) and one averaged line every `log_every` steps;
 * `RunCallbacks`: what a run asks of its recipe's surroundings (memory advice, its own logs, preparation time).
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from twophase.data.base import distributed
 from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_write_text, remove_stale_temporaries
+from twophase.data.base.progress import progress, say
 from twophase.data.base.run_dir import owned
 from twophase.trainers.infra.checkpoint import list_checkpoints, restore_newest, seed_everything, set_rng_state
 
@@ -170,11 +170,11 @@ def refuse_earlier_run(checkpoint_dir: Path, resume: bool) -> None:
 
 def restore(recipe, optimizer, scheduler, checkpoint_dir, log, resume, seed) -> int:
     refuse_earlier_run(checkpoint_dir, resume)
-    restored = restore_newest(checkpoint_dir, recipe.model, optimizer, scheduler, report=tqdm.write) if resume else None
+    restored = restore_newest(checkpoint_dir, recipe.model, optimizer, scheduler, report=say) if resume else None
     if restored is None:
         if resume:
             intact = "intact checkpoint" if list_checkpoints(checkpoint_dir) else "checkpoint"
-            tqdm.write(f"no {intact} in {checkpoint_dir}: starting from step 0")
+            say(f"no {intact} in {checkpoint_dir}: starting from step 0")
         seed_everything(seed)
         log.reset()
         return 0
@@ -182,7 +182,7 @@ def restore(recipe, optimizer, scheduler, checkpoint_dir, log, resume, seed) -> 
     recipe.load_state_dict(state["recipe"])
     set_rng_state(state["rng"])
     log.truncate_after(state["step"])
-    tqdm.write(f"resumed from {path} (step {state['step']})")
+    say(f"resumed from {path} (step {state['step']})")
     return state["step"]
 
 
@@ -233,7 +233,7 @@ def keep_records_up_to(path: Path, step: int) -> None:
             raise UserError(f"record {number} of {path} is not a step record (a JSON object with a \"step\"): the file "
                             f"is damaged; repair or delete it")  # fmt: skip
         else:
-            tqdm.write(f"{path}: dropped a torn last line ({len(line)} bytes that are not a whole step record)")
+            say(f"{path}: dropped a torn last line ({len(line)} bytes that are not a whole step record)")
     kept = [record for record in records if record["step"] <= step]
     atomic_write_text(Path(path), "".join(json.dumps(record) + "\n" for record in kept))
 
@@ -267,22 +267,26 @@ def readable_number(value) -> str:
     return f"{value:.4g}"
 
 
+HEADLINE_METRICS = ("loss", "rewards/accuracy", "reward/mean", "grad_norm")  # beside the bar: DPO's, GRPO's
+
+
 class StepPrinter:
-    """The progress bar, and every `log_every` steps one line of the metrics averaged since the last line (rank 0)."""
+    """The progress bar (off a terminal, a plain line now and then: data/base/progress.py), and every `log_every`
+    steps one line of the metrics averaged since the last line (rank 0)."""
 
     def __init__(self, config, start_step: int):
         self.log_every = config.log_every
         self.window: list[dict] = []
-        self.bar = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                        disable=not distributed.is_main())  # fmt: skip
+        self.bar = progress(total=config.max_steps, initial=start_step, desc="train", unit="step",
+                            disable=not distributed.is_main())  # fmt: skip
 
     def step_done(self, metrics: dict) -> None:
         self.window.append(metrics)
-        self.bar.update(1)
-        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "grad_norm") if k in metrics})
+        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in HEADLINE_METRICS if k in metrics})  # before the
+        self.bar.update(1)  # update, which may print a line off a terminal
         step = metrics["step"]
         if self.log_every and step % self.log_every == 0 and distributed.is_main():
-            tqdm.write(_format_metrics(_reduce(self.window) | {"step": step}))
+            say(_format_metrics(_reduce(self.window) | {"step": step}))
             self.window = []
 
     def close(self) -> None:
