@@ -24,24 +24,15 @@ HH_DEMO = str(ROOT / "data" / "samples" / "hh_demo.jsonl")
 HOLD = "import sys; from twophase.data.base.run_dir import owned\nwith owned(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()"
 
 
-def _cli(capsys, *argv) -> tuple[int, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
-
-
-def _cli_out(capsys, *argv) -> tuple[int, str]:
-    """The exit status and everything printed (stdout and stderr)."""
+def _cli(capsys, *argv, stdout_too: bool = False) -> tuple[int, str]:
+    """The exit status and what was printed on stderr (and stdout before it, `stdout_too`)."""
     try:
         main(list(argv))
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
     captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return code, (captured.out if stdout_too else "") + captured.err
 
 
 def _dpo_args(model_dir, out_dir, *extra):
@@ -209,8 +200,9 @@ def test_eval_asks_a_twophase_model_in_the_format_it_was_trained_in(tiny_model_d
     assert json.loads((out / "adapter" / "twophase.json").read_text()) == recorded
     for extra, expected in (((), "hh"), (("--prompt-format", "raw"), "raw")):
         evaluation = tmp_path / f"eval-{expected}"
-        code = _cli_out(capsys, "eval", "--model", str(out / "merged"), "--benchmarks", "xstest", "--limit", "2",
-                        "--data-dir", str(SAMPLES_DIR), "--option", "max_new_tokens=2", "--out", str(evaluation), *extra)
+        code = _cli(capsys, "eval", "--model", str(out / "merged"), "--benchmarks", "xstest", "--limit", "2",
+                        "--data-dir", str(SAMPLES_DIR), "--option", "max_new_tokens=2", "--out", str(evaluation), *extra,
+                    stdout_too=True)
         assert code[0] == 0, code
         assert json.loads((evaluation / "xstest.json").read_text())["prompt_format"] == expected
         said = "eval: asking in the hh format, the one " in code[1]
