@@ -84,7 +84,7 @@ DEMO_GRPO = dict(
 )
 
 # The tiny model's matrices (hidden size 64) are too small for a second thread to pay for its
-# synchronisation: on 2 cores one thread was as fast or faster (README: "Timings").
+# synchronisation: on 2 cores one thread was as fast or faster (launch/README.md: "Timings on the CPU").
 DEMO_THREADS = 1
 
 DEMO_CONDITIONS = {"random": {"reward": "random"}, "zero": {"reward": "zero"}, "toy": {"reward": "toy"}}
@@ -121,7 +121,7 @@ def write_demo_config(out_dir: Path) -> Path:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a key of the demo's pipeline config, e.g. --set dpo.max_steps=10 (repeatable).")
 @click.option("--threads", default=DEMO_THREADS, show_default=True, type=click.IntRange(min=1),
-              help="CPU threads for torch (the tiny model's matrices are too small to gain from more; README: timings).")
+              help="CPU threads for torch (the tiny model's matrices are too small to gain from more; launch/README.md: timings).")
 def demo_command(out_dir, overrides, threads):
     """The whole experiment on a tiny model, CPU only, offline:
     eval, LoRA DPO + merge, eval, GRPO (random, zero, toy rewards), eval, tables."""

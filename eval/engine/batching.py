@@ -18,7 +18,7 @@ is compute-bound once a batch holds a few thousand tokens. So "auto" means:
 
 On a CPU, "auto" is 8 rows for both engines. A number instead of "auto" is
 used as it is. Under torchrun every rank takes rank 0's choice, so every rank
-cuts the same batches (eval/generation.py, eval/engines.py).
+cuts the same batches (eval/engine/generation.py, eval/engine/loglikelihood.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ if [[ $part == shared || $part == all ]]; then
   tp bench dpo --layout shared_prompt --precompute
 fi
 if [[ $part == layouts || $part == all ]]; then
-  # Phase 1 on the real HH-RLHF length mix and on the fixed shape, every layout (README: DPO batch layouts)
+  # Phase 1 on the real HH-RLHF length mix and on the fixed shape, every layout (trainers/README.md: DPO batch layouts)
   tp bench dpo --lengths hh-rlhf --steps 12 --warmup-steps 2 --layout stacked --layout shared_prompt --layout packed --layout packed_shared_prompt
   tp bench dpo --lengths hh-rlhf --steps 12 --warmup-steps 2 --layout packed_shared_prompt --tokens-per-pass 16384
   tp bench dpo --steps 6 --layout shared_prompt --layout packed --layout packed_shared_prompt
