@@ -12,15 +12,13 @@ import importlib
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import warnings
-from contextlib import contextmanager
 
 import click
 
 from twophase.data.base.errors import UserError
+from twophase.data.base.signals import sigterm_as_interrupt
 
 # name -> (module, attribute, one-line help)
 COMMANDS = {
@@ -42,7 +40,7 @@ class LazyGroup(click.Group):
     def invoke(self, ctx):
         # Here rather than in main(), so that click's CliRunner sees what the console script does.
         try:
-            with terminate_as_interrupt():
+            with sigterm_as_interrupt():  # SIGTERM anywhere in a command is Ctrl-C (the merge's writing too)
                 return super().invoke(ctx)
         except UserError as err:
             report_error(f"error: {err}")
@@ -121,24 +119,6 @@ def failed_write_message(number: int, path: str | None) -> str:
     where = f" writing {path}" if path else ""
     return (f"{WRITE_FAILURES[number]} ({errno.errorcode[number]}{where}); then rerun the same command "
             f"(twophase dpo and grpo: with --resume): the run continues from its last checkpoint")
-
-
-@contextmanager
-def terminate_as_interrupt():
-    """SIGTERM (a cluster's stop, `kill`) is Ctrl-C for the whole command, not only inside training steps:
-    the run writes its manifest and says how to continue, e.g. when stopped while a merge is written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def report_error(line: str) -> None:

@@ -152,7 +152,7 @@ def _run_owned_stage(stage: Stage, stage_dir: Path, earlier: dict | None) -> Non
 
 def _run_with_sigterm_as_interrupt(stage: Stage, stage_dir: Path, resume: bool) -> dict:
     # A cluster's preemption (SIGTERM) then ends an eval as cleanly as a training stage.
-    from twophase.trainers.infra.run import sigterm_as_interrupt
+    from twophase.data.base.signals import sigterm_as_interrupt
 
     with sigterm_as_interrupt():
         outputs = stage.run(stage.settings, stage_dir, resume)

@@ -13,7 +13,7 @@ import inspect
 import math
 import numbers
 
-from twophase.data.base.errors import UserError
+from twophase.data.base.errors import UserError, reason_of
 
 SIGNATURE = "fn(tasks, completions, *, step, rows=None) -> list of len(completions) finite floats"
 
@@ -23,7 +23,7 @@ class CheckedReward:
 
     def __init__(self, name: str, fn):
         self.name, self.fn = name, fn
-        if not _accepts_step(fn):
+        if not accepts_keyword(fn, "step"):
             raise UserError(f"reward {name} does not take the keyword `step`; a reward is {SIGNATURE}")
 
     def __call__(self, tasks, completions, **keywords):
@@ -32,8 +32,7 @@ class CheckedReward:
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - the user's code: any failure is one line, not their traceback
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            raise UserError(f"reward {self.name} raised {type(err).__name__}{': ' + first if first else ''}") from None
+            raise UserError(f"reward {self.name} raised {reason_of(err)[:250]}") from None
         return checked_values(self.name, values, len(completions))
 
     def __getattr__(self, attribute):  # the reward's own `details` and `close`, if it has them
@@ -57,12 +56,13 @@ def checked_values(name: str, values, expected: int) -> list[float]:
     return [float(value) for value in values]
 
 
-def _accepts_step(fn) -> bool:
+def accepts_keyword(fn, name: str) -> bool:
+    """Whether `fn` can be called with keyword `name` (a callable whose signature Python cannot read: assume so)."""
     try:
         parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a callable whose signature Python cannot read: trust it
+    except (TypeError, ValueError):
         return True
-    return any(p.name == "step" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _shown(value) -> str:

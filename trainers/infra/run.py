@@ -302,26 +302,6 @@ def _reduce(collected: list[dict]) -> dict:
     return out
 
 
-class sigterm_as_interrupt:
-    """Turn SIGTERM (a cluster's preemption) into KeyboardInterrupt so a checkpoint is written."""
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not in the main thread
-            self.previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        return False
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-
 class DeferredInterrupts:
     """SIGINT and SIGTERM as KeyboardInterrupt, held back inside `deferred()` blocks.
 

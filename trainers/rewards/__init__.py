@@ -35,7 +35,7 @@ from pathlib import Path
 from twophase.data.base.errors import UserError
 from twophase.data.lean_workbook import LeanTask, extract_proof, keeps_statement, program_to_check
 from twophase.data.prompts import GRPO_FORMATS, check_format_name
-from twophase.trainers.infra.reward_calls import CheckedReward
+from twophase.trainers.infra.reward_calls import CheckedReward, accepts_keyword
 
 
 def _check_lengths(tasks: list, completions: list) -> None:
@@ -187,15 +187,7 @@ def _import_reward(spec: str, options: dict):
     if target is None or not callable(target):
         raise UserError(f"reward '{spec}': module '{module_name}' has no callable '{attribute}'")
     reward = target(**options) if inspect.isclass(target) else functools.partial(target, **options) if options else target
-    return reward if _takes_rows(reward) else _WithoutRows(reward)
-
-
-def _takes_rows(fn) -> bool:
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a callable whose signature Python cannot read: call it as documented
-        return True
-    return any(p.name == "rows" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return reward if accepts_keyword(reward, "rows") else _WithoutRows(reward)
 
 
 class _WithoutRows:
