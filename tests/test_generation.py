@@ -52,6 +52,23 @@ def test_greedy_equals_transformers_generate_for_ragged_batches(tiny):
             assert completion.finish == "length"
 
 
+def test_qwen2_layout_with_qkv_biases_and_grouped_query_attention_equals_transformers_generate(tiny):
+    """Qwen2.5's layout (q, k, v biases, 2 query heads per KV head) through the fused q/k/v projection."""
+    from twophase.launch.bench.training import random_model
+
+    _, tok, ids = tiny
+    model = random_model("tiny-qwen2", torch.device("cpu"), torch.float32).eval()
+    with torch.no_grad():  # random_model's zero biases would not show a missing bias: make them count
+        for layer in model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, name).bias.normal_(0, 0.5)
+    generator = Generator(model, tok, max_batch=4, stop_at_eos=False)
+    assert isinstance(generator.decoder, StaticDecoder) and generator.decoder.qkv_biased
+    ids = [[min(t, 2047) for t in prompt] for prompt in ids]
+    for prompt, completion in zip(ids, generator.generate(ids, 12)):
+        assert completion.tokens == reference_greedy(model, prompt, 12)
+
+
 def _eager_generator(model, tok):
     """The same engine on transformers' own forward and cache (the path for non-Llama models)."""
     generator = Generator(model, tok, max_batch=4, stop_at_eos=False)

@@ -176,3 +176,19 @@ def test_the_kernel_check_passes_a_right_kernel_and_stops_a_wrong_one(monkeypatc
     monkeypatch.setattr(packed_attention, "_flash_varlen", missing_kernel)
     with pytest.raises(UserError, match="Ampere GPUs or newer.*use layout: shared_prompt"):
         packed_attention.verify_packed_attention(torch.device("cpu"))
+
+
+def test_causal_masking_is_asked_for_in_each_torch_releases_words():
+    """torch 2.10 named it is_causal=True; 2.11 on, window_size=(-1, 0); grouped-query attention where offered."""
+    from twophase.trainers.infra.packed_attention import _varlen_options
+
+    def release_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None, scale=None):
+        pass
+
+    def release_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+        pass
+
+    assert _varlen_options(release_2_10, grouped=True) == {"is_causal": True}
+    assert _varlen_options(release_2_13, grouped=False) == {"window_size": (-1, 0)}
+    assert _varlen_options(release_2_13, grouped=True) == {"window_size": (-1, 0), "enable_gqa": True}

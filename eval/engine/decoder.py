@@ -55,6 +55,7 @@ from twophase.data.tokens import left_pad
 from twophase.eval.engine.sampling import SamplingParams, choose_tokens, vocabulary_keys
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
+QKV = ("q_proj", "k_proj", "v_proj")
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward: bounds its activations
 
 
@@ -95,9 +96,10 @@ class StaticDecoder:
         self.storage = storage  # optional flat tensor to carve the cache from (trainers/infra/grad_arena.py)
         self.vocab_keys = vocabulary_keys(self.head.out_features, self.device)
         self.ops = FusedOps(compiled=self.use_graphs)
-        self.fused_qkv = all(_plain_linear(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers)
+        self.fused_qkv = all(_fusable_linears(layer.self_attn, QKV) for layer in self.layers)
+        self.qkv_biased = self.fused_qkv and self.layers[0].self_attn.q_proj.bias is not None  # Qwen2 has q, k, v biases
         self.capacity = self.cache_slots = 0
-        self.kv = self.qkv_weight = None
+        self.kv = self.qkv_weight = self.qkv_bias = None
         self.graphs = CapturedSteps(self.use_graphs)
         self._state(max_batch)
 
@@ -126,13 +128,15 @@ class StaticDecoder:
         columns = math.ceil(columns / self.kv_block) * self.kv_block
         if slots > self.cache_slots or columns > self.capacity:
             self.graphs.drop()  # they read and write the old buffers
-            self.kv = self.qkv_weight = None  # free the old buffers first
+            self.kv = self.qkv_weight = self.qkv_bias = None  # free the old buffers first
             cache_shape = (len(self.layers), 2, slots, self.kv_heads, columns, self.head_dim)
             self.kv, rest = self._carve(cache_shape, self.storage)
             if self.fused_qkv:
                 attn = self.layers[0].self_attn
                 rows = attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
                 self.qkv_weight, _ = self._carve((len(self.layers), rows, attn.q_proj.in_features), rest)
+                if self.qkv_biased:
+                    self.qkv_bias = torch.empty((len(self.layers), rows), dtype=self.dtype, device=self.device)
             self.capacity, self.cache_slots = columns, slots
             self.key_columns = torch.arange(columns, dtype=torch.long, device=self.device)
         if ring > self.ring:
@@ -149,11 +153,13 @@ class StaticDecoder:
         return torch.empty(shape, dtype=self.dtype, device=self.device), None
 
     def _refresh_fused_weights(self) -> None:
-        """Copy the current q, k, v weights into the fused matrix (training changes them between calls)."""
+        """Copy the current q, k, v weights (and biases) into the fused ones (training changes them between calls)."""
         if self.fused_qkv:
             for index, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], out=self.qkv_weight[index])
+                projections = [getattr(layer.self_attn, name) for name in QKV]
+                torch.cat([p.weight for p in projections], out=self.qkv_weight[index])
+                if self.qkv_biased:
+                    torch.cat([p.bias for p in projections], out=self.qkv_bias[index])
 
     # ------------------------------------------------------------------ the forward pass
 
@@ -177,7 +183,8 @@ class StaticDecoder:
         b, t, _ = h.shape
         if self.fused_qkv:
             sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
-            q, k, v = torch.split(F.linear(h, self.qkv_weight[index]), sizes, dim=-1)
+            bias = self.qkv_bias[index] if self.qkv_biased else None
+            q, k, v = torch.split(F.linear(h, self.qkv_weight[index], bias), sizes, dim=-1)
         else:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
@@ -486,6 +493,12 @@ def _compiled(fn):
 
 def _eps(norm) -> float:
     return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
+def _fusable_linears(module, names) -> bool:
+    """Whether these sub-modules are plain nn.Linear layers (no LoRA wrapper), all with a bias or all without."""
+    layers = [getattr(module, n, None) for n in names]
+    return all(type(layer) is torch.nn.Linear for layer in layers) and len({layer.bias is None for layer in layers}) == 1
 
 
 def _plain_linear(module, names) -> bool:

@@ -3,7 +3,9 @@
 The model is built from an architecture config with random weights (no
 download needed): `deepseek-prover-v2-7b` is DeepSeek-Prover-V2-7B's layout
 (LlamaForCausalLM, hidden 4096, intermediate 11008, 30 layers, 32 heads,
-vocabulary 102,400); `tiny` runs anywhere, for testing this command.
+vocabulary 102,400); `qwen2.5-7b` and `llama-3-8b` are the chat models of the
+next experiment (launch/configs/wu17_v6.yaml), from their published configs;
+`tiny` and `tiny-qwen2` run anywhere, for testing this command.
 
 The step code is the real one: the DPO and GRPO recipes on the shared loop.
 Only the data is synthetic — random token ids of exactly the benchmark's
@@ -49,24 +51,41 @@ ARCHITECTURES = {
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
         num_key_value_heads=16, vocab_size=1024, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
     ),
+    # Qwen/Qwen2.5-7B(-Instruct)'s config.json: grouped-query attention (7 query heads per KV head) and
+    # biases on q, k and v (Qwen2ForCausalLM), a 152,064-word vocabulary, untied embeddings.
+    "qwen2.5-7b": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+    ),
+    # meta-llama/Meta-Llama-3-8B(-Instruct)'s config.json: grouped-query attention (4 per KV head), 128,256 words.
+    "llama-3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+    ),
     "tiny": dict(
         hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, vocab_size=2048, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
+    "tiny-qwen2": dict(  # the Qwen2 layout's code paths (biases, grouped-query attention) at test size
+        model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=2048, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,
     ),
 }  # fmt: skip
 
 
 def random_model(architecture: str, device: torch.device, dtype: torch.dtype, **changes):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     layout = ARCHITECTURES[architecture] | changes
-    config = LlamaConfig(**layout, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    family = layout.pop("model_type", "llama")
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_class(**layout, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise directly in the target dtype: no float32 copy of 7B weights
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     model.generation_config.pad_token_id = 0
@@ -176,7 +195,7 @@ COMPLETION_LENGTHS = ("full", "mixed")
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=512,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
                cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full",
-               process_group=False) -> dict:  # fmt: skip
+               process_group=False, gradient_checkpointing=True) -> dict:  # fmt: skip
     """Phase 2 steps on random prompts of `prompt_len` tokens.
 
     completion_lengths "full": every completion runs to max_new_tokens (EOS is ignored: a random model
@@ -199,7 +218,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
             precision=precision, device=str(device), optimizer=optimizer, save_every=0, log_every=1, lora=False,
             reward="random", stop_strings=[], lr=1e-6, max_prompt_length=prompt_len,
             generation_cuda_graphs=cuda_graphs, logprob_chunk_size=logprob_chunk_size,
-            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding=stochastic_rounding, gradient_checkpointing=gradient_checkpointing,
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
         tokenizer = synthetic_tokenizer(model.config.vocab_size)
@@ -219,7 +238,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
     return {
         "benchmark": "grpo", "architecture": architecture, "device": device_name(device), **_processes(),
         "completions_per_step": prompts * generations, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
-        "micro_batch_size": micro_batch_size,
+        "micro_batch_size": micro_batch_size, "gradient_checkpointing": gradient_checkpointing,
         "cuda_graphs": cuda_graphs, "completion_lengths": completion_lengths,
         "stochastic_rounding": stochastic_rounding, "first_step_s": round(records[0]["step_time_s"], 2),
         "mean_completion_len": round(median("completion/length_mean"), 1), "steps": steps,
@@ -398,16 +417,33 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
 @click.option("--completion-lengths", type=click.Choice(COMPLETION_LENGTHS), default="full", show_default=True,
               help="full: every completion to the limit; mixed: half end early at uniform lengths in [limit/8, limit).")
 @click.option("--stochastic-rounding/--no-stochastic-rounding", default=True, show_default=True)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size, generation_batch_size, cuda_graphs,
-                       completion_lengths, stochastic_rounding, device, process_group, out):  # fmt: skip
+                       completion_lengths, stochastic_rounding, gradient_checkpointing, device, process_group, out):  # fmt: skip
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
     emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, prompt_len=prompt_len, micro_batch_size=micro_batch_size,
                      generation_batch_size=generation_batch_size, device=device, cuda_graphs=cuda_graphs,
                      stochastic_rounding=stochastic_rounding, completion_lengths=completion_lengths,
-                     process_group=process_group), out)  # fmt: skip
+                     process_group=process_group, gradient_checkpointing=gradient_checkpointing), out)  # fmt: skip
+
+
+@bench_group.command("decode")
+@click.option("--arch", type=ARCH, default="deepseek-prover-v2-7b", show_default=True)
+@click.option("--rows", default=16, show_default=True)
+@click.option("--prompt-len", default=200, show_default=True)
+@click.option("--new-tokens", default=512, show_default=True)
+@click.option("--profile-steps", default=0, show_default=True, help="Trace this many steps at the longest cache (0: no trace).")
+@click.option("--out", default=None, help="Append the result as a JSON line to this file.")
+def bench_decode_command(arch, rows, prompt_len, new_tokens, profile_steps, out):
+    """The decoder alone (CUDA GPU): step time per cache length against the bandwidth floor, and a kernel profile."""
+    from twophase.launch.bench.decode_profile import bench_decode
+
+    if not torch.cuda.is_available():
+        raise click.UsageError("bench decode measures the CUDA-graph decoder: it needs a CUDA GPU")
+    emit(bench_decode(arch, rows, prompt_len, new_tokens, profile_steps=profile_steps), out)
 
 
 def bench_evaluation(architecture: str, data_dir: str, out_dir: str, tokenizer_dir: str | None = None,

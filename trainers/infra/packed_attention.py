@@ -4,19 +4,20 @@ A packed row holds many sequences end to end; each query segment attends only to
 key segment, causally, aligned to the segment's bottom-right corner. Two ways to compute
 exactly that, chosen per call:
 
-- on a GPU in bf16/fp16, FlashAttention's variable-length kernel,
-  `torch.ops.aten._flash_attention_forward` with the cumulative segment lengths (the
-  kernel PyTorch's own nested-tensor attention calls; it has a backward). It computes
-  only the blocks inside segments, and no mask exists at any size. Its `is_causal` is
-  aligned bottom-right when a segment has more keys than queries, which is what the
-  shared-prompt layout needs. (`torch.nn.attention.varlen.varlen_attn` wraps the same
-  kernel, but its arguments changed between releases and some releases send it to
-  cuDNN, so it is not used.)
+- on a GPU in bf16/fp16, PyTorch's public variable-length attention,
+  `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10; FlashAttention's kernel, with
+  a backward), over the cumulative segment lengths. It computes only the blocks inside
+  segments, and no mask exists at any size. Causal masking is asked for as
+  `window_size=(-1, 0)` (torch >= 2.11) or `is_causal=True` (2.10, the argument's first
+  name); FlashAttention aligns it bottom-right when a segment has more keys than
+  queries, which is what the shared-prompt layout needs. Because a release may send
+  the call to another backend (cuDNN's ragged attention aligned causal masks top-left),
+  `verify_packed_attention` checks that alignment, forward and backward, before a run.
 - anywhere else (the CPU, float32, float64), `scaled_dot_product_attention` one segment
   at a time with an explicit bottom-right causal mask: exact and slow, for tests and
   small runs.
 
-`verify_packed_attention` checks the kernel against the reference before a GPU run.
+`verify_packed_attention` checks the kernel's output and gradients against the reference before a GPU run.
 
 transformers picks a model's attention function by `config._attn_implementation`, read by
 every layer at call time, including when gradient checkpointing recomputes a layer during
@@ -28,6 +29,7 @@ transformers has no mask builder for this name, so it builds no mask at all.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -38,7 +40,7 @@ from twophase.data.base.errors import UserError
 
 PACKED_ATTENTION = "twophase_packed"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-_KERNEL_TOLERANCE = 0.05  # bf16 outputs of unit-variance values; a wrong mask is off by O(1)
+_KERNEL_TOLERANCE = 0.05  # relative: bf16 rounding is ~0.01 of the largest value; a wrong mask is off by O(1)
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,22 @@ def _kernel_applies(q: torch.Tensor) -> bool:
 
 
 def _flash_varlen(q, k, v, segments: PackedSegments, scale) -> torch.Tensor:
-    output, *_ = torch.ops.aten._flash_attention_forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), segments.cu_seq_q, segments.cu_seq_k,
-        segments.max_q, segments.max_k, 0.0, True, False, scale=scale,
-    )  # fmt: skip
-    return output
+    from torch.nn.attention.varlen import varlen_attn
+
+    options = _varlen_options(varlen_attn, grouped=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1] and "enable_gqa" not in options:  # torch 2.10: one key head per query head
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), segments.cu_seq_q, segments.cu_seq_k,
+                       segments.max_q, segments.max_k, scale=scale, **options)  # fmt: skip
+
+
+def _varlen_options(varlen_attn, grouped: bool) -> dict:
+    """Bottom-right causal masking (and grouped-query attention) in this torch release's argument names."""
+    parameters = inspect.signature(varlen_attn).parameters
+    options = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    if grouped and "enable_gqa" in parameters:
+        options["enable_gqa"] = True
+    return options
 
 
 def segment_by_segment(q, k, v, segments: PackedSegments, scale) -> torch.Tensor:
@@ -123,18 +136,27 @@ def verify_packed_attention(device: torch.device) -> float:
     segments = PackedSegments.of_batch({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (1, 4, batch["input_ids"].shape[1], 128)
-    q, k, v = (torch.randn(shape, generator=generator, device=device).to(torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(shape, generator=generator, device=device).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    upstream = torch.randn(shape[0], shape[2], shape[1], shape[3], generator=generator, device=device)
     try:
-        fast = packed_attention(None, q, k, v, None, scaling=128**-0.5, packed_segments=segments)[0]
-    except RuntimeError as err:  # e.g. a GPU older than FlashAttention's minimum
+        fast = _output_and_gradients(q, k, v, segments, upstream)
+    except (RuntimeError, ImportError) as err:  # e.g. a GPU older than FlashAttention's minimum, torch < 2.10
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"packed layouts need FlashAttention's variable-length kernel, which failed here ({reason}); "
-                        f"use layout: shared_prompt or stacked") from None  # fmt: skip
-    exact = packed_attention(None, q.float(), k.float(), v.float(), None, scaling=128**-0.5, packed_segments=segments)[0]
-    error = float((fast.float() - exact).abs().max())  # float32 inputs take the reference path
+        raise UserError(f"packed layouts need torch >= 2.10's variable-length attention kernel, which failed here "
+                        f"({reason}); use layout: shared_prompt or stacked") from None  # fmt: skip
+    exact = _output_and_gradients(*(x.detach().float().requires_grad_() for x in (q, k, v)), segments, upstream)
+    # Each tensor's largest difference relative to its largest value (float32 takes the reference path).
+    error = max(float((a.float() - b).abs().max() / b.abs().max()) for a, b in zip(fast, exact))
     if not error <= _KERNEL_TOLERANCE:
         raise UserError(
             f"the variable-length attention kernel of this torch build ({torch.__version__}) disagrees with the "
             f"reference by {error:.3g}; packed layouts would train on wrong numbers: use layout: shared_prompt or stacked"
         )
     return error
+
+
+def _output_and_gradients(q, k, v, segments, upstream) -> list[torch.Tensor]:
+    """The attention output and the gradients of <output, upstream> with respect to q, k and v."""
+    output = packed_attention(None, q, k, v, None, scaling=128**-0.5, packed_segments=segments)[0]
+    gradients = torch.autograd.grad((output.float() * upstream).sum(), (q, k, v))
+    return [output.detach(), *gradients]

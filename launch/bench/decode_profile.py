@@ -1,0 +1,132 @@
+"""`twophase bench decode`: where one decode step's time goes, against the memory-bandwidth floor.
+
+A decode step of B rows reads every weight once (the same bytes whatever B is) and,
+per row, the keys and values of every cached column. Both are memory reads, so the
+step's floor on a card of bandwidth W bytes/s is
+
+    floor(kv_len) = (weight bytes + B · kv_len · layers · 2 · kv_heads · head_dim · 2 bytes) / W
+
+The cache term is what a "weights only" bound leaves out: for the 7B prover at 16
+rows and 712 columns (200-token prompts + 512 new tokens) it is 5.5 GB a step at the
+end, 40 % of the weights' 13.8 GB.
+
+What this measures, with the real decoder (eval/engine/decoder.py, CUDA graphs on):
+
+* the step time at several cache lengths (replayed graphs, synchronised, median of
+  `repeats`), beside the floor at that length, and their ratio;
+* with `--profile`, one kernel-level trace of `steps` replayed steps at the longest
+  length: the kernels' time by kind (matrix products, attention, compiled
+  element-wise kernels, sampling, copies) and the rest of the step, which is time
+  the GPU spends between kernels (a graph replay has no host launches left).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM cards' published figures
+
+
+def bandwidth_of(device_name: str) -> float | None:
+    return next((bw for card, bw in BANDWIDTH.items() if card in device_name), None)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - model.get_input_embeddings().weight.nbytes
+
+
+def cache_bytes_per_step(config, rows: int, kv_len: int, element_size: int = 2) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return rows * kv_len * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element_size
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    kinds = (("attention", ("fmha", "flash", "attention", "attn")), ("matrix products", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk")),
+             ("sampling", ("sort", "scan", "argmax", "topk", "max_kernel", "reduce")), ("copies", ("copy", "index", "scatter", "gather", "cat")),
+             ("compiled element-wise", ("triton",)))  # fmt: skip
+    return next((kind for kind, marks in kinds if any(mark in lowered for mark in marks)), "other")
+
+
+def step_times(decoder, sampling, lengths: list[int], repeats: int) -> dict[int, float]:
+    """Seconds per replayed decode step at each cache length (the same slots, the graph of that length)."""
+    times = {}
+    for kv_len in lengths:
+        decoder._step(decoder.slots, kv_len, sampling)  # captures once
+        samples = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(8):
+                decoder.column.fill_(kv_len - 1)
+                decoder._step(decoder.slots, kv_len, sampling)
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - start) / 8)
+        times[kv_len] = statistics.median(samples)
+    return times
+
+
+def kernel_profile(decoder, sampling, kv_len: int, steps: int) -> dict:
+    """Kernel time per step by kind, and the step's time outside kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder._step(decoder.slots, kv_len, sampling)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as trace:
+        start = time.perf_counter()
+        for _ in range(steps):
+            decoder.column.fill_(kv_len - 1)
+            decoder._step(decoder.slots, kv_len, sampling)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    by_kind: dict[str, float] = {}
+    kernels: dict[str, list[float]] = {}
+    for event in trace.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            kind = kernel_kind(event.name)
+            by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time / 1e3 / steps  # ms per step
+            kernels.setdefault(event.name[:90], []).append(event.device_time)
+    busy = sum(by_kind.values())
+    top = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:12]
+    return {
+        "profiled_step_ms": round(wall * 1e3, 3), "kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items())},
+        "between_kernels_ms": round(wall * 1e3 - busy, 3), "kernels_per_step": round(sum(len(v) for v in kernels.values()) / steps),
+        "top_kernels_ms_per_step": {name: round(sum(t) / 1e3 / steps, 3) for name, t in top},
+    }  # fmt: skip
+
+
+def bench_decode(architecture: str, rows: int = 16, prompt_len: int = 200, new_tokens: int = 512, repeats: int = 5,
+                 profile_steps: int = 0, top_p: float = 1.0) -> dict:  # fmt: skip
+    """The decoder alone at GRPO's shape: `rows` rows continuing two prompts (two groups)."""
+    from twophase.eval.engine.decoder import StaticDecoder
+    from twophase.eval.engine.sampling import SamplingParams
+    from twophase.launch.bench.training import device_name, random_model
+
+    device = torch.device("cuda")
+    model = random_model(architecture, device, torch.bfloat16).eval()
+    decoder = StaticDecoder(model, rows, cuda_graphs=True)
+    sampling = SamplingParams(temperature=1.0, top_p=top_p)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (prompt_len,), generator=generator).tolist() for _ in range(2)]
+    expand = [row * 2 // rows for row in range(rows)]
+    with torch.no_grad():
+        decoder.start(prompts, expand, sampling, list(range(rows)), new_tokens, 16)
+        block = decoder.kv_block
+        last = (prompt_len + new_tokens + block - 1) // block * block
+        lengths = sorted({(prompt_len + block - 1) // block * block, (prompt_len + new_tokens // 2) // block * block, last})
+        times = step_times(decoder, sampling, lengths, repeats)
+        profiled = kernel_profile(decoder, sampling, last, profile_steps) if profile_steps else {}
+    name = device_name(device)
+    bandwidth = bandwidth_of(name)
+    weights = weight_bytes(model)
+    by_length = {}
+    for kv_len, seconds in times.items():
+        floor = (weights + cache_bytes_per_step(model.config, rows, kv_len)) / bandwidth if bandwidth else None
+        by_length[kv_len] = {"step_ms": round(seconds * 1e3, 3), "tokens_per_s": round(rows / seconds),
+                             "floor_ms": round(floor * 1e3, 3) if floor else None,
+                             "share_of_bandwidth": round(floor / seconds, 3) if floor else None}  # fmt: skip
+    return {"benchmark": "decode", "architecture": architecture, "device": name, "rows": rows, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "weight_gb": round(weights / 1e9, 2), "by_kv_len": by_length, **profiled}  # fmt: skip
