@@ -110,3 +110,12 @@ def test_bench_runs_the_sharded_path_in_a_one_process_group():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert (report["processes"], report["process_group"], report["completions_per_step"]) == (1, True, 16)
     assert report["sampler_logprob_gap"] < 1e-5
+
+
+@pytest.mark.parametrize("architecture, parameters", [
+    ("deepseek-prover-v2-7b", 6_910_365_696), ("qwen2.5-7b", 7_615_616_512), ("llama-3-8b", 8_030_261_248),
+])  # fmt: skip
+def test_bench_architectures_have_the_published_parameter_counts(architecture, parameters):
+    """Built on the meta device (no memory): the counts the models' cards give (Qwen2.5-7B 7.61B with its q/k/v biases)."""
+    model = random_model(architecture, torch.device("meta"), torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == parameters
