@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from twophase.launch.bench.kernel_profile import profile_call
+
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM cards' published figures
 
 
@@ -41,14 +43,6 @@ def weight_bytes(model) -> int:
 def cache_bytes_per_step(config, rows: int, kv_len: int, element_size: int = 2) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return rows * kv_len * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element_size
-
-
-def kernel_kind(name: str) -> str:
-    lowered = name.lower()
-    kinds = (("attention", ("fmha", "flash", "attention", "attn")), ("matrix products", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk")),
-             ("sampling", ("sort", "scan", "argmax", "topk", "max_kernel", "reduce")), ("copies", ("copy", "index", "scatter", "gather", "cat")),
-             ("compiled element-wise", ("triton",)))  # fmt: skip
-    return next((kind for kind, marks in kinds if any(mark in lowered for mark in marks)), "other")
 
 
 def step_times(decoder, sampling, lengths: list[int], repeats: int) -> dict[int, float]:
@@ -69,33 +63,16 @@ def step_times(decoder, sampling, lengths: list[int], repeats: int) -> dict[int,
     return times
 
 
-def kernel_profile(decoder, sampling, kv_len: int, steps: int) -> dict:
-    """Kernel time per step by kind, and the step's time outside kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
+def decode_profile(decoder, sampling, kv_len: int, steps: int) -> dict:
+    """Kernel time of `steps` replayed decode steps at cache length `kv_len`, per step."""
     decoder._step(decoder.slots, kv_len, sampling)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as trace:
-        start = time.perf_counter()
+
+    def replay():
         for _ in range(steps):
             decoder.column.fill_(kv_len - 1)
             decoder._step(decoder.slots, kv_len, sampling)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / steps
-    by_kind: dict[str, float] = {}
-    kernels: dict[str, list[float]] = {}
-    for event in trace.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
-            kind = kernel_kind(event.name)
-            by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time / 1e3 / steps  # ms per step
-            kernels.setdefault(event.name[:90], []).append(event.device_time)
-    busy = sum(by_kind.values())
-    top = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:12]
-    return {
-        "profiled_step_ms": round(wall * 1e3, 3), "kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items())},
-        "between_kernels_ms": round(wall * 1e3 - busy, 3), "kernels_per_step": round(sum(len(v) for v in kernels.values()) / steps),
-        "top_kernels_ms_per_step": {name: round(sum(t) / 1e3 / steps, 3) for name, t in top},
-    }  # fmt: skip
+
+    return profile_call(replay, per=steps)
 
 
 def bench_decode(architecture: str, rows: int = 16, prompt_len: int = 200, new_tokens: int = 512, repeats: int = 5,
@@ -118,7 +95,7 @@ def bench_decode(architecture: str, rows: int = 16, prompt_len: int = 200, new_t
         last = (prompt_len + new_tokens + block - 1) // block * block
         lengths = sorted({(prompt_len + block - 1) // block * block, (prompt_len + new_tokens // 2) // block * block, last})
         times = step_times(decoder, sampling, lengths, repeats)
-        profiled = kernel_profile(decoder, sampling, last, profile_steps) if profile_steps else {}
+        profiled = {"profile": decode_profile(decoder, sampling, last, profile_steps)} if profile_steps else {}
     name = device_name(device)
     bandwidth = bandwidth_of(name)
     weights = weight_bytes(model)

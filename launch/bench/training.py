@@ -118,7 +118,8 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
               prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=256,
-              layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1, process_group=False) -> dict:  # fmt: skip
+              layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1, process_group=False,
+              profile=False) -> dict:  # fmt: skip
     """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
     from twophase.data.hh_rlhf import PreferencePair
     from twophase.trainers.config import DPOConfig, make_config
@@ -148,6 +149,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
             recipe.reference_logps = torch.randn(len(pairs), 2) - 300
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False)
+        profiled = _profile_last_update(recipe, config, steps, device) if profile else {}
         records = MetricsLog(Path(out_dir) / "metrics.jsonl").read()
     if not records:  # under torchrun only rank 0 writes the metrics; the other ranks have nothing to report
         return {}
@@ -160,8 +162,15 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
         "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
         "logprob_chunk_size": logprob_chunk_size, "steps": steps, "warmup_steps": len(records) - len(measured),
         **step_spread([r["step_time_s"] for r in measured], [r["tokens"] for r in measured]),
-        "peak_memory_gib": round(_peak_gib(device), 2),
+        "peak_memory_gib": round(_peak_gib(device), 2), **profiled,
     }  # fmt: skip
+
+
+def _profile_last_update(recipe, config, steps: int, device) -> dict:
+    """`--profile`: the last step's forward and backward passes once more, kernel by kernel (CUDA only)."""
+    from twophase.launch.bench.kernel_profile import profile_update
+
+    return {"update_profile": profile_update(recipe, config, steps - 1)} if device.type == "cuda" else {}
 
 
 def step_spread(step_seconds: list[float], step_tokens: list[int]) -> dict:
@@ -195,7 +204,7 @@ COMPLETION_LENGTHS = ("full", "mixed")
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=512,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
                cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full",
-               process_group=False, gradient_checkpointing=True) -> dict:  # fmt: skip
+               process_group=False, gradient_checkpointing=True, profile=False) -> dict:  # fmt: skip
     """Phase 2 steps on random prompts of `prompt_len` tokens.
 
     completion_lengths "full": every completion runs to max_new_tokens (EOS is ignored: a random model
@@ -230,6 +239,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         recipe.generator = _scripted_generator(recipe, completion_lengths)
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False, callbacks=recipe.run_callbacks())
+        profiled = _profile_last_update(recipe, config, steps, device) if profile else {}
         records = MetricsLog(Path(out_dir) / "metrics.jsonl").read()
     if not records:  # under torchrun only rank 0 writes the metrics; the other ranks have nothing to report
         return {}
@@ -246,7 +256,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         "update_s": round(median("time/update_s"), 2),
         "generation_tokens_per_s": round(median("generation_tokens_per_s"), 1),
         "update_tokens_per_s": round(median("tokens_per_s"), 1), "peak_memory_gib": round(_peak_gib(device), 2),
-        "sampler_logprob_gap": round(median("sampler_logprob_gap"), 5),
+        "sampler_logprob_gap": round(median("sampler_logprob_gap"), 5), **profiled,
     }  # fmt: skip
 
 
@@ -364,6 +374,10 @@ PROCESS_GROUP_HELP = ("Run the multi-GPU code path (GRPO: FSDP2 shards and a gat
                       "job's own group is used.")
 
 
+PROFILE_HELP = ("CUDA: run the last step's forward and backward passes once more under torch.profiler and report "
+                "kernel time by kind and GPU idle time (launch/bench/kernel_profile.py).")
+
+
 @click.group("bench")
 def bench_group():
     """Measure speed and memory (random-weight model, synthetic tokens, the real step code)."""
@@ -385,11 +399,12 @@ def bench_group():
 @click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
 @click.option("--logprob-chunk-size", default=256, show_default=True, help="Rows projected onto the vocabulary at once.")
+@click.option("--profile", is_flag=True, help=PROFILE_HELP)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pass, micro_batch_size, grad_accum_steps,
-                      seq_len, precompute, optimizer, logprob_chunk_size, device, process_group, out):  # fmt: skip
+                      seq_len, precompute, optimizer, logprob_chunk_size, profile, device, process_group, out):  # fmt: skip
     """Phase 1 setting: LoRA r=64, 4 x 4 pairs a step, checkpointing, 8-bit AdamW.
 
     Tokens are counted as TRL counts them (prompt twice, replies once, no padding), whatever the layout.
@@ -400,7 +415,8 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
     for layout in layouts or [None]:
         emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
                         device=device, logprob_chunk_size=logprob_chunk_size, layout=layout, lengths=lengths,
-                        tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps, process_group=process_group), out)  # fmt: skip
+                        tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps, process_group=process_group,
+                        profile=profile), out)  # fmt: skip
         gc.collect()  # the last model's weights go before the next one is built
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -418,16 +434,17 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
               help="full: every completion to the limit; mixed: half end early at uniform lengths in [limit/8, limit).")
 @click.option("--stochastic-rounding/--no-stochastic-rounding", default=True, show_default=True)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--profile", is_flag=True, help=PROFILE_HELP)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size, generation_batch_size, cuda_graphs,
-                       completion_lengths, stochastic_rounding, gradient_checkpointing, device, process_group, out):  # fmt: skip
+                       completion_lengths, stochastic_rounding, gradient_checkpointing, profile, device, process_group, out):  # fmt: skip
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
     emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, prompt_len=prompt_len, micro_batch_size=micro_batch_size,
                      generation_batch_size=generation_batch_size, device=device, cuda_graphs=cuda_graphs,
                      stochastic_rounding=stochastic_rounding, completion_lengths=completion_lengths,
-                     process_group=process_group, gradient_checkpointing=gradient_checkpointing), out)  # fmt: skip
+                     process_group=process_group, gradient_checkpointing=gradient_checkpointing, profile=profile), out)  # fmt: skip
 
 
 @bench_group.command("decode")
