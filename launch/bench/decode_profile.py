@@ -47,17 +47,18 @@ def cache_bytes_per_step(config, rows: int, kv_len: int, element_size: int = 2) 
 
 def step_times(decoder, sampling, lengths: list[int], repeats: int) -> dict[int, float]:
     """Seconds per replayed decode step at each cache length (the same slots, the graph of that length)."""
+    synchronize = torch.cuda.synchronize if decoder.device.type == "cuda" else lambda: None
     times = {}
     for kv_len in lengths:
         decoder._step(decoder.slots, kv_len, sampling)  # captures once
         samples = []
         for _ in range(repeats):
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
             for _ in range(8):
                 decoder.column.fill_(kv_len - 1)
                 decoder._step(decoder.slots, kv_len, sampling)
-            torch.cuda.synchronize()
+            synchronize()
             samples.append((time.perf_counter() - start) / 8)
         times[kv_len] = statistics.median(samples)
     return times
@@ -76,14 +77,17 @@ def decode_profile(decoder, sampling, kv_len: int, steps: int) -> dict:
 
 
 def bench_decode(architecture: str, rows: int = 16, prompt_len: int = 200, new_tokens: int = 512, repeats: int = 5,
-                 profile_steps: int = 0, top_p: float = 1.0) -> dict:  # fmt: skip
-    """The decoder alone at GRPO's shape: `rows` rows continuing two prompts (two groups)."""
+                 profile_steps: int = 0, top_p: float = 1.0, device: str = "cuda", report=None) -> dict:  # fmt: skip
+    """The decoder alone at GRPO's shape: `rows` rows continuing two prompts (two groups).
+
+    `report(result)` is called with the timings before the profile is taken, so they survive a profiler failure.
+    """
     from twophase.eval.engine.decoder import StaticDecoder
     from twophase.eval.engine.sampling import SamplingParams
-    from twophase.launch.bench.training import device_name, random_model
+    from twophase.launch.bench.training import random_model
 
-    device = torch.device("cuda")
-    model = random_model(architecture, device, torch.bfloat16).eval()
+    device = torch.device(device)
+    model = random_model(architecture, device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     decoder = StaticDecoder(model, rows, cuda_graphs=True)
     sampling = SamplingParams(temperature=1.0, top_p=top_p)
     generator = torch.Generator().manual_seed(0)
@@ -92,10 +96,20 @@ def bench_decode(architecture: str, rows: int = 16, prompt_len: int = 200, new_t
     with torch.no_grad():
         decoder.start(prompts, expand, sampling, list(range(rows)), new_tokens, 16)
         block = decoder.kv_block
-        last = (prompt_len + new_tokens + block - 1) // block * block
-        lengths = sorted({(prompt_len + block - 1) // block * block, (prompt_len + new_tokens // 2) // block * block, last})
+        lengths = sorted({-(-columns // block) * block for columns in (prompt_len + 1, prompt_len + new_tokens // 2, prompt_len + new_tokens)})
+        last = lengths[-1]  # the columns a decode step attends over: its cache length rounded up to whole blocks
         times = step_times(decoder, sampling, lengths, repeats)
-        profiled = {"profile": decode_profile(decoder, sampling, last, profile_steps)} if profile_steps else {}
+        result = _timing_result(architecture, model, device, rows, prompt_len, new_tokens, times)
+        if report:
+            report(result)
+        if profile_steps:
+            result["profile"] = decode_profile(decoder, sampling, last, profile_steps)
+    return result
+
+
+def _timing_result(architecture, model, device, rows, prompt_len, new_tokens, times) -> dict:
+    from twophase.launch.bench.training import device_name
+
     name = device_name(device)
     bandwidth = bandwidth_of(name)
     weights = weight_bytes(model)
@@ -106,4 +120,4 @@ def bench_decode(architecture: str, rows: int = 16, prompt_len: int = 200, new_t
                              "floor_ms": round(floor * 1e3, 3) if floor else None,
                              "share_of_bandwidth": round(floor / seconds, 3) if floor else None}  # fmt: skip
     return {"benchmark": "decode", "architecture": architecture, "device": name, "rows": rows, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "weight_gb": round(weights / 1e9, 2), "by_kv_len": by_length, **profiled}  # fmt: skip
+            "new_tokens": new_tokens, "weight_gb": round(weights / 1e9, 2), "by_kv_len": by_length}  # fmt: skip
