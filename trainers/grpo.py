@@ -21,14 +21,19 @@ On several processes each generates and scores whole groups of the batch's rows
 loss's normaliser span every process's rows. Every completion, its rewards and
 its advantage are appended to samples.jsonl (trainers/infra/rollout_log.py).
 
-Which published algorithm the switches make (printed at start-up, `algorithm_line`):
+Which published algorithm the switches make (printed at start-up, `algorithm_line`;
+`algorithm: NAME` sets them as the paper does, trainers/config.py: ALGORITHM_PRESETS):
 
-    | algorithm                 | advantage_scale | aggregation | clip_low / clip_high | beta | num_iterations |
-    | ------------------------- | --------------- | ----------- | -------------------- | ---- | -------------- |
-    | GRPO (DeepSeekMath)       | group           | sequence    | 0.2 / 0.2            | > 0  | ≥ 1            |
-    | Dr. GRPO                  | none            | constant    | 0.2 / 0.2            | 0    | ≥ 1            |
-    | DAPO (clip-higher, token) | group           | token       | 0.2 / 0.28           | 0    | ≥ 1            |
-    | this repo's default       | group           | token       | 0.2 / 0.2            | 0    | 1              |
+    | algorithm                 | advantage_scale | aggregation | clip_low / clip_high | beta | ratio    | dynamic sampling |
+    | ------------------------- | --------------- | ----------- | -------------------- | ---- | -------- | ---------------- |
+    | GRPO (DeepSeekMath)       | group           | sequence    | 0.2 / 0.2            | 0.04 | token    | no               |
+    | Dr. GRPO                  | none            | constant    | 0.2 / 0.2            | 0    | token    | no               |
+    | DAPO                      | group           | token       | 0.2 / 0.28           | 0    | token    | yes              |
+    | GSPO                      | group           | sequence    | 3e-4 / 4e-4          | 0    | sequence | no               |
+    | this repo's default       | group           | token       | 0.2 / 0.2            | 0    | token    | no               |
+
+(ratio: `importance_ratio`, losses/grpo.py: grpo_loss or gspo_loss; dynamic sampling:
+trainers/dynamic_sampling.py, after scoring, when `dynamic_sampling` is on.)
 """
 
 from __future__ import annotations
