@@ -120,53 +120,36 @@ def gspo_loss(
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    ref_logps: torch.Tensor | None = None,
-    beta: float = 0.0,
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
     aggregation: str = "sequence",
-    max_response_length: int | None = None,
-    normaliser: float | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO (Zheng et al., 2025, Group Sequence Policy Optimization): `grpo_loss` with one ratio per sequence.
 
-    Same inputs, normalisers and KL term as `grpo_loss`; the importance ratio of
-    sequence i is the length-normalised (geometric-mean) ratio of its tokens,
-    clipped per sequence:
+    The importance ratio of sequence i is the length-normalised (geometric-mean)
+    ratio of its tokens, clipped per sequence:
 
         s_i = exp( (1/|y_i|) Σ_t (logp_t − old_logp_t) )
         ℓ_i = −min(s_i·A_i, clip(s_i, 1 − clip_low, 1 + clip_high)·A_i)
 
-    and every response token of sequence i carries ℓ_i (+ β·k3 per token), so
-    "sequence" aggregation (the paper's, and the `gspo` preset's) is the mean of
-    ℓ_i over sequences. Unclipped, ∇ℓ_i = −A_i·s_i·(1/|y_i|)·Σ_t ∇logp_t: every
-    token of a sequence gets the same weight; a clipped sequence gets none.
-    This is the sequence form; the paper's GSPO-token variant, whose token
-    ratios are sg[s_i]·π_t/sg[π_t], has the same value and gradient whenever
-    advantages are per sequence, as they always are here. The paper's clip
-    range is 3e-4 / 4e-4: a geometric mean moves far less than a token's ratio.
+    carried by every response token of sequence i, so "sequence" aggregation
+    (the paper's, and the `gspo` preset's) is the mean of ℓ_i over sequences.
+    Unclipped, ∇ℓ_i = −A_i·s_i·(1/|y_i|)·Σ_t ∇logp_t: every token of a sequence
+    gets the same weight; a clipped sequence gets none.
 
-    Metrics: the fractions of sequences clipped below (A < 0, s < 1 − clip_low)
-    and above (A > 0, s > 1 + clip_high), and the mean k3 KL when β > 0.
+    Computed in the paper's GSPO-token form, token ratios sg[s_i]·π_t/sg[π_t]
+    (sg: stop-gradient), passed to `grpo_loss` as old log-probs logp_t − log s_i:
+    its value is s_i on every token and its gradient that of the sequence form,
+    since advantages are per sequence here. The other keywords (`ref_logps`,
+    `beta`, `max_response_length`, `normaliser`) and the metrics are grpo_loss's;
+    a clip fraction counts the tokens of clipped sequences. The paper's clip range
+    is 3e-4 / 4e-4: a geometric mean moves far less than one token's ratio.
     """
-    mask = mask.to(logps.dtype)
-    lengths = mask.sum(-1).clamp(min=1)
-    log_ratio = ((logps - old_logps) * mask).sum(-1) / lengths
-    ratio = torch.exp(torch.clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
-    advantages = advantages.to(logps.dtype)
-    clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages).unsqueeze(1).expand_as(mask)
-    kl = k3_kl(logps, ref_logps) if ref_logps is not None and beta != 0.0 else None
-    if kl is not None:
-        per_token = per_token + beta * kl
-    if normaliser is None:
-        normaliser = loss_normaliser(aggregation, mask.shape[0], float(mask.sum()), max_response_length or mask.shape[1])
-    loss = aggregate(per_token, mask, aggregation) / normaliser
-    every_sequence = torch.ones_like(ratio).unsqueeze(1)
-    metrics = _clip_metrics(ratio.detach().unsqueeze(1), advantages.detach().unsqueeze(1), every_sequence, clip_low, clip_high)
-    if kl is not None:
-        metrics["kl"] = _masked_mean(kl.detach(), mask)
-    return loss, metrics
+    weights = mask.to(logps.dtype)
+    log_ratio = ((logps.detach() - old_logps) * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp(min=1)
+    return grpo_loss(logps, logps.detach() - log_ratio, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                     aggregation=aggregation, **options)  # fmt: skip
 
 
 LOSS_OF_RATIO = {"token": grpo_loss, "sequence": gspo_loss}  # config key importance_ratio -> the loss it selects

@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from twophase.launch.cli import main
+from twophase.launch.cli import cli
 from twophase.launch.experiment import load_pipeline
 from twophase.launch.manifest import read_manifest
 
@@ -15,14 +16,10 @@ WITHOUT_PHASE_ONE = ["eval_original", "grpo_fv", "eval_grpo_fv", "grpo_random", 
                      "eval_grpo_zero", "tables"]  # fmt: skip
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def _run(*argv) -> tuple[int, str, str]:
+    """The exit status, stdout and stderr of `twophase ARGV`."""
+    result = CliRunner().invoke(cli, list(argv))
+    return result.exit_code, result.stdout, result.stderr
 
 
 def test_v6_starts_grpo_from_the_chat_model_in_chat_format_fv_first():
@@ -55,9 +52,9 @@ def test_v6_with_phase_one_trains_dpo_through_the_chat_template_and_becomes_v5s_
     assert list(by_name["tables"].settings["tables"]) == ["original_vs_dpo", "dpo_vs_grpo"]
 
 
-def test_dry_run_lists_every_stage_with_its_settings_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_lists_every_stage_with_its_settings_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    code, out, err = _run(capsys, "pipeline", "--config", str(V6), "--dry-run", "--set", f"run_dir={run_dir}",
+    code, out, err = _run("pipeline", "--config", str(V6), "--dry-run", "--set", f"run_dir={run_dir}",
                           "--set", "grpo.algorithm=gspo")  # fmt: skip
     assert code == 0, err
     assert out.startswith(f"{V6}: 8 stages in {run_dir} (dry run: nothing runs)")
@@ -68,15 +65,15 @@ def test_dry_run_lists_every_stage_with_its_settings_and_writes_nothing(tmp_path
     assert 'importance_ratio="sequence"' in out and "clip_low=0.0003" in out and 'prompt_format="chat"' in out
     assert 'model="Qwen/Qwen2.5-7B-Instruct"' in out and "max_new_tokens=1024" in out
     assert not run_dir.exists()
-    code, _, err = _run(capsys, "pipeline", "--config", str(V6), "--dry-run", "--set", "grpo.algorithm=ppo")
+    code, _, err = _run("pipeline", "--config", str(V6), "--dry-run", "--set", "grpo.algorithm=ppo")
     assert code == 2 and "is not one of: grpo, dr_grpo, dapo, gspo" in err and len(err.strip().splitlines()) == 1
 
 
-def test_demo_v6_runs_grpo_alone_in_chat_format_and_prints_its_table(tmp_path, capsys):
+def test_demo_v6_runs_grpo_alone_in_chat_format_and_prints_its_table(tmp_path):
     out_dir = tmp_path / "demo_v6"
     smallest = ["grpo.max_steps=1", "grpo.num_generations=2", "grpo.max_new_tokens=4", "eval.limit=1",
                 "eval.options.max_new_tokens=4", "eval.benchmarks=strongreject,xstest"]  # fmt: skip
-    code, out, err = _run(capsys, "demo", "--experiment", "v6", "--out", str(out_dir),
+    code, out, err = _run("demo", "--experiment", "v6", "--out", str(out_dir),
                           *[a for item in smallest for a in ("--set", item)])  # fmt: skip
     assert code == 0, err
     stages = ["eval_original", "grpo_fv_toy", "eval_grpo_fv_toy", "grpo_random", "eval_grpo_random", "grpo_zero",

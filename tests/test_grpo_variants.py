@@ -51,7 +51,7 @@ def test_gspo_clips_whole_sequences_at_the_papers_range():
     loss, metrics = gspo_loss(logps, old, advantages, mask)  # defaults: the paper's 3e-4 / 4e-4
     # s_0 = e^0.1 > 1 + 4e-4 with A > 0: clipped at 1.0004; s_1 = e^−0.2 < 1 − 3e-4 with A < 0: clipped at 0.9997
     assert loss.item() == pytest.approx((-(1.0004 * 1.5) + (0.9997 * 2.0)) / 2, rel=1e-12)
-    assert metrics == {"clip_fraction_low": 0.5, "clip_fraction_high": 0.5}
+    assert metrics == {"clip_fraction_low": 2 / 5, "clip_fraction_high": 3 / 5}  # the tokens of the clipped sequences
     loss.backward()
     assert logps.grad.abs().max().item() == 0  # a clipped sequence gets no gradient, on any of its tokens
     # the other side of the min: A < 0 with s > 1 + ε is not clipped (−min(sA, clip(s)A) = −sA), so it has a gradient
