@@ -193,8 +193,9 @@ class GRPORecipe:
         self.generation_and_scoring_s = rollout.generation_seconds + scoring_seconds
         self.rollout_metrics = self.log.record(step, reports, total, scores, advantages, scoring_seconds)
 
-    def _draw(self, prompts: list[int], generation_step, step: int):
-        """The batch's tasks (one per row), and this rank's rows sampled and scored, with every rank's reports."""
+    def _draw(self, prompts: list[int], generation_step: int | str, step: int):
+        """The batch's tasks (one per row), and this rank's rows sampled and scored, with every rank's reports.
+        (`generation_step` keys the sampling seeds: dynamic sampling's further batches pass keys of their own.)"""
         tasks = [self.tasks[i] for i in prompts for _ in range(self.config.num_generations)]
         return tasks, *distributed.on_my_rows(
             len(tasks), lambda rows: self._sample_and_score(rows, tasks, prompts, generation_step, step))
