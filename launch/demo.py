@@ -23,6 +23,14 @@ to OUT/demo.yaml so it can be read and rerun as it is:
 
 Every setting is an ordinary config key; only the sizes differ from
 launch/configs/wu17_v5.yaml. Rerunning skips the stages that are done.
+
+`twophase demo --experiment v6` is launch/configs/wu17_v6.yaml in miniature,
+in OUT = runs/demo_v6: the same tiny model, which has a chat template, taken
+as aligned already, so Phase 1 is off (`phase1: false`; `--set phase1=true`
+turns on DPO over the chat-rendered pairs); Phase 2 asks its chat prompts
+through the template under `fv_toy` (the toy reward standing in for Lean,
+listed first as v6's fv is), `random` and `zero`; every benchmark question
+goes through the template; the table is Original vs each GRPO condition.
 """
 
 from __future__ import annotations
@@ -88,11 +96,15 @@ DEMO_GRPO = dict(
 DEMO_THREADS = 1
 
 DEMO_CONDITIONS = {"random": {"reward": "random"}, "zero": {"reward": "zero"}, "toy": {"reward": "toy"}}
+# v6: the formal-verification condition first (the toy reward standing in for Lean), random and zero its controls
+V6_CONDITIONS = {"fv_toy": {"reward": "toy"}, "random": {"reward": "random"}, "zero": {"reward": "zero"}}
+EXPERIMENTS = ("v5", "v6")
+DEFAULT_OUT = {"v5": "runs/demo", "v6": "runs/demo_v6"}
 
 
-def demo_config(out_dir: Path) -> dict:
+def demo_config(out_dir: Path, experiment: str = "v5") -> dict:
     model = str(Path(out_dir).resolve() / "tiny-model")
-    return {
+    config = {
         "run_dir": str(Path(out_dir).resolve()),
         "model": model,
         "seed": 0,
@@ -104,27 +116,36 @@ def demo_config(out_dir: Path) -> dict:
         "grpo": DEMO_GRPO,
         "conditions": DEMO_CONDITIONS,
     }
+    if experiment == "v6":  # wu17_v6.yaml's choices: an aligned chat model, chat format end to end
+        config = dict(config, phase1=False, eval=dict(config["eval"], prompt_format="chat"),
+                      dpo=dict(DEMO_DPO, prompt_format="chat"), grpo=dict(DEMO_GRPO, prompt_format="chat"),
+                      conditions=V6_CONDITIONS)  # fmt: skip
+    return config
 
 
-def write_demo_config(out_dir: Path) -> Path:
+def write_demo_config(out_dir: Path, experiment: str = "v5") -> Path:
     from twophase.data.base.files import atomic_write_text
 
     path = Path(out_dir) / "demo.yaml"
     header = "# The config of `twophase demo` (launch/demo.py); rerun with: twophase pipeline --config THIS_FILE\n"
-    atomic_write_text(path, header + yaml.safe_dump(demo_config(out_dir), sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(demo_config(out_dir, experiment), sort_keys=False))
     return path
 
 
 @click.command("demo")
-@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run directory.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Run directory.  [default: runs/demo; runs/demo_v6 for --experiment v6]")
+@click.option("--experiment", default="v5", show_default=True, type=click.Choice(EXPERIMENTS),
+              help="v5: the published two-phase experiment; v6: from an aligned chat model, Phase 1 off, chat format "
+                   "end to end (launch/configs/wu17_v6.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a key of the demo's pipeline config, e.g. --set dpo.max_steps=10 (repeatable).")
 @click.option("--threads", default=DEMO_THREADS, show_default=True, type=click.IntRange(min=1),
               help="CPU threads for torch (the tiny model's matrices are too small to gain from more; launch/README.md: timings).")
-def demo_command(out_dir, overrides, threads):
+def demo_command(out_dir, experiment, overrides, threads):
     """The whole experiment on a tiny model, CPU only, offline:
-    eval, LoRA DPO + merge, eval, GRPO (random, zero, toy rewards), eval, tables."""
+    eval, LoRA DPO + merge, eval, GRPO (random, zero, toy rewards), eval, tables.
+    With --experiment v6: eval, GRPO in chat format (fv_toy, random, zero), eval, tables."""
     import torch
 
     from twophase.data.base.run_dir import owned
@@ -135,14 +156,17 @@ def demo_command(out_dir, overrides, threads):
     torch.set_num_threads(threads)
 
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+    out_dir = out_dir or DEFAULT_OUT[experiment]
     with owned(out_dir) as out:  # held before the first write: a second demo here is refused with one line
         click.echo(f"building the tiny model and tokenizer in {out / 'tiny-model'}")
         write_tiny_model(out / "tiny-model", with_chat_template=True)
-        config, stages = load_pipeline(write_demo_config(out), overrides)
+        config, stages = load_pipeline(write_demo_config(out, experiment), overrides)
         execute(config, stages)
     tables = Path(config.run_dir) / "tables"
     if (tables / "original_vs_dpo.json").is_file():
         click.echo("\nWhat the tables show:\n" + "\n".join(what_the_tables_show(tables)))
+    elif (tables / "original_vs_grpo.json").is_file():
+        click.echo("\nWhat the table shows:\n" + what_grpo_alone_shows(tables / "original_vs_grpo.json"))
 
 
 def what_the_tables_show(tables_dir: Path) -> list[str]:
@@ -153,16 +177,7 @@ def what_the_tables_show(tables_dir: Path) -> list[str]:
     grpo_file = tables_dir / "dpo_vs_grpo.json"
     grpo = json.loads(grpo_file.read_text(encoding="utf-8")) if grpo_file.is_file() else None
 
-    def value(table, bench, metric, label):
-        for row in table["rows"]:
-            if row["benchmark"] == bench and row["metric"] == metric:
-                cell = row["values"].get(label) or {}
-                return cell.get("value")
-        return None
-
-    def pct(x):
-        return "n/a" if x is None else f"{x:.0%}"
-
+    value, pct = cell_value, percent
     base, trained = dpo["base"], dpo["others"][0]
     phase1 = (f"Phase 1 (DPO) moved the refusal rate on StrongREJECT from {pct(value(dpo, 'strongreject', 'refusal_rate', base))} "
               f"to {pct(value(dpo, 'strongreject', 'refusal_rate', trained))} and on Do-Not-Answer from "
@@ -190,6 +205,39 @@ def what_the_tables_show(tables_dir: Path) -> list[str]:
               + (f", while {' and '.join(moved)}: fine-tuning on rewards that say nothing about safety changed what "
                  f"Phase 1 taught." if moved else ": no condition changed what Phase 1 taught."))
     return [phase1, merge, phase2]
+
+
+def cell_value(table: dict, bench: str, metric: str, label: str) -> float | None:
+    """The value of one cell of a JSON table (launch/tables.py), None where the run has none."""
+    for row in table["rows"]:
+        if row["benchmark"] == bench and row["metric"] == metric:
+            cell = row["values"].get(label) or {}
+            return cell.get("value")
+    return None
+
+
+def percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def what_grpo_alone_shows(table_file: Path) -> str:
+    """One sentence read from the v6 demo's table: what each GRPO condition did to the original model's safety."""
+    import json
+
+    table = json.loads(table_file.read_text(encoding="utf-8"))
+    base = table["base"]
+
+    def moves(bench: str, metric: str) -> str:
+        after = ", ".join(f"{label.removeprefix('GRPO ')} {percent(cell_value(table, bench, metric, label))}"
+                          for label in table["others"])  # fmt: skip
+        return f"{percent(cell_value(table, bench, metric, base))} before, after GRPO under {after}"
+
+    caveat = ("" if cell_value(table, "strongreject", "refusal_rate", base) else
+              " The tiny model has a chat template but no safety training, so it had no refusals to lose; from a "
+              "safety-aligned chat model (wu17_v6.yaml) this table measures what formal-verification GRPO costs it.")
+    return (f"Phase 2 (GRPO) from the model as it came, asked through its chat template: StrongREJECT refusals "
+            f"{moves('strongreject', 'refusal_rate')}; XSTest's refusals of safe prompts (FPR) {moves('xstest', 'fpr')}. "
+            f"fv_toy's reward stands in for Lean's formal verification; random and zero are its controls.{caveat}")
 
 
 def _lesson(table, value, base, trained) -> str:

@@ -18,6 +18,7 @@ The config file has one section per kind of stage:
     seed: 0                                       every stage's seed unless its section sets one
     merge_dtype: bfloat16                         the dtype of RUN_DIR/dpo/merged
     eval: {benchmarks: all, judge: ..., ...}      EvalSettings keys (eval/settings.py); prompt_format may be `trained`
+    phase1: true                                  false (or `dpo: null`) skips Phase 1
     dpo: {lr: 5.0e-7, ...}                        DPOConfig keys (trainers/config.py)
     grpo: {lr: 1.0e-6, ...}                       GRPOConfig keys shared by every condition
     conditions:                                   GRPOConfig keys of each condition
@@ -25,6 +26,12 @@ The config file has one section per kind of stage:
       fv: {reward: lean, reward_options: {lean: {project_dir: /path}}}
 
 The trainers' `model`, `out_dir`, `merge_after` and `merge_dtype` are the pipeline's to set.
+
+Without Phase 1 (`phase1: false` or `dpo: null`, for a model that is aligned
+already, e.g. a chat model: launch/configs/wu17_v6.yaml) there are no dpo and eval_dpo stages; each
+GRPO condition starts from the original model, and the one table is Original
+vs each GRPO condition (original_vs_grpo). eval.prompt_format `trained` then
+means `auto`: the model's chat template when it has one.
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ class PipelineConfig:
     seed: int = 0
     merge_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # RUN_DIR/dpo/merged, Phase 2's start
     eval: dict = field(default_factory=dict)
-    dpo: dict = field(default_factory=dict)
+    phase1: bool = True  # false: no Phase 1 (its section is still checked); GRPO starts from `model`
+    dpo: dict | None = field(default_factory=dict)  # None: no Phase 1, as phase1: false
     grpo: dict = field(default_factory=dict)
     conditions: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_CONDITIONS))
 
@@ -76,10 +84,30 @@ def load_pipeline(path, overrides=()) -> tuple[PipelineConfig, list[Stage]]:
 
 def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
     run_dir = Path(config.run_dir)
-    dpo = dpo_settings(config, source)
+    dpo = dpo_settings(config, source) if config.dpo is not None else None  # checked even when Phase 1 is off
+    dpo = dpo if config.phase1 else None
     evaluation = eval_settings(config, source, dpo)
+    stages = [Stage("eval_original", run_eval_stage, dict(evaluation, model=config.model, run_name="Original"))]
+    if dpo is not None:
+        stages += phase_one_stages(config, dpo, evaluation)
+    grpo_start, grpo_needs = (trained_model(dpo), ("dpo",)) if dpo is not None else (config.model, ())
+    for condition in config.conditions:
+        grpo = grpo_settings(config, condition, grpo_start, source)
+        skip = skipreason_of(grpo, condition)
+        evaluation_of_grpo = dict(evaluation, model=trained_model(grpo), run_name=f"GRPO {condition}")
+        stages.append(Stage(f"grpo_{condition}", run_grpo_stage, grpo, grpo_needs, skip))
+        stages.append(Stage(f"eval_grpo_{condition}", run_eval_stage, evaluation_of_grpo, (f"grpo_{condition}",), skip))
+    stages.append(tables_stage(run_dir, stages))
+    from twophase.trainers.infra.reporting import check_reporters
+
+    for stage in stages:  # report_to's optional packages: a missing one is said before the first stage runs
+        check_reporters(stage.settings.get("report_to") or [])
+    return stages
+
+
+def phase_one_stages(config: PipelineConfig, dpo: dict, evaluation: dict) -> list[Stage]:
+    """DPO and the merge, the merged model's eval, and (when the merge rounds) the unmerged adapter's."""
     stages = [
-        Stage("eval_original", run_eval_stage, dict(evaluation, model=config.model, run_name="Original")),
         Stage("dpo", run_dpo_stage, dpo),
         Stage("eval_dpo", run_eval_stage, dict(evaluation, model=trained_model(dpo), run_name="DPO-Aligned"), ("dpo",)),
     ]
@@ -87,17 +115,6 @@ def plan_stages(config: PipelineConfig, source: str = "config") -> list[Stage]:
         # the adapter unmerged, computed in float32: bf16 arithmetic would round a small update away again
         exact = dict(evaluation, model=str(Path(dpo["out_dir"]) / "adapter"), run_name=EXACT_DPO_LABEL, dtype="float32")
         stages.append(Stage("eval_dpo_exact", run_eval_stage, exact, ("dpo",)))
-    for condition in config.conditions:
-        grpo = grpo_settings(config, condition, trained_model(dpo), source)
-        skip = skipreason_of(grpo, condition)
-        evaluation_of_grpo = dict(evaluation, model=trained_model(grpo), run_name=f"GRPO {condition}")
-        stages.append(Stage(f"grpo_{condition}", run_grpo_stage, grpo, ("dpo",), skip))
-        stages.append(Stage(f"eval_grpo_{condition}", run_eval_stage, evaluation_of_grpo, (f"grpo_{condition}",), skip))
-    stages.append(tables_stage(run_dir, stages))
-    from twophase.trainers.infra.reporting import check_reporters
-
-    for stage in stages:  # report_to's optional packages: a missing one is said before the first stage runs
-        check_reporters(stage.settings.get("report_to") or [])
     return stages
 
 
@@ -109,13 +126,13 @@ def rounds_the_update(merge_dtype: str) -> bool:
     return merge_dtype != "float32"
 
 
-def eval_settings(config: PipelineConfig, source: str, dpo: dict) -> dict:
+def eval_settings(config: PipelineConfig, source: str, dpo: dict | None) -> dict:
     """The eval section as EvalSettings (eval/settings.py), checked now, so a bad judge fails before training."""
     values = dict(config.eval)
     if isinstance(values.get("benchmarks"), list):
         values["benchmarks"] = ",".join(str(name) for name in values["benchmarks"])
     if values.get("prompt_format", TRAINED_FORMAT) == TRAINED_FORMAT:  # ask in the layout Phase 1 trained on
-        values["prompt_format"] = dpo["prompt_format"]
+        values["prompt_format"] = dpo["prompt_format"] if dpo is not None else "auto"  # no Phase 1: the model's own
     if values.get("seed") is None:
         values["seed"] = config.seed
     where = f"{source} (eval section)"
@@ -181,17 +198,20 @@ def tables_stage(run_dir: Path, stages: list[Stage]) -> Stage:
     label = {stage.name: stage.settings.get("run_name") for stage in stages}
     grpo_evals = [s.name for s in stages if s.name.startswith("eval_grpo_") and not s.skip_reason]
     dpo_evals = [s.name for s in stages if s.name in ("eval_dpo", "eval_dpo_exact")]
-    merged = Path(trained_model(next(s.settings for s in stages if s.name == "dpo")))
+    trainings = [str(run_dir / name.removeprefix("eval_")) for name in grpo_evals]
 
     def table(names: list[str]) -> dict:
         return {"runs": [str(run_dir / name) for name in names], "labels": [label[name] for name in names]}
 
-    # The published table, with the merge's report: how much of the LoRA update Phase 2 starts with.
-    tables = {"original_vs_dpo": dict(table(["eval_original", *dpo_evals]), merge_report=str(merged / "merge_report.json"),
-                                      curves=[str(run_dir / "dpo")])}  # fmt: skip
-    if grpo_evals:
-        trainings = [str(run_dir / name.removeprefix("eval_")) for name in grpo_evals]
-        tables["dpo_vs_grpo"] = dict(table(["eval_dpo", *grpo_evals]), curves=trainings)
+    if not dpo_evals:  # no Phase 1: each GRPO condition against the original model
+        tables = {"original_vs_grpo": dict(table(["eval_original", *grpo_evals]), curves=trainings)} if grpo_evals else {}
+    else:
+        merged = Path(trained_model(next(s.settings for s in stages if s.name == "dpo")))
+        # The published table, with the merge's report: how much of the LoRA update Phase 2 starts with.
+        tables = {"original_vs_dpo": dict(table(["eval_original", *dpo_evals]),
+                                          merge_report=str(merged / "merge_report.json"), curves=[str(run_dir / "dpo")])}
+        if grpo_evals:
+            tables["dpo_vs_grpo"] = dict(table(["eval_dpo", *grpo_evals]), curves=trainings)
     # Rebuilt on every run (it takes milliseconds), so the tables always show the evals as they are now,
     # e.g. once a condition is added to a finished run.
     needs = ("eval_original", *dpo_evals, *grpo_evals)

@@ -58,7 +58,9 @@ def interrupted_message(run_dir: Path, stages: list[Stage]) -> str:
               help="Override a key, dotted into its section: --set dpo.max_steps=10 --set eval.limit=20 (repeatable).")
 @click.option("--stage", "only", default=None, metavar="NAME",
               help="Run only this stage, once the stages it needs are done (what each `twophase slurm` job does).")
-def pipeline_command(config_path, overrides, only):
+@click.option("--dry-run", is_flag=True,
+              help="Check the whole config and print every stage with its settings; run nothing, write nothing.")
+def pipeline_command(config_path, overrides, only, dry_run):
     """The whole experiment: evaluate the original model, DPO + merge, evaluate,
     GRPO under each reward condition, evaluate each, comparison tables.
 
@@ -69,7 +71,32 @@ def pipeline_command(config_path, overrides, only):
     Example: twophase pipeline --config launch/configs/wu17_v5.yaml --set conditions.fv.reward_options.lean.project_dir=/opt/mathlib
     """
     config, stages = load_pipeline(config_path, overrides)
+    if dry_run:
+        click.echo("\n".join(plan_lines(config, stages, config_path)))
+        return
     execute(config, stages, only)
+
+
+def plan_lines(config: PipelineConfig, stages: list[Stage], source) -> list[str]:
+    """The plan as `--dry-run` prints it: each stage, what it needs, why it would be skipped, and every setting."""
+    import json
+    import textwrap
+
+    from twophase.trainers.config import DPOConfig, GRPOConfig, make_config
+    from twophase.trainers.dpo import algorithm_line as dpo_line
+    from twophase.trainers.grpo import algorithm_line as grpo_line
+
+    lines = [f"{source}: {len(stages)} stages in {config.run_dir} (dry run: nothing runs)"]
+    for number, stage in enumerate(stages, 1):
+        state = f"skipped: {stage.skip_reason}" if stage.skip_reason else f"needs: {', '.join(stage.needs) or 'nothing'}"
+        lines.append(f"\n{number}. {stage.name}  ({state})")
+        if stage.name == "dpo":
+            lines.append(f"   {dpo_line(make_config(DPOConfig, stage.settings))}")
+        elif stage.name.startswith("grpo_"):
+            lines.append(f"   {grpo_line(make_config(GRPOConfig, stage.settings))}")
+        settings = ", ".join(f"{key}={json.dumps(value, default=str)}" for key, value in stage.settings.items())
+        lines += textwrap.wrap(settings, 116, initial_indent="   ", subsequent_indent="   ", break_on_hyphens=False)
+    return lines
 
 
 @click.command("status")

@@ -6,6 +6,7 @@ Each table compares a base eval run with one or more others, e.g.
                       DPO model beside it when the merge rounds; below it, how much
                       of the LoRA update the merged weights kept (merge_report.json)
     dpo_vs_grpo       DPO-Aligned vs each GRPO condition
+    original_vs_grpo  (without Phase 1) Original vs each GRPO condition
 
 Each run's column names the prompt format its questions were asked in. The
 JSON holds every number of the Markdown, unrounded: per row the benchmark,

@@ -16,6 +16,7 @@ import torch
 
 AdvantageScale = Literal["group", "batch", "none"]
 Aggregation = Literal["token", "sequence", "constant"]
+ImportanceRatio = Literal["token", "sequence"]  # GRPO's per-token ρ | GSPO's per-sequence s (grpo_loss | gspo_loss)
 ADVANTAGE_SCALES = get_args(AdvantageScale)
 AGGREGATIONS = get_args(Aggregation)
 MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: large enough to mean "clipped", small enough never to overflow float32
@@ -112,6 +113,46 @@ def grpo_loss(
     if kl is not None:
         metrics["kl"] = _masked_mean(kl.detach(), mask)
     return loss, metrics
+
+
+def gspo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    aggregation: str = "sequence",
+    **options,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO (Zheng et al., 2025, Group Sequence Policy Optimization): `grpo_loss` with one ratio per sequence.
+
+    The importance ratio of sequence i is the length-normalised (geometric-mean)
+    ratio of its tokens, clipped per sequence:
+
+        s_i = exp( (1/|y_i|) Σ_t (logp_t − old_logp_t) )
+        ℓ_i = −min(s_i·A_i, clip(s_i, 1 − clip_low, 1 + clip_high)·A_i)
+
+    carried by every response token of sequence i, so "sequence" aggregation
+    (the paper's, and the `gspo` preset's) is the mean of ℓ_i over sequences.
+    Unclipped, ∇ℓ_i = −A_i·s_i·(1/|y_i|)·Σ_t ∇logp_t: every token of a sequence
+    gets the same weight; a clipped sequence gets none.
+
+    Computed in the paper's GSPO-token form, token ratios sg[s_i]·π_t/sg[π_t]
+    (sg: stop-gradient), passed to `grpo_loss` as old log-probs logp_t − log s_i:
+    its value is s_i on every token and its gradient that of the sequence form,
+    since advantages are per sequence here. The other keywords (`ref_logps`,
+    `beta`, `max_response_length`, `normaliser`) and the metrics are grpo_loss's;
+    a clip fraction counts the tokens of clipped sequences. The paper's clip range
+    is 3e-4 / 4e-4: a geometric mean moves far less than one token's ratio.
+    """
+    weights = mask.to(logps.dtype)
+    log_ratio = ((logps.detach() - old_logps) * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp(min=1)
+    return grpo_loss(logps, logps.detach() - log_ratio, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                     aggregation=aggregation, **options)  # fmt: skip
+
+
+LOSS_OF_RATIO = {"token": grpo_loss, "sequence": gspo_loss}  # config key importance_ratio -> the loss it selects
 
 
 def loss_normaliser(aggregation: str, rows: int, response_tokens: float, max_response_length: int) -> float:

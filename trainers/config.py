@@ -28,7 +28,7 @@ from twophase.data.base.errors import UserError
 from twophase.data.base.files import atomic_write_text
 from twophase.data.prompts import DPO_OLD_NAMES, DPOFormat, GRPOFormat
 from twophase.losses.dpo import LossType
-from twophase.losses.grpo import AdvantageScale, Aggregation
+from twophase.losses.grpo import AdvantageScale, Aggregation, ImportanceRatio
 
 LRSchedule = Literal["constant", "linear", "cosine"]  # trainers/infra/optim.py: build_scheduler
 
@@ -127,6 +127,32 @@ class GRPOConfig(TrainConfig):
     clip_low: float = 0.2
     clip_high: float = 0.2
     aggregation: Aggregation = "token"  # losses/grpo.py: grpo_loss
+    importance_ratio: ImportanceRatio = "token"  # token: GRPO's ρ per token; sequence: GSPO's s per sequence (gspo_loss)
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal and draw further prompts until the step has
+    # prompts_per_step informative groups, in at most dynamic_sampling_max_batches generation batches (the first included).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_batches: int = 10
+    # A published variant's switches in one word (ALGORITHM_PRESETS below); switches the config sets itself override it.
+    algorithm: Algorithm | None = None
+
+
+# --------------------------------------------------------------------------- the published GRPO variants
+# What `algorithm:` expands to, per paper. Keys a config sets itself win; config.json records the expanded values.
+Algorithm = Literal["grpo", "dr_grpo", "dapo", "gspo"]
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    # DeepSeekMath (Shao et al., 2024): group-normalised advantages, each sequence weighs the same, KL β = 0.04
+    "grpo": dict(advantage_scale="group", aggregation="sequence", clip_low=0.2, clip_high=0.2, beta=0.04,
+                 importance_ratio="token", dynamic_sampling=False),
+    # Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training"): no std scaling, no length normalisation, no KL
+    "dr_grpo": dict(advantage_scale="none", aggregation="constant", clip_low=0.2, clip_high=0.2, beta=0.0,
+                    importance_ratio="token", dynamic_sampling=False),
+    # DAPO (Yu et al., 2025): clip-higher, token-level aggregation, no KL, dynamic sampling (overlong shaping: not here)
+    "dapo": dict(advantage_scale="group", aggregation="token", clip_low=0.2, clip_high=0.28, beta=0.0,
+                 importance_ratio="token", dynamic_sampling=True),
+    # GSPO (Zheng et al., 2025): sequence-level ratio, the paper's clip range 3e-4 / 4e-4, each sequence weighs the same
+    "gspo": dict(advantage_scale="group", aggregation="sequence", clip_low=3e-4, clip_high=4e-4, beta=0.0,
+                 importance_ratio="sequence", dynamic_sampling=False),
+}
 
 
 # --------------------------------------------------------------------------- the values a run accepts
@@ -210,6 +236,7 @@ GRPO_RULES = {
     "beta": non_negative("0: no KL term"),
     "clip_low": in_range(0, 1),
     "clip_high": non_negative(),
+    "dynamic_sampling_max_batches": at_least(2, "the first generation batch included: 1 would draw no further prompts"),
     "reward_options": Rule(
         lambda v: all(isinstance(options, dict) for options in v.values()),
         "a mapping from each reward's name to its options, e.g. {random: {seed: 1}, lean: {pool_size: 8}}",
@@ -262,12 +289,21 @@ def make_config(cls, values: dict, source: str = "config"):
         raise UserError(
             f"unknown config key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(sorted(valid))}"
         )
+    if "algorithm" in valid and values.get("algorithm") is not None:
+        values = {**preset_of(values["algorithm"], source), **values}  # what the config sets itself wins
     if issubclass(cls, DPOConfig) and values.get("prompt_format") in DPO_OLD_NAMES:
         values["prompt_format"] = DPO_OLD_NAMES[values["prompt_format"]]
     hints = typing.get_type_hints(cls)
     config = cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
     check_values(config, source)
     return config
+
+
+def preset_of(algorithm, source: str = "config") -> dict[str, Any]:
+    """The switches that `algorithm: NAME` stands for (ALGORITHM_PRESETS); an unknown name is one line naming the valid ones."""
+    if algorithm not in ALGORITHM_PRESETS:
+        raise UserError(f"config key algorithm = {algorithm!r} in {source} is not one of: {', '.join(ALGORITHM_PRESETS)}")
+    return dict(ALGORITHM_PRESETS[algorithm])
 
 
 def _renamed(values: dict, source: str) -> dict:

@@ -21,14 +21,19 @@ On several processes each generates and scores whole groups of the batch's rows
 loss's normaliser span every process's rows. Every completion, its rewards and
 its advantage are appended to samples.jsonl (trainers/infra/rollout_log.py).
 
-Which published algorithm the switches make (printed at start-up, `algorithm_line`):
+Which published algorithm the switches make (printed at start-up, `algorithm_line`;
+`algorithm: NAME` sets them as the paper does, trainers/config.py: ALGORITHM_PRESETS):
 
-    | algorithm                 | advantage_scale | aggregation | clip_low / clip_high | beta | num_iterations |
-    | ------------------------- | --------------- | ----------- | -------------------- | ---- | -------------- |
-    | GRPO (DeepSeekMath)       | group           | sequence    | 0.2 / 0.2            | > 0  | ≥ 1            |
-    | Dr. GRPO                  | none            | constant    | 0.2 / 0.2            | 0    | ≥ 1            |
-    | DAPO (clip-higher, token) | group           | token       | 0.2 / 0.28           | 0    | ≥ 1            |
-    | this repo's default       | group           | token       | 0.2 / 0.2            | 0    | 1              |
+    | algorithm                 | advantage_scale | aggregation | clip_low / clip_high | beta | ratio    | dynamic sampling |
+    | ------------------------- | --------------- | ----------- | -------------------- | ---- | -------- | ---------------- |
+    | GRPO (DeepSeekMath)       | group           | sequence    | 0.2 / 0.2            | 0.04 | token    | no               |
+    | Dr. GRPO                  | none            | constant    | 0.2 / 0.2            | 0    | token    | no               |
+    | DAPO                      | group           | token       | 0.2 / 0.28           | 0    | token    | yes              |
+    | GSPO                      | group           | sequence    | 3e-4 / 4e-4          | 0    | sequence | no               |
+    | this repo's default       | group           | token       | 0.2 / 0.2            | 0    | token    | no               |
+
+(ratio: `importance_ratio`, losses/grpo.py: grpo_loss or gspo_loss; dynamic sampling:
+trainers/dynamic_sampling.py, after scoring, when `dynamic_sampling` is on.)
 """
 
 from __future__ import annotations
@@ -50,9 +55,10 @@ from twophase.data.base.model_api import reference_model
 from twophase.data.base.sampler import EpochSampler
 from twophase.eval.engine.generation import Generator
 from twophase.eval.engine.sampling import SamplingParams
-from twophase.losses.grpo import group_advantages, grpo_loss, loss_normaliser
+from twophase.losses.grpo import LOSS_OF_RATIO, group_advantages, loss_normaliser
 from twophase.losses.logprobs import response_mask, token_logprobs_of
 from twophase.trainers.config import GRPOConfig, save_config
+from twophase.trainers.dynamic_sampling import fill_with_informative_groups
 from twophase.trainers.infra.checkpoint import seed_everything
 from twophase.trainers.infra.grad_arena import GradientArena
 from twophase.trainers.infra.rollout_log import RolloutLog
@@ -126,7 +132,7 @@ class GRPORecipe:
         logps = self._token_logprobs(self.model, mb)
         mask = response_mask(mb.labels)
         old = mb.old_logps if mb.old_logps is not None else logps.detach()
-        loss, metrics = grpo_loss(
+        loss, metrics = LOSS_OF_RATIO[config.importance_ratio](  # grpo_loss, or gspo_loss for a ratio per sequence
             logps, old, mb.advantages, mask, ref_logps=mb.ref_logps, beta=config.beta,
             clip_low=config.clip_low, clip_high=config.clip_high, aggregation=config.aggregation,
             max_response_length=config.max_new_tokens, normaliser=self.normaliser,
@@ -168,11 +174,11 @@ class GRPORecipe:
         """Generate and score this rank's rows; advantages and the loss's normaliser over every rank's."""
         config = self.config
         prompts = self.sampler.indices(generation_step * config.prompts_per_step, config.prompts_per_step)
-        tasks = [self.tasks[i] for i in prompts for _ in range(config.num_generations)]  # one per row of the batch
         if self.gathered:
             self.gathered.refresh(self.model)  # the generating copy gets the weights of the last update
-        (rollout, rows, scoring_started), reports = distributed.on_my_rows(
-            len(tasks), lambda rows: self._sample_and_score(rows, tasks, prompts, generation_step, step))
+        tasks, (rollout, rows, scoring_started), reports = self._draw(prompts, generation_step, step)
+        if config.dynamic_sampling:  # DAPO: groups whose rewards are all equal are replaced (trainers/dynamic_sampling.py)
+            tasks, rollout, reports = fill_with_informative_groups(self, tasks, rollout, reports, generation_step, step)
         scores = {name: torch.tensor([v for r in reports for v in r["scores"][name]], dtype=torch.float32)
                   for name in self.rewards}  # fmt: skip
         total = torch.stack(list(scores.values())).sum(0)
@@ -186,6 +192,13 @@ class GRPORecipe:
         scoring_seconds = time.perf_counter() - scoring_started
         self.generation_and_scoring_s = rollout.generation_seconds + scoring_seconds
         self.rollout_metrics = self.log.record(step, reports, total, scores, advantages, scoring_seconds)
+
+    def _draw(self, prompts: list[int], generation_step: int | str, step: int):
+        """The batch's tasks (one per row), and this rank's rows sampled and scored, with every rank's reports.
+        (`generation_step` keys the sampling seeds: dynamic sampling's further batches pass keys of their own.)"""
+        tasks = [self.tasks[i] for i in prompts for _ in range(self.config.num_generations)]
+        return tasks, *distributed.on_my_rows(
+            len(tasks), lambda rows: self._sample_and_score(rows, tasks, prompts, generation_step, step))
 
     def _sample_and_score(self, rows: range, tasks: list, prompts: list[int], generation_step: int, step: int):
         """This rank's rows (whole groups): their completions, kept here, and their rewards, reported to every rank."""
@@ -263,7 +276,11 @@ def algorithm_line(config: GRPOConfig) -> str:
     policy = "μ = 1 on-policy" if mu == 1 else f"μ = {mu} updates per generation batch"
     reference = "β = 0 no reference" if config.beta == 0 else f"β = {config.beta:g} k3 KL to the reference"
     clip = f"clip {config.clip_low:g}/{config.clip_high:g}" + (" (clip-higher)" if config.clip_high > config.clip_low else "")
-    return f"GRPO: {advantages}, {aggregation}, {policy}, {reference}, {clip}"
+    ratio = ", sequence-level importance ratio (GSPO)" if config.importance_ratio == "sequence" else ""
+    sampling = (f", dynamic sampling (DAPO) in at most {config.dynamic_sampling_max_batches} generation batches"
+                if config.dynamic_sampling else "")  # fmt: skip
+    name = f"GRPO ({config.algorithm} preset)" if config.algorithm else "GRPO"
+    return f"{name}: {advantages}, {aggregation}, {policy}, {reference}, {clip}{ratio}{sampling}"
 
 
 def build_rewards(config: GRPOConfig) -> dict:
@@ -327,6 +344,9 @@ def check_world_size(config: GRPOConfig) -> None:
         config.prompts_per_step, "prompts_per_step", "choose a number of processes that divides it (each process "
         "takes whole groups of completions, so advantages stay per prompt)",
     )
+    if config.dynamic_sampling and distributed.launched_world_size() > 1:
+        raise UserError("dynamic_sampling runs on one process only (each rank would keep a different number of groups, "
+                        "and the sharded update needs the same on every rank); run one process, or set dynamic_sampling: false")  # fmt: skip
 
 
 def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:

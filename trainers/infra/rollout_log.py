@@ -31,7 +31,9 @@ class RolloutLog:
         generation_seconds = max(report["generation_seconds"] for report in reports)
         if distributed.is_main():
             self._write_samples(step, rollout, total, scores, advantages, details)
-        return self._summary(total, scores, rollout, generation_seconds, scoring_seconds)
+        summary = self._summary(total, scores, rollout, generation_seconds, scoring_seconds)
+        summary.update(reports[0].get("dynamic_sampling", {}))  # how many batches filled the step (trainers/dynamic_sampling.py)
+        return summary
 
     def _summary(self, total, scores, rollout, generation_seconds, scoring_seconds) -> dict[str, float]:
         groups = total.view(-1, self.num_generations)
