@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from twophase.data.base import distributed
+from twophase.data.base.compiling import compiled_or_eager
 from twophase.data.base.errors import UserError
 from twophase.data.base.hub import check_path_exists, load_causal_lm, load_tokenizer
+from twophase.data.base.model_api import causal_lm_of
 from twophase.trainers.config import TrainConfig
 
 
@@ -77,8 +79,34 @@ def prepare_policy(model, config: TrainConfig):
         enable_gradient_checkpointing(model)
     if config.lora:
         model = add_lora(model, config)
+    if config.compile_layers and next(model.parameters()).device.type == "cuda":
+        compile_decoder_layers(model)
     model.train()
     return model
+
+
+def compile_decoder_layers(model, backend="inductor") -> int:
+    """torch.compile the attention, MLP and norms of every decoder layer; returns how many layers.
+
+    Why: a training pass of the 7B spends as much GPU time in small element-wise kernels
+    (RMSNorm, RoPE, SiLU, dtype casts) as a third of its matrix products take, and
+    launching ~25,000 of them a step leaves the GPU idle between kernels (BENCHMARKS.md,
+    issue 25). Compiled, each block's element-wise steps fuse into a few kernels. The
+    blocks are compiled, not the layer: the layer's own forward is where transformers
+    applies gradient checkpointing, which must stay outside the compiled code (it
+    recomputes the blocks, compiled, in the backward pass). LoRA's adapters inside the
+    blocks are traced with them; a block the compiler cannot handle runs eagerly.
+    """
+    layers = getattr(getattr(causal_lm_of(model), "model", None), "layers", None) or []
+    for layer in layers:
+        for name in COMPILED_BLOCKS:
+            block = getattr(layer, name, None)
+            if block is not None:
+                block.forward = compiled_or_eager(block.forward, dynamic=None, backend=backend)
+    return len(layers)
+
+
+COMPILED_BLOCKS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -45,11 +45,11 @@ Interface (both decoders):
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from twophase.data.base.compiling import compiled_or_eager
 from twophase.data.base.model_api import causal_lm_of, forward_keywords
 from twophase.data.tokens import left_pad
 from twophase.eval.engine.sampling import SamplingParams, choose_tokens, vocabulary_keys
@@ -465,30 +465,12 @@ class FusedOps:
     def __init__(self, compiled: bool):
         for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm), ("rope", rope),
                          ("silu_mul", silu_mul), ("_choose", choose_tokens)):  # fmt: skip
-            setattr(self, name, _compiled(fn) if compiled else fn)
+            setattr(self, name, compiled_or_eager(fn) if compiled else fn)
 
     def choose(self, logits, sampling, seeds, index, vocab_keys):
         # The top-p filter's sort and cumulative sum stay eager: Inductor cannot always generate its scan.
         choose = choose_tokens if sampling.top_p < 1 else self._choose
         return choose(logits, sampling, seeds, index, vocab_keys)
-
-
-def _compiled(fn):
-    warnings.filterwarnings("ignore", message="Online softmax is disabled")  # Inductor's note on log_softmax
-    compiled = torch.compile(fn, dynamic=True)
-    state = {"fn": compiled}
-
-    def call(*args):
-        try:
-            return state["fn"](*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to the same function, eager
-            if state["fn"] is fn:
-                raise
-            warnings.warn(f"torch.compile failed for {fn.__name__} ({type(err).__name__}); running it eagerly")
-            state["fn"] = fn
-            return fn(*args)
-
-    return call
 
 
 def _eps(norm) -> float:

@@ -119,7 +119,7 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
               prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=256,
               layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1, process_group=False,
-              profile=False) -> dict:  # fmt: skip
+              profile=False, compile_layers=True) -> dict:  # fmt: skip
     """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
     from twophase.data.hh_rlhf import PreferencePair
     from twophase.trainers.config import DPOConfig, make_config
@@ -138,6 +138,7 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
             grad_accum_steps=grad_accum_steps, lora_r=lora_r, lora_alpha=2 * lora_r, precision=precision,
             device=str(device), optimizer=optimizer, save_every=0, log_every=1, merge_after=False,
             max_length=max_length, max_prompt_length=max_prompt_length, lr=5e-7, logprob_chunk_size=logprob_chunk_size,
+            compile_layers=compile_layers,
             **{k: v for k, v in dict(layout=layout, max_tokens_per_pass=tokens_per_pass).items() if v is not None},
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
@@ -160,10 +161,17 @@ def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4,
         "layout": config.layout, "pairs_per_step": pairs_per_step, "micro_batch_size": micro_batch_size,
         "tokens_per_pass": config.max_tokens_per_pass if config.layout in ("packed", "packed_shared_prompt") else None,
         "lora_r": lora_r, "precomputed_reference": precompute, "optimizer": optimizer,
+        "compile_layers": compile_layers, **first_step(records),
         "logprob_chunk_size": logprob_chunk_size, "steps": steps, "warmup_steps": len(records) - len(measured),
         **step_spread([r["step_time_s"] for r in measured], [r["tokens"] for r in measured]),
         "peak_memory_gib": round(_peak_gib(device), 2), **profiled,
     }  # fmt: skip
+
+
+def first_step(records: list[dict]) -> dict:
+    """Step 1's loss and gradient norm: the same random model and batch give the same numbers with or without a
+    speed option (up to bf16 rounding), which is how the GPU checks an optimised path against the plain one."""
+    return {"first_step_loss": records[0]["loss"], "first_step_grad_norm": records[0]["grad_norm"]} if records else {}
 
 
 def _profile_last_update(recipe, config, steps: int, device) -> dict:
@@ -204,7 +212,7 @@ COMPLETION_LENGTHS = ("full", "mixed")
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=512,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
                cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full",
-               process_group=False, gradient_checkpointing=True, profile=False) -> dict:  # fmt: skip
+               process_group=False, gradient_checkpointing=True, profile=False, compile_layers=True) -> dict:  # fmt: skip
     """Phase 2 steps on random prompts of `prompt_len` tokens.
 
     completion_lengths "full": every completion runs to max_new_tokens (EOS is ignored: a random model
@@ -228,6 +236,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
             reward="random", stop_strings=[], lr=1e-6, max_prompt_length=prompt_len,
             generation_cuda_graphs=cuda_graphs, logprob_chunk_size=logprob_chunk_size,
             stochastic_rounding=stochastic_rounding, gradient_checkpointing=gradient_checkpointing,
+            compile_layers=compile_layers,
         ))  # fmt: skip
         model = prepare_policy(random_model(architecture, device, weight_dtype(precision, device)), config)
         tokenizer = synthetic_tokenizer(model.config.vocab_size)
@@ -249,6 +258,7 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         "benchmark": "grpo", "architecture": architecture, "device": device_name(device), **_processes(),
         "completions_per_step": prompts * generations, "max_new_tokens": max_new_tokens, "prompt_len": prompt_len,
         "micro_batch_size": micro_batch_size, "gradient_checkpointing": gradient_checkpointing,
+        "compile_layers": compile_layers, **first_step(records),
         "cuda_graphs": cuda_graphs, "completion_lengths": completion_lengths,
         "stochastic_rounding": stochastic_rounding, "first_step_s": round(records[0]["step_time_s"], 2),
         "mean_completion_len": round(median("completion/length_mean"), 1), "steps": steps,
@@ -374,6 +384,7 @@ PROCESS_GROUP_HELP = ("Run the multi-GPU code path (GRPO: FSDP2 shards and a gat
                       "job's own group is used.")
 
 
+COMPILE_HELP = "The config key compile_layers: torch.compile each layer's blocks on a GPU (trainers/models.py)."
 PROFILE_HELP = ("CUDA: run the last step's forward and backward passes once more under torch.profiler and report "
                 "kernel time by kind and GPU idle time (launch/bench/kernel_profile.py).")
 
@@ -399,12 +410,14 @@ def bench_group():
 @click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
 @click.option("--logprob-chunk-size", default=256, show_default=True, help="Rows projected onto the vocabulary at once.")
+@click.option("--compile-layers/--no-compile-layers", default=True, show_default=True, help=COMPILE_HELP)
 @click.option("--profile", is_flag=True, help=PROFILE_HELP)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pass, micro_batch_size, grad_accum_steps,
-                      seq_len, precompute, optimizer, logprob_chunk_size, profile, device, process_group, out):  # fmt: skip
+                      seq_len, precompute, optimizer, logprob_chunk_size, compile_layers, profile, device, process_group,
+                      out):  # fmt: skip
     """Phase 1 setting: LoRA r=64, 4 x 4 pairs a step, checkpointing, 8-bit AdamW.
 
     Tokens are counted as TRL counts them (prompt twice, replies once, no padding), whatever the layout.
@@ -416,7 +429,7 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
         emit(bench_dpo(arch, steps, micro_batch_size, grad_accum_steps, seq_len, seq_len // 2, precompute, optimizer,
                         device=device, logprob_chunk_size=logprob_chunk_size, layout=layout, lengths=lengths,
                         tokens_per_pass=tokens_per_pass, warmup_steps=warmup_steps, process_group=process_group,
-                        profile=profile), out)  # fmt: skip
+                        profile=profile, compile_layers=compile_layers), out)  # fmt: skip
         gc.collect()  # the last model's weights go before the next one is built
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -434,17 +447,20 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
               help="full: every completion to the limit; mixed: half end early at uniform lengths in [limit/8, limit).")
 @click.option("--stochastic-rounding/--no-stochastic-rounding", default=True, show_default=True)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--compile-layers/--no-compile-layers", default=True, show_default=True, help=COMPILE_HELP)
 @click.option("--profile", is_flag=True, help=PROFILE_HELP)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size, generation_batch_size, cuda_graphs,
-                       completion_lengths, stochastic_rounding, gradient_checkpointing, profile, device, process_group, out):  # fmt: skip
+                       completion_lengths, stochastic_rounding, gradient_checkpointing, compile_layers, profile, device,
+                       process_group, out):  # fmt: skip
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
     emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, prompt_len=prompt_len, micro_batch_size=micro_batch_size,
                      generation_batch_size=generation_batch_size, device=device, cuda_graphs=cuda_graphs,
                      stochastic_rounding=stochastic_rounding, completion_lengths=completion_lengths,
-                     process_group=process_group, gradient_checkpointing=gradient_checkpointing, profile=profile), out)  # fmt: skip
+                     process_group=process_group, gradient_checkpointing=gradient_checkpointing, profile=profile,
+                     compile_layers=compile_layers), out)  # fmt: skip
 
 
 @bench_group.command("decode")
