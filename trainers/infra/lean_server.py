@@ -166,6 +166,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_key(host: str, token: str | None) -> None:
+    """Listening beyond this machine without a key would let anyone on the network run Lean on it."""
+    if not is_loopback(host) and not token:
+        raise UserError(f"lean serve on {host} listens beyond this machine: give it a key (--token or "
+                        f"{TOKEN_VARIABLES[0]}), which clients send as a bearer token")  # fmt: skip
+
+
 class LeanCheckServer(ThreadingHTTPServer):
     """A `LeanReplPool` (anything with `answer(program, timeout)`, `size` and `version`) behind the API above."""
 
@@ -173,9 +180,7 @@ class LeanCheckServer(ThreadingHTTPServer):
 
     def __init__(self, pool, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                  max_body_bytes: int = 4 << 20, max_snippets: int = 256, max_timeout: float = 300.0, log=print):  # fmt: skip
-        if not is_loopback(host) and not token:
-            raise UserError(f"lean serve on {host} listens beyond this machine: give it a key (--token or "
-                            f"{TOKEN_VARIABLES[0]}), which clients send as a bearer token")  # fmt: skip
+        check_key(host, token)
         self.pool, self.token, self.log = pool, token, log
         self.max_body_bytes, self.max_snippets, self.max_timeout = max_body_bytes, max_snippets, max_timeout
         self.checks = ThreadPoolExecutor(max_workers=pool.size, thread_name_prefix="lean-serve")
