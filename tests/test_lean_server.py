@@ -221,3 +221,50 @@ def test_streamed_and_sequential_scoring_give_the_same_update(tiny_model_dir, tm
     assert len(streamed[3]) == 2 and all(before == after > 0 for before, after in streamed[3])
     assert all(before < after for before, after in sequential[3])
     assert streamed[2].answered != sorted(streamed[2].answered)  # the answers really came out of order
+
+
+# ---------------------------------------------------------------- the pipeline's FV condition, end to end
+
+
+def test_the_pipelines_fv_condition_checks_through_twophase_lean_serve(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`twophase lean serve` (a process, on the fake REPL) checks the proofs of a real grpo_fv stage of the pipeline;
+    the stages around it are fakes."""
+    import shutil
+    import subprocess
+    import sys
+
+    import twophase.launch.experiment as experiment
+    from test_pipeline import FakeStages, _run, _write_config
+
+    project, url_file = tmp_path / "project", tmp_path / "lean_server.json"
+    project.mkdir()
+    serve = subprocess.Popen([sys.executable, "-m", "twophase.launch.cli", "lean", "serve", "--project-dir", str(project),
+                              "--port", "0", "--workers", "2", "--command", " ".join(FAKE_REPL), "--url-file", str(url_file)],
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        real_grpo_stage = experiment.run_grpo_stage
+        FakeStages(monkeypatch)
+        monkeypatch.setattr(experiment, "run_grpo_stage", real_grpo_stage)
+
+        def dpo_stage(settings, stage_dir, resume):  # Phase 1's merged model: the tiny one
+            shutil.copytree(tiny_model_dir, stage_dir / "merged")
+            return {"merged": str(stage_dir / "merged")}
+
+        monkeypatch.setattr(experiment, "run_dpo_stage", dpo_stage)
+        lean = {"server": str(url_file), "pool_size": 2, "timeout": 10}
+        config = _write_config(tmp_path, model=str(tiny_model_dir),
+                               grpo={"dataset": str(Path(experiment.__file__).parents[1] / "data" / "samples" / "lean_demo.jsonl"),
+                                     "max_steps": 2, "device": "cpu", "precision": "fp32", "num_generations": 2,
+                                     "max_new_tokens": 8, "lora": False, "save_every": 0},
+                               conditions={"fv": {"reward": "lean", "reward_options": {"lean": lean}}})  # fmt: skip
+        code, out, err = _run(capsys, "pipeline", "--config", str(config))
+        assert code == 0, err
+    finally:
+        serve.terminate()
+        _, log = serve.communicate(timeout=30)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "grpo_fv" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 * 2 and {s["rewards"]["lean"] for s in samples} <= {0.0, 1.0}
+    reasons = {s["details"]["lean"]["reason"] for s in samples}
+    assert reasons and reasons <= {"ok", "uses sorry", "declares an axiom"} | {r for r in reasons if r.startswith("error:")}
+    assert [s["rewards"]["lean"] == 1.0 for s in samples] == [s["details"]["lean"]["reason"] == "ok" for s in samples]
+    assert "lean serve: http://127.0.0.1:" in log and not url_file.exists()  # the server removed its address on exit
