@@ -268,3 +268,15 @@ def test_the_pipelines_fv_condition_checks_through_twophase_lean_serve(tiny_mode
     assert reasons and reasons <= {"ok", "uses sorry", "declares an axiom"} | {r for r in reasons if r.startswith("error:")}
     assert [s["rewards"]["lean"] == 1.0 for s in samples] == [s["details"]["lean"]["reason"] == "ok" for s in samples]
     assert "lean serve: http://127.0.0.1:" in log and not url_file.exists()  # the server removed its address on exit
+
+
+def test_bench_lean_models_the_step_and_streaming_shortens_it():
+    """Fixed 2 s checks on 4 workers: after generation, 16 checks are four waves (2.93 + 8 + 1.68 s); streamed, the
+    8 rows that end early are checked while the others generate, so the step is shorter; random is 2.93 + 1.68 s."""
+    from twophase.launch.bench.lean import bench_lean
+
+    result = bench_lean(steps=3, workers=4, median=2.0, sigma=0.0, timeout_share=0.0, time_scale=0.02)
+    assert result["random_step_s"] == pytest.approx(2.93 + 1.68, abs=0.3)
+    assert result["after_step_s"] == pytest.approx(2.93 + 4 * 2.0 + 1.68, abs=0.5)
+    assert 2.93 + 2 * 2.0 + 1.68 - 0.1 <= result["streamed_step_s"] < result["after_step_s"] - 1.0
+    assert result["remote_step_s"] == pytest.approx(result["streamed_step_s"], abs=0.5)

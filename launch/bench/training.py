@@ -486,3 +486,12 @@ def bench_eval_command(arch, device, loglik_batch_size, gen_batch_size, question
     tokenizer = synthetic_tokenizer(model.config.vocab_size)
     result = bench_engines(model, tokenizer, loglik_batch_size=loglik_batch_size, gen_batch_size=gen_batch_size, n_questions=questions)
     emit({"benchmark": "eval", "architecture": arch, "device": device_name(dev), **result}, out)
+
+
+def _add_lean_bench() -> None:
+    from twophase.launch.bench.lean import bench_lean_command
+
+    bench_group.add_command(bench_lean_command)
+
+
+_add_lean_bench()

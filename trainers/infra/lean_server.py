@@ -177,6 +177,7 @@ class LeanCheckServer(ThreadingHTTPServer):
     """A `LeanReplPool` (anything with `answer(program, timeout)`, `size` and `version`) behind the API above."""
 
     daemon_threads = True
+    request_queue_size = 256  # the default 5 drops a burst of clients' connections (each retried a second later)
 
     def __init__(self, pool, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                  max_body_bytes: int = 4 << 20, max_snippets: int = 256, max_timeout: float = 300.0, log=print):  # fmt: skip
