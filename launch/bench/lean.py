@@ -62,6 +62,19 @@ class FakeLean:
         pass
 
 
+def fake_lean_reward(spec: str):
+    """The `lean` reward on a FakeLean in real time, for `bench grpo --fake-lean MEDIAN,SIGMA,SHARE,TIMEOUT,WORKERS`."""
+    from twophase.data.base.errors import UserError
+    from twophase.trainers.infra.reward_calls import CheckedReward
+
+    try:
+        median, sigma, share, timeout, workers = (float(part) for part in spec.split(","))
+    except ValueError:
+        raise UserError(f"--fake-lean {spec!r}: give MEDIAN,SIGMA,SHARE,TIMEOUT,WORKERS, e.g. 2,1,0.05,60,8") from None
+    fake = FakeLean(median, sigma, share, timeout, time_scale=1.0, workers=int(workers))
+    return CheckedReward("lean", _lean_reward("streamed", fake, int(workers))[0])
+
+
 def _row_ends(step: int, rows: int) -> list[float]:
     """Unscaled seconds into generation at which each row ends (the `mixed` lengths of bench grpo)."""
     rng = random.Random(f"lengths/{step}")
