@@ -275,8 +275,9 @@ def test_bench_lean_models_the_step_and_streaming_shortens_it():
     8 rows that end early are checked while the others generate, so the step is shorter; random is 2.93 + 1.68 s."""
     from twophase.launch.bench.lean import bench_lean
 
-    result = bench_lean(steps=3, workers=4, median=2.0, sigma=0.0, timeout_share=0.0, time_scale=0.02)
+    result = bench_lean(steps=2, workers=4, median=2.0, sigma=0.0, timeout_share=0.0, time_scale=0.03)
     assert result["random_step_s"] == pytest.approx(2.93 + 1.68, abs=0.3)
     assert result["after_step_s"] == pytest.approx(2.93 + 4 * 2.0 + 1.68, abs=0.5)
     assert 2.93 + 2 * 2.0 + 1.68 - 0.1 <= result["streamed_step_s"] < result["after_step_s"] - 1.0
-    assert result["remote_step_s"] == pytest.approx(result["streamed_step_s"], abs=0.5)
+    # over HTTP the same, but for the round trips' real milliseconds, which the time scale multiplies by 33
+    assert result["streamed_step_s"] - 0.2 <= result["remote_step_s"] <= result["streamed_step_s"] + 1.0

@@ -172,6 +172,16 @@ def test_repl_is_recycled_after_its_quota(tmp_path):
         assert repl.restarts == 1
 
 
+def test_a_closed_repl_starts_no_new_process(tmp_path):
+    """A check still in flight when the reward closes (an interrupted step) must not leave a fresh REPL behind."""
+    repl = LeanRepl(tmp_path, command=FAKE_REPL)
+    repl.close()
+    with pytest.raises(ReplCrashed, match="repl closed"):
+        repl.check(program("  simp\n"), timeout=5)
+    repl.restart()
+    assert repl._process is None and repl.restarts == 0
+
+
 def test_pool_of_two_scores_every_case_in_order(tmp_path):
     proofs = ["  simp\n", "  HANG\n", "  exact FAIL\n", "  CRASH\n", "  sorry\n", "  omega\n"]
     with LeanReplPool(tmp_path, size=2, timeout=1.0, command=FAKE_REPL) as pool:

@@ -14,7 +14,8 @@ nowhere else:
   independent of batching.
 * **Stopping.** A row ends at an EOS token (kept in its tokens), at a stop
   string (the token that completes it is the last one kept), or at its
-  `max_new_tokens`. The host reads the chosen tokens every `check_every` steps
+  `max_new_tokens`; `generate(..., on_finished=f)` calls `f(i, completion)` the
+  moment row i ends (GRPO starts checking a proof while the others generate). The host reads the chosen tokens every `check_every` steps
   and checks only the new ones: EOS by id, stop strings by decoding the last
   few tokens, so the work per token does not grow with the completion.
 * **Finished rows stop costing work.** When the rows still generating fit in a
@@ -91,8 +92,7 @@ class Generator:
         stop: tuple[str, ...] | list[tuple[str, ...]] = (),
         on_finished: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
-        """One completion per prompt, in order; `on_finished(i, completion)` is called the moment row i stops.
-        `max_new_tokens` and `stop` may be given per prompt."""
+        """One completion per prompt, in order. `max_new_tokens` and `stop` may be given per prompt."""
         n = len(prompts)
         if any(not p for p in prompts):
             raise UserError("cannot generate from an empty prompt (a tokenizer that adds no BOS and an empty text)")
@@ -106,8 +106,7 @@ class Generator:
         completions: list[Completion] = []
         for first in range(0, n, self.max_batch):
             batch = slice(first, first + self.max_batch)
-            rows = [_Row(limit, tuple(s for s in stops_ if s), index=first + i)
-                    for i, (limit, stops_) in enumerate(zip(limits[batch], stops[batch]))]
+            rows = [_Row(limit, tuple(s for s in stop_ if s), i) for i, limit, stop_ in zip(range(first, n), limits[batch], stops[batch])]
             self._run_batch(prompts[batch], rows, sampling, seeds[batch], on_finished)
             completions.extend(self._completion(row) for row in rows)
             self.stats["prompt_tokens"] += sum(len(p) for p in prompts[batch])
@@ -137,8 +136,7 @@ class Generator:
             self.model.train(was_training)
 
     def _absorb(self, rows, slot_rows, tokens, logprobs, on_finished=None) -> None:
-        for slot, row_index in enumerate(slot_rows):
-            row = rows[row_index]
+        for slot, row in enumerate(rows[index] for index in slot_rows):
             for token, logprob in zip(tokens[slot], logprobs[slot]):
                 if row.finish:
                     break

@@ -164,6 +164,7 @@ class LeanRepl:
         self.recycle_after = recycle_after
         self.restarts = 0
         self._process: subprocess.Popen | None = None
+        self._closed = False  # after close(), a check still in flight (another thread's) must not start a new process
         self._start()
 
     # -- process lifecycle
@@ -222,10 +223,13 @@ class LeanRepl:
 
     def restart(self) -> None:
         self._kill()
+        if self._closed:
+            return
         self.restarts += 1
         self._start()
 
     def close(self) -> None:
+        self._closed = True
         self._kill()
 
     def __enter__(self):
@@ -247,6 +251,8 @@ class LeanRepl:
         On timeout, exit or an unreadable answer, the process is restarted and
         ReplTimeout / ReplCrashed is raised.
         """
+        if self._closed:
+            raise ReplCrashed("repl closed")
         if self._process is None:
             self._start()
         try:
