@@ -32,8 +32,10 @@ def lean_group():
 @click.option("--command", "repl_command", default=None, help="The REPL command [default: lake exe repl].")
 @click.option("--url-file", default=None, type=click.Path(dir_okay=False),
               help="Write the URL and key here (readable by you only): a reward's `server` may name this file.")
+@click.option("--warm/--no-warm", default=True, show_default=True,
+              help="Import the Lean Workbook header (Mathlib) in every REPL before serving.")
 def serve_command(project_dir, host, port, workers, token, timeout, import_timeout, max_request_bytes, max_snippets,
-                  repl_command, url_file):  # fmt: skip
+                  repl_command, url_file, warm):  # fmt: skip
     """Serve the local REPL pool over the Kimina Lean Server API (POST /api/check, /verify; GET /health).
 
     Example: twophase lean serve --project-dir ~/lean/mathlib-repl --workers 16
@@ -47,13 +49,28 @@ def serve_command(project_dir, host, port, workers, token, timeout, import_timeo
     with LeanReplPool(project_dir, size=workers, timeout=timeout, command=command, import_timeout=import_timeout) as pool:
         server = LeanCheckServer(pool, host, port, token, max_request_bytes, max_snippets, timeout,
                                  log=lambda line: click.echo(line, err=True))  # fmt: skip
-        if url_file:
-            server.write_url_file(url_file)
-        click.echo(f"lean serve: {server.url} ({workers} REPLs, {pool.version}); GET /health, POST /api/check", err=True)
         try:
+            if warm:
+                _warm(pool, project_dir)
+            if url_file:  # written once the server can answer: a client waiting for the file finds it ready
+                server.write_url_file(url_file)
+            click.echo(f"lean serve: {server.url} ({workers} REPLs, {pool.version}); GET /health, POST /api/check", err=True)
             server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from scancel: a server has nothing to resume
+            click.echo("lean serve: stopped", err=True)
         finally:
             server.server_close()
             if url_file and os.path.exists(url_file):
                 os.remove(url_file)  # a stale file would send the next run's client to a dead server
 
+
+def _warm(pool, project_dir) -> None:
+    from twophase.data.base.errors import UserError
+    from twophase.data.lean_workbook import DEFAULT_HEADER
+    from twophase.trainers.infra.lean_repl import ReplError, split_imports
+
+    imports = split_imports(DEFAULT_HEADER)[0]
+    try:
+        pool.warm(imports)
+    except ReplError as err:
+        raise UserError(f"lean serve: {project_dir} cannot import {imports!r} ({err}); is Mathlib built there?") from None

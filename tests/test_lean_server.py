@@ -142,6 +142,12 @@ def test_the_url_file_carries_the_address_and_key(tmp_path):
             keyed.close()
 
 
+def test_warming_imports_the_header_in_every_repl_before_any_proof(tmp_path):
+    with LeanReplPool(tmp_path, size=2, command=FAKE_REPL) as pool:
+        pool.warm("import Mathlib\nimport Aesop")
+        assert [repl.header_envs for repl in pool._repls] == [{"import Mathlib\nimport Aesop": 0}] * 2
+
+
 def test_the_cache_checks_each_text_once_per_checker_version():
     asked = []
     cache = CheckCache(lambda text: asked.append(text) or (True, "ok"), version="v1", workers=2)

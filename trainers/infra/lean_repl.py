@@ -382,6 +382,12 @@ class LeanReplPool:
     def size(self) -> int:
         return len(self._repls)
 
+    def warm(self, imports: str) -> None:
+        """Import `imports` in every REPL now (Mathlib takes seconds to minutes), so that the first proofs do not wait.
+
+        HeaderFailed when they do not compile in this project."""
+        list(self._executor.map(lambda repl: repl.header_env(imports), self._repls))
+
     @property
     def restarts(self) -> int:
         return sum(repl.restarts for repl in self._repls)
