@@ -7,7 +7,10 @@ One generation batch serves μ = `num_iterations` optimizer steps:
        eval/engine/generation.py); under full fine-tuning on a GPU its KV cache
        lives in the gradients' memory, which is idle while generating
        (trainers/infra/grad_arena.py),
-    2. score every completion with the reward function(s) (trainers/rewards/),
+    2. score every completion with the reward function(s) (trainers/rewards/);
+       a reward that can (Lean's) starts checking each row the moment generation
+       ends it, and the step waits only for what is left
+       (trainers/infra/streamed_rewards.py),
     3. advantages A_i = group-normalised rewards (losses/grpo.py: group_advantages),
     4. if μ > 1, record the sampling policy's log-probabilities (old_logps);
        for μ = 1 the detached current log-probabilities are exactly those,

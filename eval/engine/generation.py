@@ -14,10 +14,11 @@ nowhere else:
   independent of batching.
 * **Stopping.** A row ends at an EOS token (kept in its tokens), at a stop
   string (the token that completes it is the last one kept), or at its
-  `max_new_tokens`; `generate(..., on_finished=f)` calls `f(i, completion)` the
-  moment row i ends (GRPO starts checking a proof while the others generate). The host reads the chosen tokens every `check_every` steps
+  `max_new_tokens`. The host reads the chosen tokens every `check_every` steps
   and checks only the new ones: EOS by id, stop strings by decoding the last
   few tokens, so the work per token does not grow with the completion.
+  `generate(..., on_finished=f)` calls `f(i, completion)` the moment row i
+  ends (GRPO starts checking a proof while the other rows generate).
 * **Finished rows stop costing work.** When the rows still generating fit in a
   smaller power-of-two bucket, the decoder moves them to the front of the cache
   and continues with fewer slots; the batch ends when every row has finished.
