@@ -3,17 +3,18 @@ the streamed scoring of a rollout (trainers/infra/streamed_rewards.py), against 
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
 from twophase.data.base.errors import UserError
-from twophase.data.lean_workbook import DEFAULT_HEADER, LeanTask
 from twophase.trainers.infra.lean_repl import LeanReplPool
 from twophase.trainers.infra.lean_server import LeanCheckServer, LeanServerClient
 from twophase.trainers.infra.streamed_rewards import CheckCache
@@ -57,15 +58,19 @@ def post(url, body, token=None, raw=None):
         return err.code, json.loads(err.read())
 
 
-def test_remote_and_local_checkers_agree_on_the_replayed_protocol(tmp_path, served):
-    programs = [program(p) for p in PROTOCOL_PROOFS]
-    with LeanReplPool(tmp_path, size=2, timeout=1.0, command=FAKE_REPL) as pool:
-        local = pool.check(programs)
-    client = LeanServerClient(served.url, timeout=1.0, retries=0)
-    remote = [client.check_one(p) for p in programs]
-    assert [passed for passed, _ in remote] == [True, False, False, False, False, True]
-    assert remote == local  # the reasons too: "timeout after 1s", "error: unknown identifier 'FAIL'", ...
-    assert remote[3][1].startswith("repl crashed: it exited") and client.version == "lean unknown"
+def test_remote_and_local_backends_give_the_same_rewards_on_the_replayed_protocol(tmp_path, served):
+    completions = [proof + "```" for proof in PROTOCOL_PROOFS] + ["  simp\naxiom cheat : False\n```"]
+    local = build_reward("lean", {"project_dir": str(tmp_path), "pool_size": 2, "timeout": 1.0, "command": FAKE_REPL})
+    remote = build_reward("lean", {"server": served.url, "pool_size": 2, "timeout": 1.0, "retries": 0})
+    try:
+        scores = local([TASK] * 7, completions)
+        assert remote([TASK] * 7, completions) == scores == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        assert remote.details == local.details  # the reasons too: "timeout after 1s", "error: unknown identifier 'FAIL'", ...
+        assert local.details[3]["reason"].startswith("repl crashed: it exited") and local.details[6]["reason"] == "declares an axiom"
+        assert remote.checker.version == local.checker.version == "lean unknown"
+    finally:
+        local.close()
+        remote.close()
 
 
 def test_the_api_is_the_kimina_servers(served):
@@ -235,12 +240,8 @@ def test_streamed_and_sequential_scoring_give_the_same_update(tiny_model_dir, tm
 def test_the_pipelines_fv_condition_checks_through_twophase_lean_serve(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """`twophase lean serve` (a process, on the fake REPL) checks the proofs of a real grpo_fv stage of the pipeline;
     the stages around it are fakes."""
-    import shutil
-    import subprocess
-    import sys
-
     import twophase.launch.experiment as experiment
-    from test_pipeline import FakeStages, _run, _write_config
+    from test_pipeline import LEAN_DEMO, FakeStages, _run, _write_config
 
     project, url_file = tmp_path / "project", tmp_path / "lean_server.json"
     project.mkdir()
@@ -259,7 +260,7 @@ def test_the_pipelines_fv_condition_checks_through_twophase_lean_serve(tiny_mode
         monkeypatch.setattr(experiment, "run_dpo_stage", dpo_stage)
         lean = {"server": str(url_file), "pool_size": 2, "timeout": 10}
         config = _write_config(tmp_path, model=str(tiny_model_dir),
-                               grpo={"dataset": str(Path(experiment.__file__).parents[1] / "data" / "samples" / "lean_demo.jsonl"),
+                               grpo={"dataset": LEAN_DEMO,
                                      "max_steps": 2, "device": "cpu", "precision": "fp32", "num_generations": 2,
                                      "max_new_tokens": 8, "lora": False, "save_every": 0},
                                conditions={"fv": {"reward": "lean", "reward_options": {"lean": lean}}})  # fmt: skip
