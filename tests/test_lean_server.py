@@ -18,7 +18,8 @@ from twophase.data.base.errors import UserError
 from twophase.trainers.infra.lean_repl import LeanReplPool
 from twophase.trainers.infra.lean_server import LeanCheckServer, LeanServerClient
 from twophase.trainers.infra.streamed_rewards import CheckCache
-from twophase.trainers.rewards import build_reward
+from twophase.trainers.infra.reward_calls import CheckedReward
+from twophase.trainers.rewards import LeanReward, build_reward
 
 from test_rewards import FAKE_REPL, TASK, program
 
@@ -168,8 +169,13 @@ def test_the_cache_checks_each_text_once_per_checker_version():
 class OutOfOrderChecker:
     """Passes a text by its hash; the earlier a check is asked for, the longer it takes, so answers come back out of order."""
 
+    version = "fake"
+
     def __init__(self):
         self.asked, self.answered, self.lock = 0, [], threading.Lock()
+
+    def close(self):
+        pass
 
     def check_one(self, text):
         with self.lock:
@@ -194,10 +200,8 @@ def _lean_run(tiny_model_dir, out, streamed, monkeypatch):
                      temperature=1.5)  # fmt: skip
     torch.manual_seed(0)
     recipe = GRPORecipe(config, out)
-    lean = build_reward("lean", {"project_dir": str(out.parent), "pool_size": 1, "command": FAKE_REPL})
-    lean.fn.checker.close()
     checker = OutOfOrderChecker()
-    lean.fn.cache = CheckCache(checker.check_one, "fake", workers=4)
+    lean = CheckedReward("lean", LeanReward.around(checker, workers=4))
     calls = []  # (checks submitted when the reward is called, when it returns)
 
     class Recording:

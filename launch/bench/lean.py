@@ -85,19 +85,13 @@ def _row_ends(step: int, rows: int) -> list[float]:
 def _lean_reward(mode: str, fake: FakeLean, workers: int):
     """The real LeanReward around the fake checker (over HTTP for `remote`), and what to close after."""
     from twophase.trainers.infra.lean_server import LeanCheckServer, LeanServerClient
-    from twophase.trainers.infra.streamed_rewards import CheckCache
     from twophase.trainers.rewards import LeanReward
 
-    reward = LeanReward.__new__(LeanReward)  # its own __init__ would start a real REPL pool
-    reward.prompt_format, reward.details, server = "raw", [], None
-    if mode == "remote":
-        server = LeanCheckServer(fake, "127.0.0.1", 0, log=lambda line: None)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        reward.checker = LeanServerClient(server.url, timeout=fake.timeout, retries=0)
-    else:
-        reward.checker = fake
-    reward.cache = CheckCache(reward.checker.check_one, reward.checker.version, workers=workers)
-    return reward, server
+    if mode != "remote":
+        return LeanReward.around(fake, workers), None
+    server = LeanCheckServer(fake, "127.0.0.1", 0, log=lambda line: None)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    return LeanReward.around(LeanServerClient(server.url, timeout=fake.timeout, retries=0), workers), server
 
 
 def _one_step(step, mode, reward, tasks, scale) -> float:

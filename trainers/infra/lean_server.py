@@ -143,7 +143,9 @@ def _server_address(server: str, startup_wait: float) -> tuple[str, str | None]:
                             f"{startup_wait:g}s ({path}); `twophase lean serve --url-file` writes that file")  # fmt: skip
         time.sleep(1.0)
     written = _json_object(path.read_bytes(), str(path))
-    return str(written["url"]).rstrip("/"), written.get("token")
+    if not isinstance(written.get("url"), str):
+        raise UserError(f"{path} names no server 'url'; `twophase lean serve --url-file` writes that file")
+    return written["url"].rstrip("/"), written.get("token")
 
 
 # ---------------------------------------------------------------- the server

@@ -115,17 +115,28 @@ class LeanReward:
         import_timeout: float = 600.0,
         retries: int = 4,
     ):
-        from twophase.trainers.infra.streamed_rewards import CheckCache
-
         if bool(project_dir) == bool(server):
             raise UserError(
                 "the 'lean' reward needs exactly one of the options project_dir (a Lake project with Mathlib and "
                 "the REPL built, checked here) and server (the URL of a Lean server, e.g. twophase lean serve)"
             )
         check_format_name(prompt_format, GRPO_FORMATS, where="the lean reward's prompt_format")
-        self.prompt_format = prompt_format
-        self.checker = _lean_checker(project_dir, server, pool_size, timeout, command, import_timeout, retries)
-        self.cache = CheckCache(self.checker.check_one, self.checker.version, workers=pool_size)
+        checker = _lean_checker(project_dir, server, pool_size, timeout, command, import_timeout, retries)
+        self._use(checker, pool_size, prompt_format)
+
+    @classmethod
+    def around(cls, checker, workers: int, prompt_format: str = "raw") -> "LeanReward":
+        """The reward on a checker of your own (`check_one(text) -> (passed, reason)`, `version`, `close()`), e.g. a
+        fake Lean of known latency in a benchmark."""
+        reward = cls.__new__(cls)
+        reward._use(checker, workers, prompt_format)
+        return reward
+
+    def _use(self, checker, workers: int, prompt_format: str) -> None:
+        from twophase.trainers.infra.streamed_rewards import CheckCache
+
+        self.prompt_format, self.checker = prompt_format, checker
+        self.cache = CheckCache(checker.check_one, checker.version, workers=workers)
         self.details: list[dict] = []
 
     def screen(self, task: LeanTask, completion: str, program: str) -> str | None:
