@@ -78,7 +78,8 @@ def test_the_api_is_the_kimina_servers(served):
     status, answer = post(served.url + "/api/check", {"snippets": [{"id": "a", "code": program("  sorry\n")},
                                                                    {"id": "b", "code": program("  HANG\n")}], "timeout": 1})
     assert status == 200 and [r["id"] for r in answer["results"]] == ["a", "b"]
-    assert answer["results"][0]["response"]["sorries"][0]["goal"] == "⊢ fake goal"
+    sorry = answer["results"][0]["response"]["sorries"][0]
+    assert sorry["goal"] == "⊢ fake goal" and sorry["pos"] == {"line": 9, "column": 2}  # line 9 of the whole snippet
     assert answer["results"][1]["error"] == "Lean REPL command timed out in 1 seconds" and answer["results"][1]["time"] >= 1
     status, answer = post(served.url + "/verify", {"codes": [{"custom_id": 7, "proof": program("  simp\n")}], "timeout": 5})
     assert status == 200 and answer["results"][0]["custom_id"] == "7" and "time" in answer["results"][0]["response"]

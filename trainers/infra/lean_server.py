@@ -4,7 +4,8 @@ The API (project-numina/kimina-lean-server, its `server/routers` and `client/kim
 
 * `POST /api/check` with `{"snippets": [{"id", "code"}], "timeout": seconds, "debug", "reuse", "infotree"}`
   answers `{"results": [{"id", "time", "response": <the REPL's answer>} or {"id", "time", "error": "..."}]}`;
-  an error that contains "timed out" is a timeout.
+  an error that contains "timed out" is a timeout. Positions in messages count lines of the whole snippet,
+  imports included (the REPL is sent the snippet without them).
 * `POST /verify` (and `/one_pass_verify_batch`), the older form, takes `{"codes": [{"custom_id", "proof" or
   "code"}], "timeout", "infotree_type", "disable_cache"}` and answers `{"results": [{"custom_id", "error"?,
   "response"?}]}`, the response carrying its `time`.
@@ -34,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from twophase.data.base.errors import UserError
-from twophase.trainers.infra.lean_repl import ReplError, ReplTimeout, first_line, verdict
+from twophase.trainers.infra.lean_repl import ReplError, ReplTimeout, first_line, split_imports, verdict
 
 TOKEN_VARIABLES = ("TWOPHASE_LEAN_TOKEN", "LEAN_SERVER_API_KEY")  # ours, then the Kimina client's
 CHECK_PATHS = ("/api/check", "/api/check/")
@@ -210,7 +211,7 @@ class LeanCheckServer(ThreadingHTTPServer):
         """One checked snippet in the API's form: {"time", "response"} or {"time", "error"}."""
         started = time.perf_counter()
         try:
-            entry = {"response": self.pool.answer(code, timeout)}
+            entry = {"response": _in_snippet_lines(self.pool.answer(code, timeout), code)}
         except ReplTimeout:
             entry = {"error": f"Lean REPL command timed out in {timeout:g} seconds"}
         except ReplError as err:
@@ -222,6 +223,17 @@ class LeanCheckServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.checks.shutdown(wait=False, cancel_futures=True)
+
+
+def _in_snippet_lines(response: dict, code: str) -> dict:
+    """Positions counted in the whole snippet, as the Kimina server reports them: the REPL saw it without its imports."""
+    offset = code[: len(code) - len(split_imports(code)[1])].count("\n")
+    for key in ("messages", "sorries"):
+        for entry in response.get(key) or []:
+            for where in ("pos", "endPos"):
+                if isinstance(entry, dict) and isinstance(entry.get(where), dict) and "line" in entry[where]:
+                    entry[where]["line"] += offset
+    return response
 
 
 class _Handler(BaseHTTPRequestHandler):
