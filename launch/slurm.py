@@ -199,10 +199,12 @@ def uses_lean(settings: dict) -> bool:
     return "lean" in [name.strip() for name in str(settings.get("reward", "")).split(",")]
 
 
-def lean_server_script(project: Path, run_dir: Path, log_dir: Path, workdir: Path, options: ClusterOptions) -> str:
+def lean_server_script(project: Path, run_dir: Path, log_dir: Path, workdir: Path, options: ClusterOptions,
+                       repl_command: str | None = None) -> str:  # fmt: skip
     """A CPU job serving the Lean REPL pool of `project` to the cluster, with a key made in the job itself."""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={run_dir.name}-{LEAN_SERVER_JOB}"]
-    lines += [f"#SBATCH --{key}={value}" for key, value in (("partition", options.partition), ("account", options.account)) if value]
+    for key, value in (("partition", options.partition), ("account", options.account)):
+        lines += [f"#SBATCH --{key}={value}"] if value else []
     lines += [f"#SBATCH --cpus-per-task={options.cpus_per_task}", f"#SBATCH --time={options.time}",
               f"#SBATCH --output={log_dir}/{LEAN_SERVER_JOB}-%j.log", "", "set -uo pipefail",
               f"cd {shlex.quote(str(workdir))}"]  # fmt: skip
@@ -211,6 +213,7 @@ def lean_server_script(project: Path, run_dir: Path, log_dir: Path, workdir: Pat
     serve = [twophase_executable(), "lean", "serve", "--project-dir", str(Path(project).expanduser().resolve()),
              "--host", "0.0.0.0", "--port", "0", "--workers", str(options.cpus_per_task),
              "--url-file", str(run_dir.resolve() / LEAN_SERVER_FILE)]  # fmt: skip
+    serve += ["--command", repl_command] if repl_command else []
     return "\n".join([*lines, f"exec {shlex.join(serve)}", ""])
 
 
@@ -222,7 +225,7 @@ def carried_environment(offline: bool) -> dict[str, str]:
 
 
 def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...], out_dir: Path, options: ClusterOptions,
-                  lean_server: Path | None = None) -> list[Path]:  # fmt: skip
+                  lean_server: Path | None = None, lean_command: str | None = None) -> list[Path]:  # fmt: skip
     """DIR/NN_<stage>.sbatch for every stage that runs (00_lean_server with `lean_server`), and DIR/submit.sh;
     returns the files written."""
     check_lean_projects(stages)
@@ -233,7 +236,7 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
     jobs, written = [], []
     if lean_server is not None:
         path = out_dir / f"00_{LEAN_SERVER_JOB}.sbatch"
-        atomic_write_text(path, lean_server_script(lean_server, run_dir, log_dir, Path.cwd(), options))
+        atomic_write_text(path, lean_server_script(lean_server, run_dir, log_dir, Path.cwd(), options, lean_command))
         written.append(path)
         jobs.append((LEAN_SERVER_JOB, path.name, ()))
     for number, stage in enumerate(running, start=1):
@@ -271,8 +274,9 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
 @click.option("--gpus-per-node", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs (ranks) per node.")
 @click.option("--lean-server", default=None, type=click.Path(file_okay=False),
               help="A Lake project (Mathlib, REPL built): serve it from a CPU job (twophase lean serve) to the Lean-rewarded conditions.")
+@click.option("--lean-command", default=None, help="--lean-server: the REPL command [default: lake exe repl].")
 def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem,
-                  signal_seconds, requeue, offline, nodes, gpus_per_node, lean_server):  # fmt: skip
+                  signal_seconds, requeue, offline, nodes, gpus_per_node, lean_server, lean_command):  # fmt: skip
     """Write one sbatch script per pipeline stage (one GPU each) and submit.sh, which chains them.
 
     Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
@@ -287,7 +291,7 @@ def slurm_command(config_path, out_dir, overrides, partition, account, time_limi
     options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem, signal_seconds, requeue,
                              carried_environment(offline), nodes, gpus_per_node)  # fmt: skip
     files = write_scripts(stages, config, Path(config_path), tuple(overrides), Path(out_dir), options,
-                          Path(lean_server) if lean_server else None)  # fmt: skip
+                          Path(lean_server) if lean_server else None, lean_command)  # fmt: skip
     for stage in stages:
         if stage.skip_reason:
             click.echo(f"no job for {stage.name}: {stage.skip_reason}")

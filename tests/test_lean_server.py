@@ -155,6 +155,16 @@ def test_warming_imports_the_header_in_every_repl_before_any_proof(tmp_path):
         assert [repl.header_envs for repl in pool._repls] == [{"import Mathlib\nimport Aesop": 0}] * 2
 
 
+def test_the_checker_version_is_the_projects_lean_and_mathlib(tmp_path):
+    from twophase.trainers.infra.lean_repl import checker_version
+
+    (tmp_path / "lean-toolchain").write_text("leanprover/lean4:v4.26.0\n")
+    packages = [{"name": "mathlib", "rev": "abc123"}, {"name": "aesop", "rev": "def"}, {"name": "REPL", "rev": "77"}]
+    (tmp_path / "lake-manifest.json").write_text(json.dumps({"packages": packages}))
+    assert checker_version(tmp_path) == "leanprover/lean4:v4.26.0 mathlib@abc123 REPL@77"
+    assert checker_version(tmp_path / "elsewhere") == "lean unknown"
+
+
 def test_the_cache_checks_each_text_once_per_checker_version():
     asked = []
     cache = CheckCache(lambda text: asked.append(text) or (True, "ok"), version="v1", workers=2)

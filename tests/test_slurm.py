@@ -165,8 +165,9 @@ def test_a_lean_server_job_serves_the_fv_condition(tmp_path, capsys):
     project = tmp_path / "mathlib"
     project.mkdir()
     (project / "lakefile.lean").write_text("-- a Lake project\n")
-    out = _write_scripts(tmp_path, capsys, "--lean-server", str(project))
+    out = _write_scripts(tmp_path, capsys, "--lean-server", str(project), "--lean-command", "lake env /opt/repl/bin/repl")
     server = (out / "00_lean_server.sbatch").read_text()
+    assert server.rstrip().endswith("--command 'lake env /opt/repl/bin/repl'")
     assert "--gres" not in server and f"--project-dir {project} --host 0.0.0.0 --port 0 --workers 8" in server
     assert "export TWOPHASE_LEAN_TOKEN=$(" in server  # a key made in the job, never written into a script
     url_file = tmp_path / "run" / "lean_server.json"

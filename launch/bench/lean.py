@@ -118,9 +118,10 @@ def bench_lean(steps=20, workers=8, median=2.0, sigma=1.0, timeout_share=0.05, t
 
     tasks = [LeanTask(id=f"t{row // 8}", statement=f"theorem t{row // 8} : True := by\n", header="", informal="")
              for row in range(rows)]  # fmt: skip
-    result = {"benchmark": "lean", "steps": steps, "workers": workers, "completions_per_step": rows,
-              "latency": f"log-normal median {median:g} s, sigma {sigma:g}; {timeout_share:.0%} at the {timeout:g} s timeout",
-              "time_scale": time_scale, "random_step_s": _mean([_one_step(s, "random", None, tasks, time_scale) for s in range(steps)])}  # fmt: skip
+    latency = f"log-normal median {median:g} s, sigma {sigma:g}; {timeout_share:.0%} at the {timeout:g} s timeout"
+    random_steps = [_one_step(s, "random", None, tasks, time_scale) for s in range(steps)]
+    result = {"benchmark": "lean", "steps": steps, "workers": workers, "completions_per_step": rows, "latency": latency,
+              "time_scale": time_scale, "random_step_s": _mean(random_steps)}  # fmt: skip
     for mode in modes:
         fake = FakeLean(median, sigma, timeout_share, timeout, time_scale, workers)
         reward, server = _lean_reward(mode, fake, workers)

@@ -107,7 +107,8 @@ def checker_version(project_dir) -> str:
         packages = json.loads((project / "lake-manifest.json").read_text()).get("packages", [])
     except (OSError, ValueError):
         packages = []
-    parts += [f"{p.get('name')}@{p.get('rev')}" for p in packages if isinstance(p, dict) and p.get("name") in ("mathlib", "REPL", "repl")]
+    checked = [p for p in packages if isinstance(p, dict) and p.get("name") in ("mathlib", "REPL", "repl")]
+    parts += [f"{p['name']}@{p.get('rev')}" for p in checked]
     return " ".join(parts)
 
 
