@@ -33,6 +33,7 @@ COMMANDS = {
     "pipeline": ("twophase.launch.pipeline", "pipeline_command", "Run eval -> DPO -> merge -> eval -> GRPO -> eval."),
     "status": ("twophase.launch.pipeline", "status_command", "Show the state of each stage of a pipeline run."),
     "slurm": ("twophase.launch.slurm", "slurm_command", "Write chained sbatch scripts, one per pipeline stage."),
+    "lean": ("twophase.launch.lean", "lean_group", "Serve Lean proof checking over HTTP for GRPO runs elsewhere (lean serve)."),
 }
 
 

@@ -23,7 +23,7 @@ The config file has one section per kind of stage:
     grpo: {lr: 1.0e-6, ...}                       GRPOConfig keys shared by every condition
     conditions:                                   GRPOConfig keys of each condition
       random: {reward: random}
-      fv: {reward: lean, reward_options: {lean: {project_dir: /path}}}
+      fv: {reward: lean, reward_options: {lean: {project_dir: /path}}}   (or {server: URL}: a Lean server)
 
 The trainers' `model`, `out_dir`, `merge_after` and `merge_dtype` are the pipeline's to set.
 
@@ -185,13 +185,15 @@ def trained_model(settings: dict) -> str:
 
 
 def skipreason_of(grpo: dict, condition: str) -> str | None:
-    """A Lean-rewarded condition needs a Lean project; without one it is skipped, not failed."""
+    """A Lean-rewarded condition needs a Lean project or a Lean server; without either it is skipped, not failed."""
     rewards = [name.strip() for name in grpo["reward"].split(",")]
     if "lean" not in rewards:
         return None
-    if (grpo["reward_options"] or {}).get("lean", {}).get("project_dir"):
+    lean = (grpo["reward_options"] or {}).get("lean", {})
+    if lean.get("project_dir") or lean.get("server"):
         return None
-    return f"no Lean project configured (set conditions.{condition}.reward_options.lean.project_dir)"
+    return (f"no Lean project configured (set conditions.{condition}.reward_options.lean.project_dir, or .server: "
+            f"a Lean server's URL)")
 
 
 def tables_stage(run_dir: Path, stages: list[Stage]) -> Stage:

@@ -9,6 +9,11 @@ beside Phase 1, the GRPO conditions run side by side once the merged DPO
 model exists, and each eval starts when its own training ends. A skipped
 stage (fv without a Lean project) gets no job.
 
+With `--lean-server DIR`, a CPU job runs `twophase lean serve` on the Lake project DIR (Lean where the GPUs
+are not): it writes its address and a key of its own to RUN_DIR/lean_server.json (readable by you only),
+every Lean-rewarded condition checks its proofs there (reward_options.lean.server), its job starts once
+the server's job has started, and the server is cancelled when those conditions end.
+
 With `--nodes` or `--gpus-per-node` above 1, a GPU stage's job runs one
 `torchrun` per node through `srun`, meeting at the first node of the job
 (c10d rendezvous): the stage then uses all the job's GPUs (data/base/distributed.py).
@@ -150,10 +155,20 @@ def submit_script(jobs: list[tuple[str, str, tuple[str, ...]]]) -> str:
         "",
     ]
     for stage, script, needs in jobs:
-        dependency = f"--dependency=afterok:{':'.join(f'${need}' for need in needs)} " if needs else ""
-        lines.append(f"{stage}=$(submit {dependency}{script})")
+        lines.append(f"{stage}=$(submit {_dependency(needs)}{script})")
+    served = [stage for stage, _, needs in jobs if LEAN_SERVER_JOB in needs]
+    if served:  # the server's work ends with theirs
+        lines.append(f"submit --time=00:05:00 --dependency=afterany:{':'.join(f'${s}' for s in served)} "
+                     f"--wrap=\"scancel ${LEAN_SERVER_JOB}\" >/dev/null")  # fmt: skip
     lines += ["", *[f'echo "{stage}: job ${stage}"' for stage, _, _ in jobs], ""]
     return "\n".join(lines)
+
+
+def _dependency(needs) -> str:
+    """afterok on the stages a job needs; only `after` (started) on the Lean server, which never ends by itself."""
+    parts = [f"afterok:{':'.join(f'${need}' for need in needs if need != LEAN_SERVER_JOB)}"] if set(needs) - {LEAN_SERVER_JOB} else []
+    parts += [f"after:${LEAN_SERVER_JOB}"] if LEAN_SERVER_JOB in needs else []
+    return f"--dependency={','.join(parts)} " if parts else ""
 
 
 def check_lean_projects(stages) -> None:
@@ -162,16 +177,44 @@ def check_lean_projects(stages) -> None:
         if stage.skip_reason:
             continue
         lean = ((stage.settings.get("reward_options") or {}).get("lean") or {})
-        project = lean.get("project_dir")
-        if project is None:
-            continue
-        path = Path(project).expanduser()
-        if not path.is_dir():
-            raise UserError(f"{stage.name}: reward_options.lean.project_dir {project} is not a directory; pass the Lake "
-                            f"project with Mathlib and the REPL built (as the compute nodes see it)")  # fmt: skip
-        if not any((path / name).is_file() for name in ("lakefile.lean", "lakefile.toml")):
-            raise UserError(f"{stage.name}: reward_options.lean.project_dir {project} has no lakefile.lean or lakefile.toml; "
-                            f"pass the root of a Lake project with Mathlib and the REPL built")  # fmt: skip
+        if lean.get("project_dir") is not None:
+            check_lake_project(lean["project_dir"], f"{stage.name}: reward_options.lean.project_dir")
+
+
+def check_lake_project(project, where: str) -> None:
+    path = Path(project).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{where} {project} is not a directory; pass the Lake "
+                        f"project with Mathlib and the REPL built (as the compute nodes see it)")  # fmt: skip
+    if not any((path / name).is_file() for name in ("lakefile.lean", "lakefile.toml")):
+        raise UserError(f"{where} {project} has no lakefile.lean or lakefile.toml; "
+                        f"pass the root of a Lake project with Mathlib and the REPL built")  # fmt: skip
+
+
+LEAN_SERVER_JOB = "lean_server"
+LEAN_SERVER_FILE = "lean_server.json"  # in the run directory: the server's URL and key, for the GRPO jobs
+
+
+def uses_lean(settings: dict) -> bool:
+    return "lean" in [name.strip() for name in str(settings.get("reward", "")).split(",")]
+
+
+def lean_server_script(project: Path, run_dir: Path, log_dir: Path, workdir: Path, options: ClusterOptions,
+                       repl_command: str | None = None) -> str:  # fmt: skip
+    """A CPU job serving the Lean REPL pool of `project` to the cluster, with a key made in the job itself."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={run_dir.name}-{LEAN_SERVER_JOB}"]
+    for key, value in (("partition", options.partition), ("account", options.account)):
+        lines += [f"#SBATCH --{key}={value}"] if value else []
+    lines += [f"#SBATCH --cpus-per-task={options.cpus_per_task}", f"#SBATCH --time={options.time}",
+              f"#SBATCH --output={log_dir}/{LEAN_SERVER_JOB}-%j.log", "", "set -uo pipefail",
+              f"cd {shlex.quote(str(workdir))}"]  # fmt: skip
+    key = shlex.join([sys.executable, "-c", "import secrets; print(secrets.token_urlsafe(24))"])
+    lines.append(f"export TWOPHASE_LEAN_TOKEN=$({key})  # this job's own key; clients read it from the URL file")
+    serve = [twophase_executable(), "lean", "serve", "--project-dir", str(Path(project).expanduser().resolve()),
+             "--host", "0.0.0.0", "--port", "0", "--workers", str(options.cpus_per_task),
+             "--url-file", str(run_dir.resolve() / LEAN_SERVER_FILE)]  # fmt: skip
+    serve += ["--command", repl_command] if repl_command else []
+    return "\n".join([*lines, f"exec {shlex.join(serve)}", ""])
 
 
 def carried_environment(offline: bool) -> dict[str, str]:
@@ -181,14 +224,21 @@ def carried_environment(offline: bool) -> dict[str, str]:
     return environment
 
 
-def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...], out_dir: Path, options: ClusterOptions) -> list[Path]:
-    """DIR/NN_<stage>.sbatch for every stage that runs, and DIR/submit.sh; returns the files written."""
+def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...], out_dir: Path, options: ClusterOptions,
+                  lean_server: Path | None = None, lean_command: str | None = None) -> list[Path]:  # fmt: skip
+    """DIR/NN_<stage>.sbatch for every stage that runs (00_lean_server with `lean_server`), and DIR/submit.sh;
+    returns the files written."""
     check_lean_projects(stages)
     run_dir = Path(config.run_dir)
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the directory of --output
     running = [stage for stage in stages if not stage.skip_reason]
     jobs, written = [], []
+    if lean_server is not None:
+        path = out_dir / f"00_{LEAN_SERVER_JOB}.sbatch"
+        atomic_write_text(path, lean_server_script(lean_server, run_dir, log_dir, Path.cwd(), options, lean_command))
+        written.append(path)
+        jobs.append((LEAN_SERVER_JOB, path.name, ()))
     for number, stage in enumerate(running, start=1):
         script = f"{number:02d}_{stage.name}.sbatch"
         command = stage_command(config_path.resolve(), stage.name, overrides, options)
@@ -196,7 +246,8 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
         path = out_dir / script
         atomic_write_text(path, text)
         written.append(path)
-        jobs.append((stage.name, script, stage.needs))
+        served = lean_server is not None and uses_lean(stage.settings)
+        jobs.append((stage.name, script, (*stage.needs, LEAN_SERVER_JOB) if served else stage.needs))
     submit = out_dir / "submit.sh"
     atomic_write_text(submit, submit_script(jobs))
     os.chmod(submit, 0o755)
@@ -221,8 +272,11 @@ def write_scripts(stages, config, config_path: Path, overrides: tuple[str, ...],
 @click.option("--offline", is_flag=True, help="Jobs never ask the hub (HF_HUB_OFFLINE=1): models and data are pre-downloaded.")
 @click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Nodes per GPU stage (torchrun on each).")
 @click.option("--gpus-per-node", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs (ranks) per node.")
+@click.option("--lean-server", default=None, type=click.Path(file_okay=False),
+              help="A Lake project (Mathlib, REPL built): serve it from a CPU job (twophase lean serve) to the Lean-rewarded conditions.")
+@click.option("--lean-command", default=None, help="--lean-server: the REPL command [default: lake exe repl].")
 def slurm_command(config_path, out_dir, overrides, partition, account, time_limit, gpu_type, cpus_per_task, mem,
-                  signal_seconds, requeue, offline, nodes, gpus_per_node):  # fmt: skip
+                  signal_seconds, requeue, offline, nodes, gpus_per_node, lean_server, lean_command):  # fmt: skip
     """Write one sbatch script per pipeline stage (one GPU each) and submit.sh, which chains them.
 
     Example: twophase slurm --config launch/configs/wu17_v5.yaml --out slurm/ --partition gpu --account myproj
@@ -230,11 +284,26 @@ def slurm_command(config_path, out_dir, overrides, partition, account, time_limi
     from twophase.launch.experiment import load_pipeline
 
     config, stages = load_pipeline(config_path, overrides)
+    if lean_server:
+        check_lake_project(lean_server, "--lean-server")
+        overrides = (*overrides, *lean_server_overrides(config))
+        config, stages = load_pipeline(config_path, overrides)
     options = ClusterOptions(partition, account, time_limit, gpu_type or None, cpus_per_task, mem, signal_seconds, requeue,
                              carried_environment(offline), nodes, gpus_per_node)  # fmt: skip
-    files = write_scripts(stages, config, Path(config_path), tuple(overrides), Path(out_dir), options)
+    files = write_scripts(stages, config, Path(config_path), tuple(overrides), Path(out_dir), options,
+                          Path(lean_server) if lean_server else None, lean_command)  # fmt: skip
     for stage in stages:
         if stage.skip_reason:
             click.echo(f"no job for {stage.name}: {stage.skip_reason}")
     click.echo("wrote:\n" + "\n".join(f"  {path}" for path in files))
     click.echo(f"submit with: bash {Path(out_dir) / 'submit.sh'}; follow with: twophase status {config.run_dir}")
+
+
+def lean_server_overrides(config) -> list[str]:
+    """Every Lean-rewarded condition checks on the served project: its server is the server job's URL file."""
+    url_file = Path(config.run_dir).resolve() / LEAN_SERVER_FILE
+    lean = [name for name, settings in config.conditions.items() if uses_lean({**config.grpo, **(settings or {})})]
+    if not lean:
+        raise UserError("--lean-server: no condition of this pipeline uses the lean reward")
+    return [item for name in lean for item in (f"conditions.{name}.reward_options.lean.server={url_file}",
+                                               f"conditions.{name}.reward_options.lean.project_dir=null")]  # fmt: skip

@@ -222,6 +222,13 @@ ROWS = {
     "temperature -1": Row(grpo("temperature=-1"), "temperature = -1.0 in --set must be a number >= 0"),
     "top_p 0": Row(grpo("top_p=0"), "top_p = 0.0 in --set must be in (0, 1]"),
     "unknown reward": Row(grpo("reward=nosuch"), "unknown reward 'nosuch'"),
+    "unreachable Lean server": Row(grpo("reward=lean", "reward_options.lean.server=http://127.0.0.1:9",
+                                        "reward_options.lean.retries=0"),
+                                   "the Lean server at http://127.0.0.1:9 cannot be reached"),  # fmt: skip
+    "Lean project and server both": Row(grpo("reward=lean", "reward_options.lean.server=http://127.0.0.1:9",
+                                             "reward_options.lean.project_dir=/tmp"), "needs exactly one of the options"),
+    "lean serve beyond localhost without a key": Row(lambda p: ["lean", "serve", "--project-dir", p["out"], "--host", "0.0.0.0"],
+                                                     "listens beyond this machine: give it a key"),  # fmt: skip
     # LoRA targets and devices
     "unknown LoRA target": Row(dpo("lora_target_modules=[q_proj,qkv_proj]"), "has no module named qkv_proj; its linear layers are down_proj",
                                before_model=False),  # fmt: skip

@@ -172,6 +172,16 @@ def test_repl_is_recycled_after_its_quota(tmp_path):
         assert repl.restarts == 1
 
 
+def test_a_closed_repl_starts_no_new_process(tmp_path):
+    """A check still in flight when the reward closes (an interrupted step) must not leave a fresh REPL behind."""
+    repl = LeanRepl(tmp_path, command=FAKE_REPL)
+    repl.close()
+    with pytest.raises(ReplCrashed, match="repl closed"):
+        repl.check(program("  simp\n"), timeout=5)
+    repl.restart()
+    assert repl._process is None and repl.restarts == 0
+
+
 def test_pool_of_two_scores_every_case_in_order(tmp_path):
     proofs = ["  simp\n", "  HANG\n", "  exact FAIL\n", "  CRASH\n", "  sorry\n", "  omega\n"]
     with LeanReplPool(tmp_path, size=2, timeout=1.0, command=FAKE_REPL) as pool:
@@ -248,15 +258,30 @@ def test_grpo_recipe_gives_the_lean_reward_its_prompt_format(tmp_path):
 # ---------------------------------------------------------------- the real thing, when available
 
 REAL_PROJECT = os.environ.get("TWOPHASE_LEAN_PROJECT")
+# The REPL command in that project, e.g. "lake env /home/me/lean/repl/.lake/build/bin/repl" (default: lake exe repl).
+REAL_COMMAND = os.environ.get("TWOPHASE_LEAN_COMMAND")
 
 
 @pytest.mark.skipif(
     shutil.which("lake") is None or not REAL_PROJECT,
     reason="needs `lake` on PATH and TWOPHASE_LEAN_PROJECT set to a Mathlib project with the REPL",
 )
-def test_real_lean_repl_accepts_a_proof_and_rejects_sorry_and_errors():
+@pytest.mark.parametrize("backend", ["local", "server"])
+def test_real_lean_repl_accepts_a_proof_and_rejects_sorry_and_errors(backend):
+    import shlex
+
+    from twophase.trainers.infra.lean_server import LeanCheckServer
+
     task = LeanTask(id="demo", statement="theorem demo (a b : ℝ) : a ^ 2 + b ^ 2 ≥ 2 * a * b := by\n", header="", informal="")
-    reward = build_reward("lean", {"project_dir": REAL_PROJECT, "pool_size": 1, "timeout": 120})
+    command = shlex.split(REAL_COMMAND) if REAL_COMMAND else None
+    pool = LeanReplPool(REAL_PROJECT, size=1, timeout=120, command=command) if backend == "server" else None
+    server = LeanCheckServer(pool, "127.0.0.1", 0) if pool else None
+    if server:
+        import threading
+
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    options = {"server": server.url} if server else {"project_dir": REAL_PROJECT, "command": command}
+    reward = build_reward("lean", {**options, "pool_size": 1, "timeout": 120})
     try:
         scores = reward([task] * 3, ["  nlinarith [sq_nonneg (a - b)]\n```", "  sorry\n```", "  exact rfl\n```"])
         assert scores == [1.0, 0.0, 0.0], reward.details
@@ -264,3 +289,7 @@ def test_real_lean_repl_accepts_a_proof_and_rejects_sorry_and_errors():
         assert reward.details[2]["reason"].startswith("error:")
     finally:
         reward.close()
+        if server:
+            server.shutdown()
+            server.server_close()
+            pool.close()

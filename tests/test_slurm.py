@@ -159,3 +159,21 @@ def test_sigterm_checkpoints_then_requeues_the_job(tmp_path):
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=20) == 130
     assert log.read_text().splitlines() == ["started", "checkpoint", "scontrol requeue 4242"]
+
+
+def test_a_lean_server_job_serves_the_fv_condition(tmp_path, capsys):
+    project = tmp_path / "mathlib"
+    project.mkdir()
+    (project / "lakefile.lean").write_text("-- a Lake project\n")
+    out = _write_scripts(tmp_path, capsys, "--lean-server", str(project), "--lean-command", "lake env /opt/repl/bin/repl")
+    server = (out / "00_lean_server.sbatch").read_text()
+    assert server.rstrip().endswith("--command 'lake env /opt/repl/bin/repl'")
+    assert "--gres" not in server and f"--project-dir {project} --host 0.0.0.0 --port 0 --workers 8" in server
+    assert "export TWOPHASE_LEAN_TOKEN=$(" in server  # a key made in the job, never written into a script
+    url_file = tmp_path / "run" / "lean_server.json"
+    assert f"--url-file {url_file}" in server
+    assert f"--set conditions.fv.reward_options.lean.server={url_file}" in (out / "09_grpo_fv.sbatch").read_text()
+    submit = (out / "submit.sh").read_text()
+    assert "grpo_fv=$(submit --dependency=afterok:$dpo,after:$lean_server 09_grpo_fv.sbatch)" in submit
+    assert 'submit --time=00:05:00 --dependency=afterany:$grpo_fv --wrap="scancel $lean_server"' in submit
+    assert "after:$lean_server" not in submit.split("grpo_fv=")[0]  # the controls do not wait for Lean

@@ -7,7 +7,10 @@ One generation batch serves μ = `num_iterations` optimizer steps:
        eval/engine/generation.py); under full fine-tuning on a GPU its KV cache
        lives in the gradients' memory, which is idle while generating
        (trainers/infra/grad_arena.py),
-    2. score every completion with the reward function(s) (trainers/rewards/),
+    2. score every completion with the reward function(s) (trainers/rewards/);
+       a reward that can (Lean's) starts checking each row the moment generation
+       ends it, and the step waits only for what is left
+       (trainers/infra/streamed_rewards.py),
     3. advantages A_i = group-normalised rewards (losses/grpo.py: group_advantages),
     4. if μ > 1, record the sampling policy's log-probabilities (old_logps);
        for μ = 1 the detached current log-probabilities are exactly those,
@@ -64,6 +67,7 @@ from twophase.trainers.infra.grad_arena import GradientArena
 from twophase.trainers.infra.rollout_log import RolloutLog
 from twophase.trainers.infra.run import RunCallbacks, autocast_context, owned_out_dir
 from twophase.trainers.infra.sharding import GatheredCopy, shard_model
+from twophase.trainers.infra.streamed_rewards import row_finished_callback
 from twophase.trainers.loop import train
 from twophase.trainers.models import check_policy_source, count_trainable, frozen_copy, load_policy, resolve_device
 from twophase.trainers.rewards import build_reward
@@ -204,13 +208,13 @@ class GRPORecipe:
         """This rank's rows (whole groups): their completions, kept here, and their rewards, reported to every rank."""
         config, group = self.config, self.config.num_generations
         seeds = rollout_seeds(config.seed, generation_step, len(tasks))[rows.start : rows.stop]
+        mine = [tasks[row] for row in rows]  # a reward that can (Lean's) starts checking each row as it ends
         rollout = sample_completions(
             self.generator, [self.prompts[prompts[row // group]] for row in rows[::group]], group,
             config.max_new_tokens, self.sampling, seeds, stop_strings=self.stop_strings,
-            max_prompt_length=config.max_prompt_length,
+            max_prompt_length=config.max_prompt_length, on_finished=row_finished_callback(self.rewards, mine),
         )  # fmt: skip
         scoring_started = time.perf_counter()  # rewards (a Lean check can take seconds) and old/ref log-probs
-        mine = [tasks[row] for row in rows]
         scores = {name: fn(mine, rollout.completions, step=step, rows=rows) for name, fn in self.rewards.items()}
         report = {
             "scores": scores, "response_tokens": float(response_mask(rollout.labels).sum()),

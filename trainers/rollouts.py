@@ -86,16 +86,17 @@ def sample_completions(
     seeds: list[int],
     stop_strings: tuple[str, ...] = (),
     max_prompt_length: int = 512,
+    on_finished=None,
 ) -> RolloutBatch:
     """G = `num_generations` completions of each prompt, prompt-major: [p0 × G, p1 × G, …].
 
-    The G rows of a prompt share one prefill (the engine prefills each distinct prompt once).
+    The G rows of a prompt share one prefill; `on_finished(row, completion)` runs the moment a row ends.
     """
     started = time.perf_counter()
     tokenizer = generator.tokenizer
     prompt_ids = [keep_end(encode_prompt(tokenizer, text), max_prompt_length, tokenizer.bos_token_id) for text in prompts]
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
-    completions = generator.generate(repeated, max_new_tokens, sampling, seeds, stop_strings)
+    completions = generator.generate(repeated, max_new_tokens, sampling, seeds, stop_strings, on_finished)
     return padded_rollout(repeated, completions, pad_id_of(tokenizer), time.perf_counter() - started)
 
 

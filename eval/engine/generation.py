@@ -17,6 +17,8 @@ nowhere else:
   `max_new_tokens`. The host reads the chosen tokens every `check_every` steps
   and checks only the new ones: EOS by id, stop strings by decoding the last
   few tokens, so the work per token does not grow with the completion.
+  `generate(..., on_finished=f)` calls `f(i, completion)` the moment row i
+  ends (GRPO starts checking a proof while the other rows generate).
 * **Finished rows stop costing work.** When the rows still generating fit in a
   smaller power-of-two bucket, the decoder moves them to the front of the cache
   and continues with fewer slots; the batch ends when every row has finished.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +59,7 @@ class _Row:
 
     max_new: int
     stop: tuple[str, ...]
+    index: int = 0  # in the prompts given to `generate`
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
@@ -87,6 +91,7 @@ class Generator:
         sampling: SamplingParams = SamplingParams(),
         seeds: list[int] | None = None,
         stop: tuple[str, ...] | list[tuple[str, ...]] = (),
+        on_finished: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
         """One completion per prompt, in order. `max_new_tokens` and `stop` may be given per prompt."""
         n = len(prompts)
@@ -102,8 +107,8 @@ class Generator:
         completions: list[Completion] = []
         for first in range(0, n, self.max_batch):
             batch = slice(first, first + self.max_batch)
-            rows = [_Row(limit, tuple(s for s in stops_ if s)) for limit, stops_ in zip(limits[batch], stops[batch])]
-            self._run_batch(prompts[batch], rows, sampling, seeds[batch])
+            rows = [_Row(limit, tuple(s for s in stop_ if s), i) for i, limit, stop_ in zip(range(first, n), limits[batch], stops[batch])]
+            self._run_batch(prompts[batch], rows, sampling, seeds[batch], on_finished)
             completions.extend(self._completion(row) for row in rows)
             self.stats["prompt_tokens"] += sum(len(p) for p in prompts[batch])
         self.stats["rows"] += n
@@ -113,7 +118,7 @@ class Generator:
 
     # ------------------------------------------------------------------ one batch
 
-    def _run_batch(self, prompts, rows: list[_Row], sampling: SamplingParams, seeds: list[int]) -> None:
+    def _run_batch(self, prompts, rows: list[_Row], sampling: SamplingParams, seeds: list[int], on_finished=None) -> None:
         distinct, expand = _distinct(prompts)
         longest = max(row.max_new for row in rows)
         was_training = self.model.training
@@ -122,24 +127,25 @@ class Generator:
             with torch.autocast(_device_type(self.model), enabled=False):  # compute in the weights' own dtype
                 tokens, logprobs = self.decoder.start(distinct, expand, sampling, seeds, longest, self.check_every)
                 slot_rows = list(range(len(rows)))  # which row each decoder slot is generating
-                self._absorb(rows, slot_rows, [[t] for t in tokens], [[lp] for lp in logprobs])
+                self._absorb(rows, slot_rows, [[t] for t in tokens], [[lp] for lp in logprobs], on_finished)
                 while not all(row.finish for row in rows):
                     steps = min(self.check_every, max(row.max_new - len(row.tokens) for row in rows if not row.finish))
                     tokens, logprobs = self.decoder.run(steps, sampling)
-                    self._absorb(rows, slot_rows, tokens, logprobs)
+                    self._absorb(rows, slot_rows, tokens, logprobs, on_finished)
                     slot_rows = self._drop_finished(rows, slot_rows)
         finally:
             self.model.train(was_training)
 
-    def _absorb(self, rows, slot_rows, tokens, logprobs) -> None:
-        for slot, row_index in enumerate(slot_rows):
-            row = rows[row_index]
+    def _absorb(self, rows, slot_rows, tokens, logprobs, on_finished=None) -> None:
+        for slot, row in enumerate(rows[index] for index in slot_rows):
             for token, logprob in zip(tokens[slot], logprobs[slot]):
                 if row.finish:
                     break
                 row.tokens.append(token)
                 row.logprobs.append(logprob)
                 row.finish = self._finish_reason(row, token)
+                if row.finish and on_finished:
+                    on_finished(row.index, self._completion(row))
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         if self.stop_at_eos and token in self.eos_ids:

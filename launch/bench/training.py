@@ -212,12 +212,15 @@ COMPLETION_LENGTHS = ("full", "mixed")
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=512,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
                cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full",
-               process_group=False, gradient_checkpointing=True, profile=False, compile_layers=True) -> dict:  # fmt: skip
+               process_group=False, gradient_checkpointing=True, profile=False, compile_layers=True,
+               fake_lean: str | None = None) -> dict:  # fmt: skip
     """Phase 2 steps on random prompts of `prompt_len` tokens.
 
     completion_lengths "full": every completion runs to max_new_tokens (EOS is ignored: a random model
     hardly ever says it). "mixed": half the completions run to the limit, the other half end early, as if
     at EOS, at a length drawn uniformly from [max_new_tokens / 8, max_new_tokens), seeded per row.
+    `fake_lean` ("median,sigma,timeout_share,timeout,workers", e.g. "2,1,0.05,60,8"): the `lean` reward, streamed
+    behind generation, on a fake Lean of that latency (launch/bench/lean.py) instead of the random reward.
     """
     from twophase.data.lean_workbook import LeanTask
     from twophase.trainers.config import GRPOConfig, make_config
@@ -246,6 +249,10 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         # BOS and prompt_len − 1 random words: prompts of exactly prompt_len tokens
         recipe.prompts = ["<s> " + " ".join(f"t{i}" for i in _random_ids(1, prompt_len - 1, 1000, generator)[0].tolist()) for _ in tasks]
         recipe.generator = _scripted_generator(recipe, completion_lengths)
+        if fake_lean:
+            from twophase.launch.bench.lean import fake_lean_reward
+
+            recipe.rewards = {"lean": fake_lean_reward(fake_lean)}
         _reset_peak(device)
         train(recipe, config, Path(out_dir), final_checkpoint=False, callbacks=recipe.run_callbacks())
         profiled = _profile_last_update(recipe, config, steps, device) if profile else {}
@@ -266,7 +273,9 @@ def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generat
         "update_s": round(median("time/update_s"), 2),
         "generation_tokens_per_s": round(median("generation_tokens_per_s"), 1),
         "update_tokens_per_s": round(median("tokens_per_s"), 1), "peak_memory_gib": round(_peak_gib(device), 2),
-        "sampler_logprob_gap": round(median("sampler_logprob_gap"), 5), **profiled,
+        "sampler_logprob_gap": round(median("sampler_logprob_gap"), 5),
+        "reward": f"lean on a fake Lean ({fake_lean})" if fake_lean else "random",
+        "scoring_s": round(median("time/scoring_s"), 2), **profiled,
     }  # fmt: skip
 
 
@@ -449,18 +458,20 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
 @click.option("--compile-layers/--no-compile-layers", default=True, show_default=True, help=COMPILE_HELP)
 @click.option("--profile", is_flag=True, help=PROFILE_HELP)
+@click.option("--fake-lean", default=None, metavar="MEDIAN,SIGMA,SHARE,TIMEOUT,WORKERS",
+              help="Score with the lean reward on a fake Lean of this latency (e.g. 2,1,0.05,60,8), not the random reward.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
 @click.option("--out", default=None, help="Append the result as a JSON line to this file.")
 def bench_grpo_command(arch, steps, max_new_tokens, prompt_len, micro_batch_size, generation_batch_size, cuda_graphs,
-                       completion_lengths, stochastic_rounding, gradient_checkpointing, compile_layers, profile, device,
-                       process_group, out):  # fmt: skip
+                       completion_lengths, stochastic_rounding, gradient_checkpointing, compile_layers, profile, fake_lean,
+                       device, process_group, out):  # fmt: skip
     """Phase 2 setting: full fine-tuning, 2 prompts x 8 completions, checkpointing, 8-bit AdamW."""
     emit(bench_grpo(arch, steps, max_new_tokens=max_new_tokens, prompt_len=prompt_len, micro_batch_size=micro_batch_size,
                      generation_batch_size=generation_batch_size, device=device, cuda_graphs=cuda_graphs,
                      stochastic_rounding=stochastic_rounding, completion_lengths=completion_lengths,
                      process_group=process_group, gradient_checkpointing=gradient_checkpointing, profile=profile,
-                     compile_layers=compile_layers), out)  # fmt: skip
+                     compile_layers=compile_layers, fake_lean=fake_lean), out)  # fmt: skip
 
 
 @bench_group.command("decode")
@@ -557,3 +568,12 @@ def bench_eval_command(arch, device, loglik_batch_size, gen_batch_size, question
     tokenizer = synthetic_tokenizer(model.config.vocab_size)
     result = bench_engines(model, tokenizer, loglik_batch_size=loglik_batch_size, gen_batch_size=gen_batch_size, n_questions=questions)
     emit({"benchmark": "eval", "architecture": arch, "device": device_name(dev), **result}, out)
+
+
+def _add_lean_bench() -> None:
+    from twophase.launch.bench.lean import bench_lean_command
+
+    bench_group.add_command(bench_lean_command)
+
+
+_add_lean_bench()

@@ -77,11 +77,11 @@ def verdict(response: dict) -> tuple[bool, str]:
     first error>", "uses sorry" or "repl error: <message>".
     """
     if "message" in response and "messages" not in response:
-        return False, "repl error: " + _first_line(str(response["message"]))
+        return False, "repl error: " + first_line(str(response["message"]))
     messages = response.get("messages") or []
     for message in messages:
         if message.get("severity") == "error":
-            return False, "error: " + _first_line(str(message.get("data", "")))
+            return False, "error: " + first_line(str(message.get("data", "")))
     if response.get("sorries"):
         return False, "uses sorry"
     for message in messages:
@@ -90,9 +90,26 @@ def verdict(response: dict) -> tuple[bool, str]:
     return True, "ok"
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     stripped = text.strip()
     return stripped.splitlines()[0] if stripped else "(no message)"
+
+
+def checker_version(project_dir) -> str:
+    """The Lean toolchain and the Mathlib and REPL revisions of a Lake project ("unknown" where it does not say).
+
+    A verdict holds for these versions; the reward's cache keys include them.
+    """
+    project = Path(project_dir).expanduser()
+    toolchain = project / "lean-toolchain"
+    parts = [toolchain.read_text().strip() if toolchain.is_file() else "lean unknown"]
+    try:
+        packages = json.loads((project / "lake-manifest.json").read_text()).get("packages", [])
+    except (OSError, ValueError):
+        packages = []
+    checked = [p for p in packages if isinstance(p, dict) and p.get("name") in ("mathlib", "REPL", "repl")]
+    parts += [f"{p['name']}@{p.get('rev')}" for p in checked]
+    return " ".join(parts)
 
 
 def split_imports(program: str) -> tuple[str, str]:
@@ -148,6 +165,7 @@ class LeanRepl:
         self.recycle_after = recycle_after
         self.restarts = 0
         self._process: subprocess.Popen | None = None
+        self._closed = False  # after close(), a check still in flight (another thread's) must not start a new process
         self._start()
 
     # -- process lifecycle
@@ -206,10 +224,13 @@ class LeanRepl:
 
     def restart(self) -> None:
         self._kill()
+        if self._closed:
+            return
         self.restarts += 1
         self._start()
 
     def close(self) -> None:
+        self._closed = True
         self._kill()
 
     def __enter__(self):
@@ -231,6 +252,8 @@ class LeanRepl:
         On timeout, exit or an unreadable answer, the process is restarted and
         ReplTimeout / ReplCrashed is raised.
         """
+        if self._closed:
+            raise ReplCrashed("repl closed")
         if self._process is None:
             self._start()
         try:
@@ -323,6 +346,7 @@ class LeanReplPool:
             raise UserError(f"the Lean REPL pool size must be at least 1, got {size}")
         check_setup(project_dir, command)
         self.timeout = timeout
+        self.version = checker_version(project_dir)
         self._repls: list[LeanRepl] = []
         try:
             for _ in range(size):
@@ -336,18 +360,34 @@ class LeanReplPool:
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="lean-repl")
 
     def check(self, programs: list[str]) -> list[tuple[bool, str]]:
-        return list(self._executor.map(self._check_one, programs))
+        return list(self._executor.map(self.check_one, programs))
 
-    def _check_one(self, program: str) -> tuple[bool, str]:
-        repl = self._idle.get()
+    def check_one(self, program: str) -> tuple[bool, str]:
+        """(passed, reason) for one program; thread-safe (it waits for an idle REPL)."""
         try:
-            return verdict(repl.check(program, self.timeout))
+            return verdict(self.answer(program))
         except ReplError as err:
             return False, str(err)
         except Exception as err:  # one proof must never stop a training run
             return False, f"repl error: {type(err).__name__}: {err}"
+
+    def answer(self, program: str, timeout: float | None = None) -> dict:
+        """The REPL's own answer for one program (what a server passes on); ReplError when there is none."""
+        repl = self._idle.get()
+        try:
+            return repl.check(program, self.timeout if timeout is None else timeout)
         finally:
             self._idle.put(repl)
+
+    @property
+    def size(self) -> int:
+        return len(self._repls)
+
+    def warm(self, imports: str) -> None:
+        """Import `imports` in every REPL now (Mathlib takes seconds to minutes), so that the first proofs do not wait.
+
+        HeaderFailed when they do not compile in this project."""
+        list(self._executor.map(lambda repl: repl.header_env(imports), self._repls))
 
     @property
     def restarts(self) -> int:

@@ -91,31 +91,52 @@ _AXIOM_DECLARATION = re.compile(r"^\s*(?:private\s+)?axiom\s", re.MULTILINE)
 class LeanReward:
     """1.0 when Lean accepts the proof, else 0.0; `details` holds the reason for each.
 
-    Before Lean sees it, a program is screened: a chat answer must have a
-    lean4 block that still states the task's theorem (it rewrites the whole
-    theorem, so it could prove an easier one), and no program may declare an
-    `axiom`. The REPL pool starts here, so a wrong project_dir fails at once.
+    Lean runs in a local pool of REPLs (`project_dir`: a Lake project with Mathlib and the REPL built) or
+    behind a server of the Kimina Lean Server API (`server`: its URL, e.g. `twophase lean serve` on a CPU
+    node; trainers/infra/lean_server.py); the verdict rules are the same. `pool_size` is the number of
+    proofs checked at once. Before Lean sees it, a program is screened: a chat answer must have a lean4
+    block that still states the task's theorem (it rewrites the whole theorem, so it could prove an easier
+    one), and no program may declare an `axiom`. The checker starts here, so a wrong project_dir or an
+    unreachable server fails at once.
+
+    `prefetch(task, completion)` starts a check before the call that scores it (as each row of a rollout
+    finishes: trainers/infra/streamed_rewards.py); every check goes through a cache keyed by the checker's
+    Lean and Mathlib versions and the text checked, so a repeated proof is checked once.
     """
 
     def __init__(
         self,
         project_dir: str | None = None,
+        server: str | None = None,
         pool_size: int = 4,
         timeout: float = 60.0,
         command: list[str] | None = None,
         prompt_format: str = "raw",
         import_timeout: float = 600.0,
+        retries: int = 4,
     ):
-        from twophase.trainers.infra.lean_repl import LeanReplPool
-
-        if not project_dir:
+        if bool(project_dir) == bool(server):
             raise UserError(
-                "the 'lean' reward needs the option project_dir: a Lake project with Mathlib and the REPL built"
+                "the 'lean' reward needs exactly one of the options project_dir (a Lake project with Mathlib and "
+                "the REPL built, checked here) and server (the URL of a Lean server, e.g. twophase lean serve)"
             )
         check_format_name(prompt_format, GRPO_FORMATS, where="the lean reward's prompt_format")
-        self.prompt_format = prompt_format
-        self.pool = LeanReplPool(project_dir, size=pool_size, timeout=timeout, command=command,
-                                 import_timeout=import_timeout)
+        checker = _lean_checker(project_dir, server, pool_size, timeout, command, import_timeout, retries)
+        self._use(checker, pool_size, prompt_format)
+
+    @classmethod
+    def around(cls, checker, workers: int, prompt_format: str = "raw") -> "LeanReward":
+        """The reward on a checker of your own (`check_one(text) -> (passed, reason)`, `version`, `close()`), e.g. a
+        fake Lean of known latency in a benchmark."""
+        reward = cls.__new__(cls)
+        reward._use(checker, workers, prompt_format)
+        return reward
+
+    def _use(self, checker, workers: int, prompt_format: str) -> None:
+        from twophase.trainers.infra.streamed_rewards import CheckCache
+
+        self.prompt_format, self.checker = prompt_format, checker
+        self.cache = CheckCache(checker.check_one, checker.version, workers=workers)
         self.details: list[dict] = []
 
     def screen(self, task: LeanTask, completion: str, program: str) -> str | None:
@@ -129,21 +150,36 @@ class LeanReward:
             return "declares an axiom"
         return None
 
+    def prefetch(self, task: LeanTask, completion: str):
+        """The future (passed, reason) of one completion: screened at once, else checked (or found in the cache)."""
+        from twophase.trainers.infra.streamed_rewards import done_future
+
+        program = program_to_check(task, completion, self.prompt_format)
+        reason = self.screen(task, completion, program)
+        return self.cache.submit(program) if reason is None else done_future((False, reason))
+
     def __call__(self, tasks: list[LeanTask], completions: list[str], *, step: int = 0, rows: range | None = None) -> list[float]:
         _check_lengths(tasks, completions)
-        programs = [program_to_check(t, c, self.prompt_format) for t, c in zip(tasks, completions)]
-        outcomes: list[tuple[bool, str] | None] = []
-        for task, completion, program in zip(tasks, completions, programs):
-            reason = self.screen(task, completion, program)
-            outcomes.append(None if reason is None else (False, reason))
-        to_check = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        for i, result in zip(to_check, self.pool.check([programs[i] for i in to_check])):
-            outcomes[i] = result
+        futures = [self.prefetch(task, completion) for task, completion in zip(tasks, completions)]
+        outcomes = [future.result() for future in futures]
         self.details = [{"passed": passed, "reason": reason} for passed, reason in outcomes]
         return [1.0 if passed else 0.0 for passed, _ in outcomes]
 
     def close(self) -> None:
-        self.pool.close()
+        self.cache.close()
+        self.checker.close()
+
+
+def _lean_checker(project_dir, server, pool_size, timeout, command, import_timeout, retries):
+    """The local REPL pool or the server's client: either has check_one(program) -> (passed, reason) and version."""
+    if server:
+        from twophase.trainers.infra.lean_server import LeanServerClient
+
+        return LeanServerClient(str(server), timeout=timeout, request_timeout=timeout + import_timeout,
+                                retries=retries)  # fmt: skip
+    from twophase.trainers.infra.lean_repl import LeanReplPool
+
+    return LeanReplPool(project_dir, size=pool_size, timeout=timeout, command=command, import_timeout=import_timeout)
 
 
 # Built-in name → factory taking the options as keyword arguments.
