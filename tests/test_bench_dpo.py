@@ -119,3 +119,19 @@ def test_bench_architectures_have_the_published_parameter_counts(architecture, p
     """Built on the meta device (no memory): the counts the models' cards give (Qwen2.5-7B 7.61B with its q/k/v biases)."""
     model = random_model(architecture, torch.device("meta"), torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_bench_decode_times_and_profiles_every_cache_length_inside_the_cache():
+    """The decoder at GRPO's shape on the CPU: each length rounded up to whole 64-column blocks, the profile's steps
+    written inside the cache (on the GPU a step past its end was a device-side assert), 16 tokens per step."""
+    from twophase.launch.bench.decode_profile import bench_decode, cache_bytes_per_step
+
+    reported = []
+    result = bench_decode("tiny", rows=16, prompt_len=200, new_tokens=512, repeats=1, profile_steps=2, device="cpu",
+                          report=reported.append)  # fmt: skip
+    assert list(result["by_kv_len"]) == [256, 512, 768]  # 201, 456 and 712 columns, rounded up
+    assert reported and "profile" in result and result["profile"]["kernels"] == 0  # no CUDA kernels on a CPU
+    timing = result["by_kv_len"][768]
+    assert timing["tokens_per_s"] == pytest.approx(16 / (timing["step_ms"] / 1e3), rel=0.01)
+    model = random_model("tiny", torch.device("cpu"), torch.float32)
+    assert cache_bytes_per_step(model.config, 16, 768) == 16 * 768 * 2 * 2 * 4 * 16 * 2  # rows·columns·layers·(k, v)·heads·dim·bf16

@@ -50,6 +50,7 @@ def step_times(decoder, sampling, lengths: list[int], repeats: int) -> dict[int,
     synchronize = torch.cuda.synchronize if decoder.device.type == "cuda" else lambda: None
     times = {}
     for kv_len in lengths:
+        decoder.column.fill_(kv_len - 1)
         decoder._step(decoder.slots, kv_len, sampling)  # captures once
         samples = []
         for _ in range(repeats):
@@ -66,6 +67,7 @@ def step_times(decoder, sampling, lengths: list[int], repeats: int) -> dict[int,
 
 def decode_profile(decoder, sampling, kv_len: int, steps: int) -> dict:
     """Kernel time of `steps` replayed decode steps at cache length `kv_len`, per step."""
+    decoder.column.fill_(kv_len - 1)  # each step writes its column and moves on: keep it inside the cache
     decoder._step(decoder.slots, kv_len, sampling)
 
     def replay():

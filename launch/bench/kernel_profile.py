@@ -33,11 +33,12 @@ def profile_call(fn, per: int = 1) -> dict:
     """Run fn() once under the profiler; milliseconds per `per` (e.g. per decode step), by kernel kind."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
         started = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         wall_ms = (time.perf_counter() - started) * 1e3 / per
     by_kind: dict[str, float] = {}
     kernels: dict[str, list[float]] = {}

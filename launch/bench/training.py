@@ -119,7 +119,7 @@ def _random_ids(rows: int, length: int, vocab: int, generator: torch.Generator) 
 def bench_dpo(architecture="deepseek-prover-v2-7b", steps=5, micro_batch_size=4, grad_accum_steps=4, seq_len=512,
               prompt_len=256, precompute=False, optimizer="adamw8bit", lora_r=64, device="auto", logprob_chunk_size=256,
               layout=None, lengths="fixed", tokens_per_pass=None, warmup_steps=1, process_group=False,
-              profile=False, compile_layers=True) -> dict:  # fmt: skip
+              profile=False, compile_layers=False) -> dict:  # fmt: skip
     """Phase 1 steps on synthetic pairs; `layout` and `tokens_per_pass` default to DPOConfig's."""
     from twophase.data.hh_rlhf import PreferencePair
     from twophase.trainers.config import DPOConfig, make_config
@@ -212,7 +212,7 @@ COMPLETION_LENGTHS = ("full", "mixed")
 def bench_grpo(architecture="deepseek-prover-v2-7b", steps=3, prompts=2, generations=8, max_new_tokens=512,
                prompt_len=200, micro_batch_size=4, generation_batch_size=16, optimizer="adamw8bit", device="auto",
                cuda_graphs=True, logprob_chunk_size=256, stochastic_rounding=True, completion_lengths="full",
-               process_group=False, gradient_checkpointing=True, profile=False, compile_layers=True,
+               process_group=False, gradient_checkpointing=True, profile=False, compile_layers=False,
                fake_lean: str | None = None) -> dict:  # fmt: skip
     """Phase 2 steps on random prompts of `prompt_len` tokens.
 
@@ -419,7 +419,7 @@ def bench_group():
 @click.option("--precompute", is_flag=True, help="Reference log-probs from a precomputed table.")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default="adamw8bit", show_default=True)
 @click.option("--logprob-chunk-size", default=256, show_default=True, help="Rows projected onto the vocabulary at once.")
-@click.option("--compile-layers/--no-compile-layers", default=True, show_default=True, help=COMPILE_HELP)
+@click.option("--compile-layers/--no-compile-layers", default=False, show_default=True, help=COMPILE_HELP)
 @click.option("--profile", is_flag=True, help=PROFILE_HELP)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--process-group", is_flag=True, help=PROCESS_GROUP_HELP)
@@ -456,7 +456,7 @@ def bench_dpo_command(arch, lengths, steps, warmup_steps, layouts, tokens_per_pa
               help="full: every completion to the limit; mixed: half end early at uniform lengths in [limit/8, limit).")
 @click.option("--stochastic-rounding/--no-stochastic-rounding", default=True, show_default=True)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
-@click.option("--compile-layers/--no-compile-layers", default=True, show_default=True, help=COMPILE_HELP)
+@click.option("--compile-layers/--no-compile-layers", default=False, show_default=True, help=COMPILE_HELP)
 @click.option("--profile", is_flag=True, help=PROFILE_HELP)
 @click.option("--fake-lean", default=None, metavar="MEDIAN,SIGMA,SHARE,TIMEOUT,WORKERS",
               help="Score with the lean reward on a fake Lean of this latency (e.g. 2,1,0.05,60,8), not the random reward.")
