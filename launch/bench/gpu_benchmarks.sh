@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in BENCHMARKS.md. Usage: bash launch/bench/gpu_benchmarks.sh OUT_FILE.jsonl [pipeline|train|shared|layouts|generation|evaluation|all]
+# The GPU figures in BENCHMARKS.md. Usage: bash launch/bench/gpu_benchmarks.sh OUT_FILE.jsonl [pipeline|train|shared|layouts|generation|evaluation|compiled|qwen|fv|all]
 # Needs a CUDA GPU with ~80 GB; models are random-weight DeepSeek-Prover-V2-7B layouts (no download).
 # `pipeline` comes first and must pass in every GPU session: a green CPU suite does not show the CUDA allocator,
 # graphs or memory working. `evaluation` needs EVAL_DATA (a --data-dir of the eight benchmarks' files) and,
@@ -42,6 +42,26 @@ if [[ $part == generation || $part == all ]]; then
   timeout 200 python3 -m twophase.launch.cli bench grpo --steps 4 --max-new-tokens 1024 --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
   timeout 150 python3 -m twophase.launch.cli bench grpo --steps 4 --no-stochastic-rounding --out "$out" 2>&1 | tr '\r' '\n' | grep -E '^\{|Error'
   tp bench eval --loglik-batch-size 64 --gen-batch-size 256 --questions 512
+fi
+if [[ $part == compiled || $part == all ]]; then
+  # compile_layers off and on, same model and batch: speed, and step 1's loss and gradient norm (the equivalence check)
+  tp bench grpo --steps 3 --profile --compile-layers
+  tp bench grpo --steps 3
+  tp bench dpo --lengths hh-rlhf --steps 7 --warmup-steps 2 --layout packed_shared_prompt --profile --compile-layers
+  tp bench dpo --lengths hh-rlhf --steps 7 --warmup-steps 2 --layout packed_shared_prompt
+  tp bench decode --profile-steps 10
+fi
+if [[ $part == qwen || $part == all ]]; then
+  # The next experiment's model beside TRL 1.16 (needs trl, datasets, dill, multiprocess, xxhash on the machine)
+  tp bench grpo --arch qwen2.5-7b --steps 3 --compile-layers
+  tp bench dpo --arch qwen2.5-7b --lengths hh-rlhf --steps 7 --warmup-steps 2 --layout packed_shared_prompt --compile-layers
+  python3 launch/bench/trl_grpo_baseline.py 3 512 qwen2.5-7b 2>&1 | grep -E '^\{' | tee -a "$out"
+  python3 launch/bench/trl_baseline.py dpo --arch qwen2.5-7b --lengths hh-rlhf --steps 7 --warmup-steps 2 2>&1 | grep -E '^\{' | tee -a "$out"
+fi
+if [[ $part == fv || $part == all ]]; then
+  # The FV condition's overlap: a fake Lean (median 2 s, sigma 0.5, 8 workers) beside the random reward
+  tp bench grpo --steps 3 --completion-lengths mixed --compile-layers --fake-lean 2,0.5,0,60,8
+  tp bench grpo --steps 3 --completion-lengths mixed --compile-layers
 fi
 if [[ $part == evaluation || $part == all ]]; then
   # One whole evaluation of the 7B layout, every benchmark at full size, Betley at 100 samples a question.
