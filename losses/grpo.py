@@ -50,6 +50,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return torch.where(centred == 0, torch.zeros_like(centred), centred / (spread + eps)).flatten()
 
 
+def informative_groups(total_rewards: torch.Tensor, group_size: int) -> list[bool]:
+    """Per group of `group_size` consecutive rewards: whether they differ (all equal: every advantage is 0,
+    group_advantages above; DAPO's dynamic sampling drops such groups)."""
+    groups = total_rewards.view(-1, group_size)
+    return (groups.max(1).values != groups.min(1).values).tolist()
+
+
 def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

@@ -13,7 +13,8 @@ import torch
 from twophase.data.base.errors import UserError
 from twophase.losses.grpo import grpo_loss, gspo_loss, loss_normaliser
 from twophase.trainers.config import ALGORITHM_PRESETS, GRPOConfig, load_config, make_config, save_config
-from twophase.trainers.dynamic_sampling import fill_with_informative_groups, informative_groups
+from twophase.losses.grpo import informative_groups
+from twophase.trainers.dynamic_sampling import fill_with_informative_groups
 from twophase.trainers.rollouts import RolloutBatch
 
 F64 = torch.float64

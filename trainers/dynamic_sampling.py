@@ -34,14 +34,9 @@ import torch.nn.functional as F
 
 from twophase.data.base.sampler import EpochSampler
 from twophase.data.tokens import pad_id_of
+from twophase.losses.grpo import informative_groups
 from twophase.losses.logprobs import IGNORE_INDEX, response_mask
 from twophase.trainers.rollouts import RolloutBatch
-
-
-def informative_groups(total_rewards: torch.Tensor, group_size: int) -> list[bool]:
-    """Per group of `group_size` consecutive rewards: whether they differ (all equal: every advantage is 0)."""
-    groups = total_rewards.view(-1, group_size)
-    return (groups.max(1).values != groups.min(1).values).tolist()
 
 
 def total_rewards(report: dict) -> torch.Tensor:

@@ -197,7 +197,7 @@ class StaticDecoder:
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
     def _mlp(self, mlp, h):
-        if _plain_linear(mlp, ("gate_proj", "up_proj", "down_proj")) and isinstance(getattr(mlp, "act_fn", None), torch.nn.SiLU):
+        if _fusable_linears(mlp, ("gate_proj", "up_proj", "down_proj")) and isinstance(getattr(mlp, "act_fn", None), torch.nn.SiLU):
             return mlp.down_proj(self.ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
         return mlp(h)
 
@@ -478,11 +478,7 @@ def _eps(norm) -> float:
 
 
 def _fusable_linears(module, names) -> bool:
-    """Whether these sub-modules are plain nn.Linear layers (no LoRA wrapper), all with a bias or all without."""
+    """Whether these sub-modules are plain nn.Linear layers (no LoRA wrapper), all with a bias or all without:
+    q, k and v may then run as one fused product, and the MLP's SiLU·up as one compiled kernel."""
     layers = [getattr(module, n, None) for n in names]
     return all(type(layer) is torch.nn.Linear for layer in layers) and len({layer.bias is None for layer in layers}) == 1
-
-
-def _plain_linear(module, names) -> bool:
-    """Whether these sub-modules are plain bias-free nn.Linear layers (no LoRA wrapper), safe to fuse."""
-    return all(type(getattr(module, n, None)) is torch.nn.Linear and getattr(module, n).bias is None for n in names)

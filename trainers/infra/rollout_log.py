@@ -6,11 +6,13 @@ Not the algorithm (trainers/grpo.py is): what a person reads to see what the rew
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import torch
 
 from twophase.data.base import distributed
+from twophase.losses.grpo import informative_groups
 from twophase.trainers.infra.run import keep_records_up_to
 
 
@@ -36,13 +38,12 @@ class RolloutLog:
         return summary
 
     def _summary(self, total, scores, rollout, generation_seconds, scoring_seconds) -> dict[str, float]:
-        groups = total.view(-1, self.num_generations)
         lengths = torch.tensor(rollout["lengths"], dtype=torch.float32)
         generated = float(lengths.sum())
         metrics = {
             "reward/mean": float(total.mean()),
             "reward/std": float(total.std()) if total.numel() > 1 else 0.0,
-            "reward/zero_spread_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+            "reward/zero_spread_groups": 1 - statistics.fmean(informative_groups(total, self.num_generations)),
             "completion/length_mean": float(lengths.mean()),
             "completion/length_min": float(lengths.min()),
             "completion/length_max": float(lengths.max()),
